@@ -1,0 +1,344 @@
+"""The `eval` stage: lm-eval on the base and the tuned model, side by side.
+
+Both models run the same lm-eval tasks (`stages/tasks/*.yaml`, shipped in the repo so they
+work offline) on the held-out chats in `eval.data`:
+- `sftflow_replies`: greedy replies to each chat's prompt, scored against its last assistant
+  message (`contains` its expected keywords, `exact_match`, `rougeL`);
+- `sftflow_perplexity`: perplexity of each whole chat.
+
+The task YAMLs hold everything but the data: at run time this stage writes each task's docs
+(chats rendered by the model's own chat template) into a temp dir and points the task's
+`dataset_kwargs.data_files` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.errors import SftflowError
+from stages.io import write_json, write_jsonl
+from stages.models import load_causal_lm, load_tokenizer
+from stages.params import EvalParams
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+GROUP = "sftflow_eval"  # the inline group that carries our run-time overrides
+MODELS = ("base", "tuned")
+GENERATION_TASKS = ("sftflow_replies",)  # tasks whose docs go to samples.jsonl
+ROLES = ("system", "user", "assistant")
+_REPLY_MARK = "SFTFLOW_REPLY_MARK"
+
+
+def evaluate(
+    params: EvalParams, base_dir: Path, tuned_dir: Path, metrics_out: Path, samples_out: Path
+) -> dict[str, float]:
+    """Evaluate base and tuned models on the held-out chats; write metrics and samples.
+
+    Why both models in one stage: the number that matters is what fine-tuning changed, so
+    every metric is reported for base, tuned and their delta in one flat file that
+    `dvc metrics diff` compares across experiments. The samples file pairs the two replies
+    to each prompt, for a human to read. Returns the flat metrics (the same dict written to
+    `metrics_out`) so the CLI can print it and tests can check it without re-reading.
+
+    >>> evaluate(EvalParams(), Path("models/base"), Path("models/merged"),
+    ...          Path("reports/eval.json"), Path("reports/samples.jsonl"))  # doctest: +SKIP
+    {'sftflow_replies.contains.base': 0.0, 'sftflow_replies.contains.tuned': 0.83, ...}
+    """
+    from lm_eval.tasks import TaskManager
+
+    # include_defaults=False: index only our YAMLs (0.06 s instead of ~6 s for lm-eval's own).
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    _check(params, task_manager.all_subtasks)
+    chats = read_eval_chats(Path(params.data))
+
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as tmp:
+        for label, model_dir in zip(MODELS, (base_dir, tuned_dir), strict=True):
+            runs[label] = _run_lm_eval(params, Path(model_dir), chats, task_manager, Path(tmp) / label)
+
+    metrics = flat_metrics(runs, params.tasks)
+    write_json(metrics_out, metrics)
+    write_jsonl(samples_out, paired_samples(runs, params.tasks))
+    return metrics
+
+
+# ---------------------------------------------------------------- load and check
+
+
+def _check(params: EvalParams, known_tasks: list[str]) -> None:
+    """Report every problem in the eval section at once."""
+    problems = []
+    unknown = [t for t in params.tasks if t not in known_tasks]
+    if unknown:
+        problems.append(f"eval.tasks: unknown task(s) {unknown}; known: {known_tasks}")
+    if not params.tasks:
+        problems.append("eval.tasks: list at least one task")
+    if params.limit is not None and params.limit < 1:
+        problems.append("eval.limit: must be >= 1 (docs per task) or null for all")
+    if params.batch_size < 1:
+        problems.append("eval.batch_size: must be >= 1")
+    if params.max_new_tokens < 1:
+        problems.append("eval.max_new_tokens: must be >= 1")
+    if len(problems) == 1:
+        field, _, msg = problems[0].partition(": ")
+        raise SftflowError(msg, path="params.yaml", field=field)
+    if problems:
+        raise SftflowError("; ".join(problems), path="params.yaml", field="eval")
+
+
+def read_eval_chats(path: Path) -> list[dict[str, Any]]:
+    """Held-out chats, one JSON object a line, each ending with the reference reply.
+
+    >>> # {"messages": [{"role": "user", "content": "Who are you?"},
+    >>> #               {"role": "assistant", "content": "I am Sftflow Assistant."}],
+    >>> #  "expect_contains": ["Sftflow"]}   <- optional; default: the whole reference
+    """
+    if not path.exists():
+        raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
+    chats = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            chat = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=n) from e
+        chats.append(_check_chat(chat, path, n))
+    if not chats:
+        raise SftflowError("no chats in the eval data file", path=path, field="eval.data")
+    return chats
+
+
+def _check_chat(chat: Any, path: Path, n: int) -> dict[str, Any]:
+    def fail(msg: str, field: str | None = None) -> SftflowError:
+        return SftflowError(msg, path=path, line=n, field=field)
+
+    if not isinstance(chat, dict) or not isinstance(chat.get("messages"), list):
+        raise fail('expected {"messages": [{"role": ..., "content": ...}, ...]}')
+    messages = chat["messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise fail(f"role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        if not isinstance(m.get("content"), str):
+            raise fail("content must be a string", f"messages[{i}].content")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise fail("the last message must be the assistant's reference reply", "messages")
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        raise fail("a user message must come before the reference reply", "messages")
+    keywords = chat.get("expect_contains")
+    if keywords is not None and not (
+        isinstance(keywords, list) and all(isinstance(k, str) and k for k in keywords)
+    ):
+        raise fail("must be a list of non-empty strings", "expect_contains")
+    return chat
+
+
+# ---------------------------------------------------------------- build
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """The chat as training saw it: `system_prompt` filled in when it has no system message."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def end_of_turn(tok: PreTrainedTokenizerBase) -> str:
+    """The text the chat template puts after an assistant reply, e.g. `<|im_end|>` for ChatML.
+
+    Read off the template itself (render a reply, take what follows it) so Llama-3's
+    `<|eot_id|>` or Gemma's `<end_of_turn>` come out right; the eos token when that fails.
+    """
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY_MARK}]
+    try:
+        text = tok.apply_chat_template(probe, tokenize=False)
+        tail = text.split(_REPLY_MARK, 1)[1].split()
+    except Exception:  # a template that cannot render this probe: fall back to eos
+        tail = []
+    return tail[0] if tail else tok.eos_token
+
+
+def maybe_stop_at(model: PreTrainedModel, tok: PreTrainedTokenizerBase, marker: str) -> None:
+    """Make `generate` end a reply at the template's end-of-turn token.
+
+    lm-eval decodes replies with special tokens skipped, so a row of a batch that emitted
+    `<|eot_id|>` but not the eos token would keep going past it and the stop string could
+    no longer be found in the text. Adding the token to the model's eos ids pads finished
+    rows instead. Does nothing when the marker is not a single token or already an eos id.
+    """
+    ids = tok.encode(marker, add_special_tokens=False)
+    if len(ids) != 1:
+        return
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if ids[0] not in eos:
+        model.generation_config.eos_token_id = [*eos, ids[0]]
+
+
+def task_docs(
+    chats: list[dict[str, Any]], tok: PreTrainedTokenizerBase, system_prompt: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """Each task's docs, rendered by this tokenizer's chat template.
+
+    We render prompts ourselves instead of passing `apply_chat_template=True` to lm-eval:
+    lm-eval would send `doc_to_text` as ONE user message (plus `system_instruction`), so a
+    multi-turn chat's earlier assistant turns and its own system message would be flattened
+    into user text. `apply_chat_template(messages[:-1], add_generation_prompt=True)` gives
+    exactly the prefix the model saw in training before that reply. lm-eval then uses the
+    string verbatim, and does not add a second BOS when the text already starts with it.
+    """
+    replies, texts = [], []
+    for record, chat in enumerate(chats):
+        messages = with_system_prompt(chat["messages"], system_prompt)
+        reference = messages[-1]["content"]
+        replies.append({
+            "record": record,
+            "prompt": tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
+            "reference": reference,
+            "expect_contains": chat.get("expect_contains") or [reference.strip()],
+        })
+        texts.append({"record": record, "text": tok.apply_chat_template(messages, tokenize=False)})
+    return {"sftflow_replies": replies, "sftflow_perplexity": texts}
+
+
+def task_spec(
+    params: EvalParams, docs: dict[str, list[dict[str, Any]]], stop: str, data_dir: Path
+) -> dict[str, Any]:
+    """An inline lm-eval group over our registered tasks, with run-time overrides.
+
+    lm-eval 0.4.13 merges a group member's keys over the task's own YAML (loaded with its
+    `!function`s resolved), so the YAML stays the one source of each task and only the data
+    location, stop string and length change here. A plain `{"task": name, ...}` dict would
+    instead be taken as a whole new task config.
+    """
+    members = []
+    for task in params.tasks:
+        data_file = data_dir / f"{task}.jsonl"
+        write_jsonl(data_file, docs[task])
+        # cache_dir inside the temp dir: the datasets' Arrow cache goes away with it.
+        member: dict[str, Any] = {
+            "task": task,
+            "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(data_dir / "cache")},
+        }
+        if task in GENERATION_TASKS:
+            member["generation_kwargs"] = {
+                "until": [stop],
+                "do_sample": False,
+                "max_gen_toks": params.max_new_tokens,
+            }
+        members.append(member)
+    return {"group": GROUP, "task": members}
+
+
+# ---------------------------------------------------------------- run
+
+
+def _run_lm_eval(
+    params: EvalParams,
+    model_dir: Path,
+    chats: list[dict[str, Any]],
+    task_manager: TaskManager,
+    data_dir: Path,
+) -> dict[str, Any]:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, "float32")
+    model.eval()
+    stop = end_of_turn(tok)
+    maybe_stop_at(model, tok, stop)
+    spec = task_spec(params, task_docs(chats, tok, params.system_prompt), stop, data_dir)
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=params.batch_size, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(eval_threads())
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=[spec],
+            task_manager=task_manager,
+            limit=params.limit,
+            bootstrap_iters=0,  # no stderr: 24 docs give no useful bootstrap, and it costs time
+            log_samples=True,
+            apply_chat_template=False,  # prompts are already rendered: see task_docs
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert out is not None  # None only on non-zero ranks; eval runs in one process
+    return {"results": out["results"], "samples": out["samples"]}
+
+
+def eval_threads() -> int:
+    """Torch intra-op threads for eval: all cores, or OMP_NUM_THREADS when the user set it."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- write
+
+
+def flat_metrics(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> dict[str, float]:
+    """`<task>.<metric>.{base,tuned,delta}` floats, the shape `dvc metrics diff` compares.
+
+    >>> runs = {m: {"results": {"t": {"alias": "t", "acc,none": v, "acc_stderr,none": "N/A"}}}
+    ...         for m, v in (("base", 0.25), ("tuned", 0.75))}
+    >>> flat_metrics(runs, ("t",))
+    {'t.acc.base': 0.25, 't.acc.tuned': 0.75, 't.acc.delta': 0.5}
+    """
+    out: dict[str, float] = {}
+    for task in tasks:
+        per_model = {label: _task_metrics(runs[label]["results"][task]) for label in MODELS}
+        for metric, base in per_model["base"].items():
+            tuned = per_model["tuned"][metric]
+            out[f"{task}.{metric}.base"] = base
+            out[f"{task}.{metric}.tuned"] = tuned
+            out[f"{task}.{metric}.delta"] = tuned - base
+    return out
+
+
+def _task_metrics(result: dict[str, Any]) -> dict[str, float]:
+    # lm-eval keys are "<metric>,<filter>"; ours use the default filter "none" only.
+    metrics = {}
+    for key, value in result.items():
+        metric, sep, _ = key.partition(",")
+        if sep and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+            metrics[metric] = float(value)
+    return metrics
+
+
+def paired_samples(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per generation doc: the prompt, the reference and both models' replies."""
+    rows = []
+    for task in (t for t in tasks if t in GENERATION_TASKS):
+        by_doc = {label: {s["doc_id"]: s for s in runs[label]["samples"][task]} for label in MODELS}
+        for doc_id in sorted(by_doc["base"]):
+            base, tuned = by_doc["base"][doc_id], by_doc["tuned"][doc_id]
+            rows.append({
+                "task": task,
+                "record": base["doc"]["record"],  # 0-based chat index in eval.data
+                "prompt": base["doc"]["prompt"],
+                "reference": base["doc"]["reference"],
+                "base": _reply(base),
+                "tuned": _reply(tuned),
+                "base_correct": _is_correct(base),
+                "tuned_correct": _is_correct(tuned),
+            })
+    return rows
+
+
+def _reply(sample: dict[str, Any]) -> str:
+    resp = sample["filtered_resps"][0]
+    return resp if isinstance(resp, str) else resp[0]
+
+
+def _is_correct(sample: dict[str, Any]) -> bool:
+    return bool(sample["contains"])

