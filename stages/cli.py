@@ -22,8 +22,12 @@ from stages.errors import SftflowError
 from stages.params import DataParams, EvalParams, MergeParams, ModelParams, Params, TrainParams, _type_name
 
 PARAMS_OPTION = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True,
-    type=click.Path(path_type=Path), help="params.yaml to read (validated as a whole).",
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="params.yaml to read (validated as a whole).",
 )
 
 
@@ -32,12 +36,17 @@ def _keys_help(section: str, cls: type) -> str:
     lines = [f"\b\nparams.yaml keys read ({section}):"]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        )
         if dataclasses.is_dataclass(default):
             default = json.dumps(dataclasses.asdict(default), default=str)
         elif isinstance(default, tuple):
-            default = json.dumps([dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default])
+            default = json.dumps(
+                [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default]
+            )
         lines.append(f"  {section}.{f.name}: {_type_name(hints[f.name])} = {default}")
     return "\n".join(lines)
 
@@ -104,11 +113,14 @@ def base_cmd(params_path: Path, out: Path) -> None:
 
 @cli.command("prepare", epilog=_keys_help("data", DataParams))
 @PARAMS_OPTION
-@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--out", default="data/prepared", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/prepare.json", show_default=True, type=click.Path(path_type=Path))
-@click.option("--rejects", default="reports/prepare_rejects.jsonl", show_default=True,
-              type=click.Path(path_type=Path))
+@click.option(
+    "--rejects", default="reports/prepare_rejects.jsonl", show_default=True, type=click.Path(path_type=Path)
+)
 def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rejects: Path) -> None:
     """Render raw chats with the tokenizer's template, mask all but the trained replies, save shards."""
     params = _load(params_path)
@@ -129,12 +141,18 @@ def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rej
 
 @cli.command("train", epilog=_keys_help("train", TrainParams))
 @PARAMS_OPTION
-@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
-@click.option("--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--out", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/train.json", show_default=True, type=click.Path(path_type=Path))
 @click.option("--plot", default="plots/train_loss.csv", show_default=True, type=click.Path(path_type=Path))
-def train_cmd(params_path: Path, model_dir: Path, prepared: Path, out: Path, report: Path, plot: Path) -> None:
+def train_cmd(
+    params_path: Path, model_dir: Path, prepared: Path, out: Path, report: Path, plot: Path
+) -> None:
     """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
     params = _load(params_path)
     _offline_by_default(model_dir)
@@ -154,12 +172,18 @@ def train_cmd(params_path: Path, model_dir: Path, prepared: Path, out: Path, rep
 
 @cli.command("merge", epilog=_keys_help("merge", MergeParams))
 @PARAMS_OPTION
-@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--adapter", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
-@click.option("--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--out", default="models/merged", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/merge.json", show_default=True, type=click.Path(path_type=Path))
-def merge_cmd(params_path: Path, model_dir: Path, adapter: Path, prepared: Path, out: Path, report: Path) -> None:
+def merge_cmd(
+    params_path: Path, model_dir: Path, adapter: Path, prepared: Path, out: Path, report: Path
+) -> None:
     """Fold the adapter into the base weights and prove merged logits equal base+adapter."""
     params = _load(params_path)
     _offline_by_default(model_dir)
@@ -169,15 +193,21 @@ def merge_cmd(params_path: Path, model_dir: Path, adapter: Path, prepared: Path,
     with atomic_dir(out) as tmp:
         summary = merge(params.merge, model_dir, adapter, prepared, tmp)
         write_json(report, summary)
-    click.echo(f"merge: max |Δlogits| {summary['max_abs_diff']:.3g} (limit {summary['threshold']:g}) -> {out}")
+    click.echo(
+        f"merge: max |Δlogits| {summary['max_abs_diff']:.3g} (limit {summary['threshold']:g}) -> {out}"
+    )
 
 
 @cli.command("eval", epilog=_keys_help("eval", EvalParams))
 @PARAMS_OPTION
-@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--tuned", default="models/merged", show_default=True, type=click.Path(path_type=Path))
 @click.option("--metrics", default="reports/eval.json", show_default=True, type=click.Path(path_type=Path))
-@click.option("--samples", default="reports/samples.jsonl", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--samples", default="reports/samples.jsonl", show_default=True, type=click.Path(path_type=Path)
+)
 def eval_cmd(params_path: Path, model_dir: Path, tuned: Path, metrics: Path, samples: Path) -> None:
     """Run lm-eval (our shipped tasks) on base and tuned models; write flat base/tuned/delta metrics."""
     params = _load(params_path)

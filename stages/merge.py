@@ -41,7 +41,9 @@ def logits_on(model: Any, batches: list[Any]) -> list[Any]:
         return [model(input_ids=b).logits.float() for b in batches]
 
 
-def merge(params: MergeParams, base_dir: Path, adapter_dir: Path, prepared: Path, out: Path) -> dict[str, Any]:
+def merge(
+    params: MergeParams, base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
+) -> dict[str, Any]:
     """Merge into `out` (an empty temp dir), verify it, return the report; raise if it differs."""
     from peft import PeftModel
 

@@ -137,11 +137,19 @@ def _tokenize(
             labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
             if len(ids) > params.max_length:
                 if params.truncation == "drop":
-                    _drop(rep, rejects, r, "too_long", f"{len(ids)} tokens > data.max_length {params.max_length}")
+                    _drop(
+                        rep,
+                        rejects,
+                        r,
+                        "too_long",
+                        f"{len(ids)} tokens > data.max_length {params.max_length}",
+                    )
                     continue
                 ids, labels = ids[: params.max_length], labels[: params.max_length]
                 if not any(lab != IGNORE for lab in labels):
-                    _drop(rep, rejects, r, "no_trained_tokens_after_truncation", "every trained token was cut")
+                    _drop(
+                        rep, rejects, r, "no_trained_tokens_after_truncation", "every trained token was cut"
+                    )
                     continue
                 rep.truncated += 1
             if not any(lab != IGNORE for lab in labels):

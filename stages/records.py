@@ -71,14 +71,18 @@ def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
         if role not in ROLES:
             raise SftflowError(
                 f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
-                path=path, line=line, field=f"{where}.role",
+                path=path,
+                line=line,
+                field=f"{where}.role",
             )
         if not isinstance(content, str):
             raise SftflowError("content must be a string", path=path, line=line, field=f"{where}.content")
         if not content.strip():
             raise SftflowError("content is empty", path=path, line=line, field=f"{where}.content")
         if role == "system" and i != 0:
-            raise SftflowError("a system message may only come first", path=path, line=line, field=f"{where}.role")
+            raise SftflowError(
+                "a system message may only come first", path=path, line=line, field=f"{where}.role"
+            )
         out.append({"role": role, "content": content})
     turns = [m["role"] for m in out if m["role"] != "system"]
     for j, role in enumerate(turns):
@@ -87,7 +91,9 @@ def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
             raise SftflowError(
                 f"roles out of order: turn {j} is {role!r}, expected {expected!r} (user and assistant alternate,"
                 " starting with user)",
-                path=path, line=line, field="messages",
+                path=path,
+                line=line,
+                field="messages",
             )
     if "assistant" not in turns:
         raise SftflowError("chat has no assistant reply to train on", path=path, line=line, field="messages")

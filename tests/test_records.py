@@ -1,0 +1,123 @@
+"""Bad raw input: a clear error naming file, line and field, or (skip) a counted reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.errors import SftflowError
+from stages.params import DataParams, SourceParams
+from stages.prepare import prepare
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+BAD_LINES = {
+    "malformed_json": ('{"messages": [', None, "malformed JSON"),
+    "unknown_role": (
+        json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].role",
+        "unknown role 'human'",
+    ),
+    "missing_role": (
+        json.dumps({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].role",
+        "missing role",
+    ),
+    "empty_content": (
+        json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].content",
+        "content is empty",
+    ),
+    "non_string_content": (
+        json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].content",
+        "content must be a string",
+    ),
+    "no_assistant_reply": (
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        "messages",
+        "no assistant reply",
+    ),
+    "roles_out_of_order": (
+        json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}]}),
+        "messages",
+        "roles out of order",
+    ),
+}
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_record_fails_with_file_line_and_field(
+    reason: str, tmp_path: Path, smollm_tokenizer_dir: Path
+) -> None:
+    line, field, message = BAD_LINES[reason]
+    raw = write_lines(tmp_path / "chats.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
+    with pytest.raises(SftflowError) as err:
+        prepare(DataParams(sources=(SourceParams(path=str(raw)),)), smollm_tokenizer_dir, tmp_path / "out")
+    text = str(err.value)
+    assert text.startswith(f"{raw}:2: "), text
+    assert message in text
+    if field:
+        assert f": {field}: " in text
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_record_skipped_is_counted(reason: str, tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    line, _, _ = BAD_LINES[reason]
+    raw = write_lines(tmp_path / "chats.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
+    rejects = tmp_path / "rejects.jsonl"
+    report = prepare(
+        DataParams(sources=(SourceParams(path=str(raw)),), on_bad_record="skip"),
+        smollm_tokenizer_dir,
+        tmp_path / "out",
+        rejects_path=rejects,
+    )
+    source = report["sources"][str(raw)]
+    assert source["read"] == 3 and source["kept"] == 2 and source["skipped"] == {reason: 1}
+    (reject,) = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert reject["line"] == 2 and reject["reason"] == reason and reject["file"] == str(raw)
+
+
+def test_invalid_utf8_names_the_line(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    raw = tmp_path / "chats.jsonl"
+    raw.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    with pytest.raises(SftflowError, match=r"chats.jsonl:2: invalid UTF-8"):
+        prepare(DataParams(sources=(SourceParams(path=str(raw)),)), smollm_tokenizer_dir, tmp_path / "out")
+
+
+def test_bom_crlf_and_json_arrays_are_normal_files(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\r\n").encode() * 2)
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([GOOD, GOOD, GOOD]))
+    params = DataParams(sources=(SourceParams(path=str(jsonl)), SourceParams(path=str(array))))
+    report = prepare(params, smollm_tokenizer_dir, tmp_path / "out")
+    assert report["sources"][str(jsonl)]["kept"] == 2 and report["sources"][str(array)]["kept"] == 3
+
+
+def test_too_long_is_dropped_and_counted_never_kept_empty(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    long_reply = {
+        "messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
+    }
+    raw = write_lines(tmp_path / "chats.jsonl", [json.dumps(GOOD), json.dumps(long_reply)])
+    drop = prepare(
+        DataParams(sources=(SourceParams(path=str(raw)),), max_length=64),
+        smollm_tokenizer_dir,
+        tmp_path / "a",
+    )
+    assert drop["sources"][str(raw)]["dropped"] == {"too_long": 1}
+    cut = prepare(
+        DataParams(sources=(SourceParams(path=str(raw)),), max_length=64, truncation="truncate"),
+        smollm_tokenizer_dir,
+        tmp_path / "b",
+    )
+    # Cutting at 64 tokens removes the whole reply: the sample has nothing to learn, so it goes.
+    assert cut["sources"][str(raw)]["dropped"] == {"no_trained_tokens_after_truncation": 1}
+    assert cut["total"]["kept"] == 1
