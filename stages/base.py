@@ -130,16 +130,29 @@ def _pin_hub_model(params: ModelParams, out: Path) -> dict[str, Any]:
     return {"weights": "pointer", "source": "hub", "name_or_path": params.name_or_path, "revision": info.sha}
 
 
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def read_chat_template(ref: str) -> str:
+    """A chat template from a .jinja file, or by name from the registry in stages/templates/."""
+    path = Path(ref)
+    if path.is_file():
+        return path.read_text()
+    named = TEMPLATES_DIR / f"{ref}.jinja"
+    if named.is_file():
+        return named.read_text()
+    known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
+    raise SftflowError(f"{ref!r} is neither a .jinja file nor a known template ({known})",
+                       field="model.chat_template")
+
+
 def _finish_tokenizer(params: ModelParams, out: Path) -> Any:
     """Apply the chat-template override, check there is a template, and re-save."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
     if params.chat_template:
-        path = Path(params.chat_template)
-        if not path.is_file():
-            raise SftflowError(f"chat template file {path} not found", field="model.chat_template")
-        tok.chat_template = path.read_text()
+        tok.chat_template = read_chat_template(params.chat_template)
         tok.save_pretrained(out)
     if not tok.chat_template:
         raise SftflowError(

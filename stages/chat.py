@@ -77,23 +77,28 @@ def label_tokens(
     input_ids: Sequence[int],
     chat: RenderedChat,
     end_of_turn_ids: frozenset[int],
-) -> list[bool]:
+) -> tuple[list[bool], bool]:
     """Which tokens are trained: those overlapping a trained span, plus the special token
-    that closes each reply (its end-of-turn), found as the first token after the span."""
+    that closes each reply (its end-of-turn), found as the first token after the span.
+
+    Also says whether every trained reply was closed by such a token: a template whose
+    replies end in plain text would teach a model that never stops."""
     if chat.train_all:
-        return [True] * len(input_ids)
+        return [True] * len(input_ids), True
     trained = [False] * len(input_ids)
+    closed = True
     for start, end in chat.trained_spans:
-        last = -1
+        last, found = -1, False
         for j, (s, e) in enumerate(offsets):
             if e > start and s < end and e > s:
                 trained[j] = True
                 last = j
             elif s >= end and last >= 0:
-                if input_ids[j] in end_of_turn_ids:
-                    trained[j] = True
+                found = input_ids[j] in end_of_turn_ids
+                trained[j] = found
                 break
-    return trained
+        closed = closed and found
+    return trained, closed
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -32,7 +32,7 @@ class ModelParams:
     seed: int = 0  # weights seed when init is random
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype models/base is saved in
     trust_remote_code: bool = False
-    chat_template: str | None = None  # a .jinja file overriding the tokenizer's own template
+    chat_template: str | None = None  # a .jinja file, or a registry name (chatml, llama3, ...), overriding the tokenizer's
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class SourceParams:
     """One raw data file."""
 
     path: str
-    format: Literal["auto", "messages"] = "auto"
-    weight: float = 1.0  # reserved for mixing; 1.0 = every record once
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"  # auto: from each record's keys
+    weight: float = 1.0  # 1.0 = every record once, 0.5 = a seeded half, 2.5 = twice and a seeded half
+    num_samples: int | None = None  # an absolute count instead of weight (seeded up/down-sampling)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class DataParams:
     truncation: Literal["drop", "truncate"] = "drop"  # over max_length: drop (counted) or cut
     train_on: Literal["assistant", "last_turn", "all"] = "assistant"
     on_bad_record: Literal["error", "skip"] = "error"
-    seed: int = 0
+    dedupe: bool = False  # drop exact duplicate samples (same tokens), counted in the report
+    num_proc: int = 1  # worker processes for rendering + tokenization (datasets.map)
+    seed: int = 0  # sampling and the eval split
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,14 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.epochs: must be > 0 when train.max_steps is not set")
     if not p.data.sources:
         out.append("data.sources: list at least one raw data file")
+    for name, group in (("sources", p.data.sources), ("eval_sources", p.data.eval_sources)):
+        for i, src in enumerate(group):
+            if src.weight <= 0:
+                out.append(f"data.{name}[{i}].weight: must be > 0")
+            if src.num_samples is not None and src.num_samples < 1:
+                out.append(f"data.{name}[{i}].num_samples: must be >= 1")
+    if p.data.num_proc < 1:
+        out.append("data.num_proc: must be >= 1")
     return out
 
 

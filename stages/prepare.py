@@ -1,29 +1,33 @@
-"""Stage `prepare`: raw chats -> tokenized, loss-masked Arrow shards + a report.
+"""Stage `prepare`: raw chats (or texts) -> tokenized, loss-masked Arrow shards + a report.
 
 Output (DESIGN's prepared-data contract), under the output dir:
   train/, eval/   `datasets` save_to_disk folders with input_ids, labels, length, source,
                   record, num_trained
   manifest.json   tokenizer fingerprint, template hash, params, counts (train checks it)
+Every record read is accounted for in the report: kept, skipped (bad record, by reason),
+dropped (too long / nothing left to train, by reason) or removed as a duplicate.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.chat import RenderedChat, TemplateError, label_tokens, render_chat
+from stages.chat import TemplateError, label_tokens, render_chat
 from stages.errors import SftflowError
 from stages.io import write_json, write_jsonl
 from stages.models import load_tokenizer, tokenizer_fingerprint
-from stages.params import DataParams, to_dict
+from stages.params import DataParams, SourceParams, to_dict
 from stages.records import RawRecord, read_records
 
 IGNORE = -100  # label of an untrained position (the value torch's cross-entropy skips)
-TOKENIZE_BATCH = 512
+MAP_BATCH = 256  # chats per datasets.map batch: one batched fast-tokenizer call each
+COLUMNS = ("input_ids", "labels", "length", "source", "record", "num_trained")
 
 
 @dataclass
@@ -37,14 +41,63 @@ class SourceReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> count (bad records)
     tokens: int = 0
     trained_tokens: int = 0
+    sampled: int = 0  # samples after weight / num_samples
 
 
-@dataclass(frozen=True)
-class Sample:
-    input_ids: list[int]
-    labels: list[int]
-    source: str
-    record: int
+class ChatTokenizer:
+    """Renders, tokenizes and masks a batch of chats (a picklable datasets.map function)."""
+
+    def __init__(self, tok: Any, params: DataParams) -> None:
+        self.tok, self.params = tok, params
+        # The token that closes a reply is trained with it; pad positions never are (they
+        # are masked by the collator), even when pad and EOS share an id (PITFALLS #4).
+        eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
+        self.end_of_turn_ids = frozenset(tok.all_special_ids) | {i for i in eos if i is not None}
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False)
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        p = self.params
+        chats = []
+        for raw, source, line in zip(batch["messages"], batch["source"], batch["line"]):
+            messages = json.loads(raw)
+            if p.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": p.system_prompt}, *messages]
+            try:
+                chats.append(render_chat(self._render, messages, p.train_on))
+            except TemplateError as e:
+                raise SftflowError(f"{e} (set model.chat_template)", path=source, line=line) from e
+        # The template already holds BOS and the specials: no add_special_tokens, exactly as
+        # apply_chat_template(tokenize=True) does.
+        enc = self.tok([c.text for c in chats], add_special_tokens=False, return_offsets_mapping=True)
+        out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "drop", "truncated")}
+        for chat, ids, offsets, source, line in zip(
+            chats, enc["input_ids"], enc["offset_mapping"], batch["source"], batch["line"]
+        ):
+            trained, closed = label_tokens(offsets, ids, chat, self.end_of_turn_ids)
+            if not closed:
+                raise SftflowError(
+                    "a reply is not followed by a special end-of-turn token, so the model would never"
+                    " learn to stop: use a chat template whose turns end with one (model.chat_template)",
+                    path=source, line=line,
+                )
+            labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
+            drop, truncated = "", False
+            if len(ids) > p.max_length:
+                if p.truncation == "drop":
+                    drop = "too_long"
+                else:
+                    ids, labels, truncated = ids[: p.max_length], labels[: p.max_length], True
+                    if all(lab == IGNORE for lab in labels):
+                        drop = "no_trained_tokens_after_truncation"
+            elif all(lab == IGNORE for lab in labels):
+                drop = "no_trained_tokens"
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["drop"].append(drop)
+            out["truncated"].append(truncated)
+        return out
 
 
 def prepare(
@@ -54,120 +107,153 @@ def prepare(
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):
         raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
-    end_of_turn_ids = frozenset(tok.all_special_ids) - {tok.pad_token_id} | _eos_ids(tok)
     reports: dict[str, SourceReport] = {}
     rejects: list[dict[str, Any]] = []
+    rng = random.Random(params.seed)
 
-    def load(sources: tuple) -> list[Sample]:
-        samples: list[Sample] = []
+    def load(sources: tuple[SourceParams, ...]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
         for src in sources:
             rep = reports.setdefault(src.path, SourceReport())
             before = len(rejects)
-            records = list(read_records(Path(src.path), params.on_bad_record, rejects))
+            records = list(read_records(Path(src.path), params.on_bad_record, rejects, src.format))
             bad = [r["reason"] for r in rejects[before:]]
             rep.skipped.update(bad)
             rep.read += len(records) + len(bad)
-            samples += _tokenize(tok, records, params, end_of_turn_ids, rep, rejects)
-        return samples
+            kept = _tokenize_source(tok, records, params, rep, rejects)
+            picked = _sample(kept, src, rng)
+            rep.sampled += len(picked)
+            rows += picked
+        return rows
 
     train = load(params.sources)
     evals = load(params.eval_sources)
+    duplicates = 0
+    if params.dedupe:
+        train, evals, duplicates = _dedupe(train, evals)
     if not params.eval_sources and params.eval_fraction > 0:
-        rng = random.Random(params.seed)
         order = list(range(len(train)))
         rng.shuffle(order)
-        n_eval = max(1, round(len(train) * params.eval_fraction))
-        held = set(order[:n_eval])
+        held = set(order[: max(1, round(len(train) * params.eval_fraction))])
         evals = [s for i, s in enumerate(train) if i in held]
         train = [s for i, s in enumerate(train) if i not in held]
     if not train:
         raise SftflowError("no training samples left after preparation", field="data.sources")
 
     splits = {"train": train, "eval": evals}
-    for name, samples in splits.items():
-        _to_dataset(samples).save_to_disk(str(out / name))
-    report = _report(reports, splits, rejects)
-    manifest = {
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
-        "params": to_dict(params),
-        "counts": {k: len(v) for k, v in splits.items()},
-    }
-    write_json(out / "manifest.json", manifest)
+    for name, rows in splits.items():
+        _to_dataset(rows).save_to_disk(str(out / name))
+    report = _report(reports, splits, rejects, duplicates)
+    write_json(
+        out / "manifest.json",
+        {
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+            "params": to_dict(params),
+            "counts": {k: len(v) for k, v in splits.items()},
+        },
+    )
     if rejects_path is not None:
         write_jsonl(rejects_path, rejects)
     return report
 
 
-def _eos_ids(tok: Any) -> set[int]:
-    ids = tok.eos_token_id
-    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+def _tokenize_source(
+    tok: Any, records: list[RawRecord], params: DataParams, rep: SourceReport, rejects: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Kept samples of one source, as rows; drops are counted and listed in rejects."""
+    chats = [r for r in records if r.text is None]
+    texts = [r for r in records if r.text is not None]
+    rows: list[dict[str, Any]] = []
+    if chats:
+        from datasets import Dataset
 
-
-def _tokenize(
-    tok: Any,
-    records: list[RawRecord],
-    params: DataParams,
-    end_of_turn_ids: frozenset[int],
-    rep: SourceReport,
-    rejects: list[dict[str, Any]],
-) -> list[Sample]:
-    """Render, tokenize in batches, mask, and apply the length policy."""
-
-    def render(messages: list[dict[str, Any]]) -> str:
-        return tok.apply_chat_template(messages, tokenize=False)
-
-    samples = []
-    for lo in range(0, len(records), TOKENIZE_BATCH):
-        batch = records[lo : lo + TOKENIZE_BATCH]
-        chats: list[RenderedChat] = []
-        for r in batch:
-            messages = r.messages
-            if params.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": params.system_prompt}, *messages]
-            try:
-                chats.append(render_chat(render, messages, params.train_on))
-            except TemplateError as e:
-                raise SftflowError(f"{e} (set model.chat_template)", path=r.source, line=r.line) from e
-        enc = tok(
-            [c.text for c in chats], add_special_tokens=False, return_offsets_mapping=True
-        )  # the template already holds BOS/specials, as apply_chat_template(tokenize=True) does
-        for r, chat, ids, offsets in zip(batch, chats, enc["input_ids"], enc["offset_mapping"]):
-            trained = label_tokens(offsets, ids, chat, end_of_turn_ids)
-            labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
-            if len(ids) > params.max_length:
-                if params.truncation == "drop":
-                    _drop(
-                        rep,
-                        rejects,
-                        r,
-                        "too_long",
-                        f"{len(ids)} tokens > data.max_length {params.max_length}",
-                    )
-                    continue
-                ids, labels = ids[: params.max_length], labels[: params.max_length]
-                if not any(lab != IGNORE for lab in labels):
-                    _drop(
-                        rep, rejects, r, "no_trained_tokens_after_truncation", "every trained token was cut"
-                    )
-                    continue
-                rep.truncated += 1
-            if not any(lab != IGNORE for lab in labels):
-                _drop(rep, rejects, r, "no_trained_tokens", "the template left no trained token")
+        ds = Dataset.from_dict(
+            {
+                "messages": [json.dumps(r.messages, ensure_ascii=False) for r in chats],
+                "source": [r.source for r in chats],
+                "line": [r.line for r in chats],
+                "record": [r.record for r in chats],
+            }
+        )
+        mapped = ds.map(
+            ChatTokenizer(tok, params),
+            batched=True,
+            batch_size=MAP_BATCH,
+            num_proc=params.num_proc if params.num_proc > 1 and len(chats) > MAP_BATCH else None,
+            remove_columns=["messages"],
+            load_from_cache_file=False,
+            desc=f"tokenizing {Path(chats[0].source).name}",
+        )
+        for r in mapped:
+            if r["drop"]:
+                rep.dropped[r["drop"]] += 1
+                rejects.append({"file": r["source"], "line": r["line"], "reason": r["drop"]})
                 continue
-            rep.kept += 1
-            rep.tokens += len(ids)
-            rep.trained_tokens += sum(lab != IGNORE for lab in labels)
-            samples.append(Sample(list(ids), labels, r.source, r.record))
-    return samples
+            rep.truncated += r["truncated"]
+            rows.append({k: r[k] for k in ("input_ids", "labels", "source", "record")})
+    if texts:
+        rows += _pack_texts(tok, texts, params.max_length)
+    for row in rows:
+        rep.kept += 1
+        rep.tokens += len(row["input_ids"])
+        rep.trained_tokens += sum(lab != IGNORE for lab in row["labels"])
+    return rows
 
 
-def _drop(rep: SourceReport, rejects: list[dict[str, Any]], r: RawRecord, reason: str, detail: str) -> None:
-    rep.dropped[reason] += 1
-    rejects.append({"file": r.source, "line": r.line, "reason": reason, "detail": detail})
+def _pack_texts(tok: Any, texts: list[RawRecord], block: int) -> list[dict[str, Any]]:
+    """Continued pre-training: texts joined with EOS, cut into `block`-token rows, all trained.
+
+    Nothing is lost: the last, shorter block is kept. `record` is the record a block starts in.
+    """
+    enc = tok([r.text for r in texts], add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    starts: list[tuple[int, int]] = []  # (token offset, record index)
+    for r, ids in zip(texts, enc):
+        starts.append((len(stream), r.record))
+        stream += [*ids, tok.eos_token_id]
+    rows, k = [], 0
+    for lo in range(0, len(stream), block):
+        while k + 1 < len(starts) and starts[k + 1][0] <= lo:
+            k += 1
+        ids = stream[lo : lo + block]
+        rows.append({"input_ids": ids, "labels": list(ids), "source": texts[0].source, "record": starts[k][1]})
+    return rows
 
 
-def _to_dataset(samples: list[Sample]) -> Any:
+def _sample(rows: list[dict[str, Any]], src: SourceParams, rng: random.Random) -> list[dict[str, Any]]:
+    """Seeded up/down-sampling: num_samples, else weight x len (whole copies + a seeded rest)."""
+    if not rows:
+        return rows
+    target = src.num_samples if src.num_samples is not None else round(src.weight * len(rows))
+    whole, rest = divmod(target, len(rows))
+    return rows * whole + rng.sample(rows, rest)
+
+
+def _dedupe(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Drop exact duplicates (same tokens and labels); eval wins over train, so no leak."""
+    seen: set[bytes] = set()
+
+    def key(row: dict[str, Any]) -> bytes:
+        return hashlib.sha1(json.dumps([row["input_ids"], row["labels"]]).encode()).digest()
+
+    def keep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            k = key(row)
+            if k not in seen:
+                seen.add(k)
+                out.append(row)
+        return out
+
+    kept_eval = keep(evals)
+    kept_train = keep(train)
+    return kept_train, kept_eval, len(train) + len(evals) - len(kept_train) - len(kept_eval)
+
+
+def _to_dataset(rows: list[dict[str, Any]]) -> Any:
     from datasets import Dataset, Features, Sequence, Value
 
     features = Features(
@@ -182,12 +268,12 @@ def _to_dataset(samples: list[Sample]) -> Any:
     )
     return Dataset.from_dict(
         {
-            "input_ids": [s.input_ids for s in samples],
-            "labels": [s.labels for s in samples],
-            "length": [len(s.input_ids) for s in samples],
-            "source": [s.source for s in samples],
-            "record": [s.record for s in samples],
-            "num_trained": [sum(lab != IGNORE for lab in s.labels) for s in samples],
+            "input_ids": [r["input_ids"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "length": [len(r["input_ids"]) for r in rows],
+            "source": [r["source"] for r in rows],
+            "record": [r["record"] for r in rows],
+            "num_trained": [sum(lab != IGNORE for lab in r["labels"]) for r in rows],
         },
         features=features,
     )
@@ -205,12 +291,16 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 
 
 def _report(
-    reports: dict[str, SourceReport], splits: dict[str, list[Sample]], rejects: list[dict[str, Any]]
+    reports: dict[str, SourceReport],
+    splits: dict[str, list[dict[str, Any]]],
+    rejects: list[dict[str, Any]],
+    duplicates: int,
 ) -> dict[str, Any]:
     per_source = {
         path: {
             "read": r.read,
             "kept": r.kept,
+            "sampled": r.sampled,
             "truncated": r.truncated,
             "dropped": dict(r.dropped),
             "skipped": dict(r.skipped),
@@ -221,20 +311,21 @@ def _report(
     }
     total = {
         key: sum(s[key] for s in per_source.values())
-        for key in ("read", "kept", "truncated", "tokens", "trained_tokens")
+        for key in ("read", "kept", "sampled", "truncated", "tokens", "trained_tokens")
     }
     total["dropped"] = sum(sum(s["dropped"].values()) for s in per_source.values())
     total["skipped"] = sum(sum(s["skipped"].values()) for s in per_source.values())
+    total["duplicates_removed"] = duplicates
     return {
         "total": total,
         "splits": {
             name: {
-                "samples": len(samples),
-                "tokens": sum(len(s.input_ids) for s in samples),
-                "trained_tokens": sum(sum(lab != IGNORE for lab in s.labels) for s in samples),
-                "length": _percentiles([len(s.input_ids) for s in samples]),
+                "samples": len(rows),
+                "tokens": sum(len(r["input_ids"]) for r in rows),
+                "trained_tokens": sum(sum(lab != IGNORE for lab in r["labels"]) for r in rows),
+                "length": _percentiles([len(r["input_ids"]) for r in rows]),
             }
-            for name, samples in splits.items()
+            for name, rows in splits.items()
         },
         "sources": per_source,
         "rejects": len(rejects),

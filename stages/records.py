@@ -1,8 +1,12 @@
-"""Read raw chat files into validated message lists, naming file, line and field on error.
+"""Read raw data files into validated chats (or texts), naming file, line and field on error.
 
-Accepted: JSONL (one record per line) or a JSON array, UTF-8 with or without BOM, LF or CRLF.
-A record is `{"messages": [{"role", "content"}, ...], ...}`; other top-level keys (the
-Qwen seed's `type`/`source`, our eval files' `expect_contains`) are carried but not used.
+Files: JSONL (one record per line) or a JSON array, UTF-8 with or without BOM, LF or CRLF.
+Record formats (`format: auto` detects from each record's keys):
+- messages / ChatML: `{"messages": [{"role", "content"}, ...]}` (the Qwen seed's extra
+  `type`/`source` keys, our eval files' `expect_contains`, are ignored);
+- sharegpt: `{"conversations": [{"from": "human|gpt|system", "value"}, ...]}`;
+- alpaca: `{"instruction", "input"?, "output", "system"?}`;
+- text: `{"text"}` for continued pre-training (no template; every token trained).
 """
 
 from __future__ import annotations
@@ -18,14 +22,71 @@ from stages.errors import SftflowError
 ROLES = ("system", "user", "assistant")
 
 
+FORMATS = ("messages", "sharegpt", "alpaca", "text")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
 @dataclass(frozen=True)
 class RawRecord:
-    """One chat and where it came from (record is the 0-based index within the file)."""
+    """One chat (or text) and where it came from (record: 0-based index within the file)."""
 
     source: str
     line: int
     record: int
     messages: list[dict[str, Any]]
+    text: str | None = None  # set for the text format instead of messages
+
+
+def detect_format(obj: Any) -> str | None:
+    """The record format its keys say, or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def to_messages(obj: Any, fmt: str, path: Path, line: int) -> Any:
+    """Convert a sharegpt/alpaca record to the messages shape (validated afterwards)."""
+    if not isinstance(obj, dict):
+        raise SftflowError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    if fmt == "sharegpt":
+        turns = obj.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise SftflowError("missing or empty 'conversations' list", path=path, line=line,
+                               field="conversations")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict):
+                raise SftflowError("expected an object with from and value", path=path, line=line,
+                                   field=f"conversations[{i}]")
+            speaker = t.get("from")
+            if speaker is None:
+                raise SftflowError("missing role", path=path, line=line, field=f"conversations[{i}].from")
+            if speaker not in SHAREGPT_ROLES:
+                raise SftflowError(f"unknown role {speaker!r} (expected human, gpt or system)",
+                                   path=path, line=line, field=f"conversations[{i}].from")
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value")})
+        return {"messages": messages, "_fields": "conversations"}
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(obj.get(key), str):
+                raise SftflowError(f"{key} must be a string", path=path, line=line, field=key)
+        prompt = obj["instruction"]
+        if isinstance(obj.get("input"), str) and obj["input"].strip():
+            prompt = f"{prompt}\n\n{obj['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
+        if isinstance(obj.get("system"), str) and obj["system"].strip():
+            messages.insert(0, {"role": "system", "content": obj["system"]})
+        return {"messages": messages, "_fields": "alpaca"}
+    return obj
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -100,7 +161,36 @@ def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
     return out
 
 
-def read_records(path: Path, on_bad_record: str, rejects: list[dict[str, Any]]) -> Iterator[RawRecord]:
+def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRecord:
+    """One validated record in `fmt` ('auto' detects it)."""
+    chosen = detect_format(obj) if fmt == "auto" else fmt
+    if chosen is None:
+        raise SftflowError(
+            "cannot tell the record format: expected messages, conversations, instruction+output or"
+            " text (or set format in data.sources)",
+            path=path, line=line,
+        )
+    if chosen == "text":
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise SftflowError("text must be a string", path=path, line=line, field="text")
+        if not text.strip():
+            raise SftflowError("content is empty", path=path, line=line, field="text")
+        return RawRecord(source=str(path), line=line, record=index, messages=[], text=text)
+    converted = to_messages(obj, chosen, path, line)
+    try:
+        messages = validate_messages(converted, path, line)
+    except SftflowError as e:
+        if isinstance(converted, dict) and converted.get("_fields") == "conversations" and e.field:
+            e.field = e.field.replace("messages", "conversations").replace(".role", ".from").replace(
+                ".content", ".value")
+        raise
+    return RawRecord(source=str(path), line=line, record=index, messages=messages)
+
+
+def read_records(
+    path: Path, on_bad_record: str, rejects: list[dict[str, Any]], fmt: str = "auto"
+) -> Iterator[RawRecord]:
     """Validated records of one file; with on_bad_record=skip, bad ones go to `rejects`."""
     path = Path(path)
     if not path.is_file():
@@ -123,14 +213,14 @@ def read_records(path: Path, on_bad_record: str, rejects: list[dict[str, Any]]) 
             records = _resume_after(path, e.line)
             continue
         try:
-            messages = validate_messages(obj, path, line)
+            record = parse_record(obj, fmt, path, line, index)
         except SftflowError as e:
             if on_bad_record != "skip":
                 raise
             rejects.append({"file": str(path), "line": line, "reason": _reason_key(e), "detail": str(e)})
             index += 1
             continue
-        yield RawRecord(source=str(path), line=line, record=index, messages=messages)
+        yield record
         index += 1
 
 
@@ -162,6 +252,9 @@ def _reason_key(e: SftflowError) -> str:
         ("roles_out_of_order", "out of order"),
         ("misplaced_system", "system message"),
         ("no_messages", "'messages'"),
+        ("no_messages", "'conversations'"),
+        ("unknown_format", "record format"),
+        ("non_string_content", "must be a string"),
     ):
         if needle in msg:
             return key
