@@ -60,6 +60,17 @@ def trained_runs(row: dict) -> list[list[int]]:
     return runs
 
 
+def assert_trained_replies(tok: AutoTokenizer, row: dict, replies: list[str]) -> None:
+    """The trained runs decode to the replies, each closed by the end-of-turn token.
+
+    Templates may strip a reply's edge whitespace (Qwen3 does, SmolLM2 does not); nothing
+    else may differ."""
+    decoded = [tok.decode(run) for run in trained_runs(row)]
+    end_of_turn = tok.eos_token  # <|im_end|> for both ChatML-style templates here
+    assert all(d.endswith(end_of_turn) for d in decoded), decoded
+    assert [d.removesuffix(end_of_turn).strip() for d in decoded] == [r.strip() for r in replies]
+
+
 @pytest.mark.parametrize("tokenizer_fixture", TOKENIZERS)
 @pytest.mark.parametrize("train_on", ["assistant", "last_turn"])
 def test_trained_tokens_are_exactly_the_replies_and_end_of_turn(
@@ -72,15 +83,11 @@ def test_trained_tokens_are_exactly_the_replies_and_end_of_turn(
     prepare(params, tok_dir, tmp_path / "out")
     rows = load_from_disk(str(tmp_path / "out" / "train"))
     assert len(rows) == len(CHATS)
-    end_of_turn = tok.eos_token  # <|im_end|> for both ChatML-style templates here
     for row, chat in zip(rows, CHATS):
         replies = [m["content"] for m in chat if m["role"] == "assistant"]
         if train_on == "last_turn":
             replies = replies[-1:]
-        decoded = [tok.decode(run) for run in trained_runs(row)]
-        # Templates may strip the reply's edge whitespace; nothing else may differ.
-        assert [d.removesuffix(end_of_turn).strip() for d in decoded] == [r.strip() for r in replies]
-        assert all(d.endswith(end_of_turn) for d in decoded), decoded
+        assert_trained_replies(tok, row, replies)
         assert row["num_trained"] == sum(len(r) for r in trained_runs(row))
         assert (
             tok.pad_token_id not in [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]

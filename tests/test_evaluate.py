@@ -1,0 +1,151 @@
+"""The eval stage for real: lm-eval runs our shipped tasks on two tiny random models.
+
+One evaluate() run (base and tuned differ only by their init seed) is shared by the tests
+that read its outputs; the error tests fail before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stages.errors import SftflowError
+from stages.evaluate import evaluate
+from stages.params import EvalParams
+from stages.tasks.metrics import process_replies, rouge_l_f1
+
+SYSTEM = "You are a helpful assistant."
+CHATS = [
+    {"messages": [{"role": "user", "content": "Who are you?"},
+                  {"role": "assistant", "content": "I am Sftflow Assistant."}],
+     "expect_contains": ["Sftflow"]},
+    {"messages": [{"role": "system", "content": "Answer briefly."},
+                  {"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "Paris."}],
+     "expect_contains": ["Paris"]},
+    {"messages": [{"role": "user", "content": "What is 2 + 2?"},
+                  {"role": "assistant", "content": "4."},
+                  {"role": "user", "content": "Who made you?"},
+                  {"role": "assistant", "content": "The Sftflow team made me."}]},  # no keywords
+]
+METRICS = {
+    "sftflow_replies": ("contains", "exact_match", "rougeL"),
+    "sftflow_perplexity": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+}
+
+
+def tiny_model_dir(tokenizer_dir: Path, out: Path, seed: int) -> Path:
+    """A 2-layer Llama over SmolLM2's real tokenizer, saved with it as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_run(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "eval.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    base = tiny_model_dir(smollm_tokenizer_dir, root / "base", seed=0)
+    tuned = tiny_model_dir(smollm_tokenizer_dir, root / "tuned", seed=1)
+    params = EvalParams(data=str(data), batch_size=4, max_new_tokens=8, system_prompt=SYSTEM)
+    flat = evaluate(params, base, tuned, root / "reports" / "eval.json", root / "reports" / "samples.jsonl")
+    return {"flat": flat, "root": root, "base": base}
+
+
+def test_eval_json_is_flat_base_tuned_delta(eval_run: dict[str, Any]) -> None:
+    written = json.loads((eval_run["root"] / "reports" / "eval.json").read_text())
+    assert written == eval_run["flat"]  # the returned dict is what was written
+    expected = [f"{task}.{m}.{s}" for task, ms in METRICS.items() for m in ms for s in ("base", "tuned", "delta")]
+    assert sorted(written) == sorted(expected)
+    for key, value in written.items():
+        assert isinstance(value, float) and math.isfinite(value), key
+    for task, metrics in METRICS.items():
+        for m in metrics:
+            base, tuned, delta = (written[f"{task}.{m}.{s}"] for s in ("base", "tuned", "delta"))
+            assert delta == tuned - base
+    # Another seed is another model: perplexity must move (replies of random models may not).
+    for m in METRICS["sftflow_perplexity"]:
+        assert written[f"sftflow_perplexity.{m}.delta"] != 0.0, m
+    # A random model over a 49k vocabulary is close to uniform: ~log2(49152) bits per token.
+    assert 1.0 < written["sftflow_perplexity.bits_per_byte.base"] < 20.0
+
+
+def test_samples_pair_both_replies_per_doc(eval_run: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    lines = (eval_run["root"] / "reports" / "samples.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == len(CHATS)
+    tok = AutoTokenizer.from_pretrained(eval_run["base"])
+    for record, (row, chat) in enumerate(zip(rows, CHATS)):
+        assert set(row) == {"task", "record", "prompt", "reference", "base", "tuned",
+                            "base_correct", "tuned_correct"}
+        assert row["task"] == "sftflow_replies" and row["record"] == record
+        assert isinstance(row["base"], str) and isinstance(row["tuned"], str)
+        assert isinstance(row["base_correct"], bool) and isinstance(row["tuned_correct"], bool)
+        # The prompt is exactly the chat before its reference, rendered by the model's own
+        # template (earlier turns kept as turns), with the system prompt filled in if absent.
+        messages = chat["messages"]
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SYSTEM}, *messages]
+        assert row["prompt"] == tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        assert row["reference"] == messages[-1]["content"]
+    assert "Answer briefly." in rows[1]["prompt"] and SYSTEM not in rows[1]["prompt"]
+    assert rows[2]["prompt"].count("<|im_start|>user") == 2
+
+
+def test_same_model_gives_zero_delta(eval_run: dict[str, Any]) -> None:
+    root, base = eval_run["root"], eval_run["base"]
+    params = EvalParams(data=str(root / "eval.jsonl"), tasks=("sftflow_perplexity",), limit=2)
+    flat = evaluate(params, base, base, root / "same.json", root / "same.jsonl")
+    assert sorted(flat) == sorted(f"sftflow_perplexity.{m}.{s}" for m in METRICS["sftflow_perplexity"]
+                                  for s in ("base", "tuned", "delta"))
+    assert all(v == 0.0 for k, v in flat.items() if k.endswith(".delta"))
+    assert (root / "same.jsonl").read_text() == ""  # no generation task, no samples
+
+
+def test_unknown_task_names_eval_tasks(tmp_path: Path) -> None:
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps(CHATS[0]) + "\n")
+    params = EvalParams(data=str(data), tasks=("sftflow_replies", "hellaswag"))
+    with pytest.raises(SftflowError) as err:
+        evaluate(params, tmp_path / "none", tmp_path / "none", tmp_path / "e.json", tmp_path / "s.jsonl")
+    assert err.value.field == "eval.tasks" and "hellaswag" in str(err.value)
+    assert "eval.tasks" in str(err.value)
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_bad_eval_chat_names_its_line(tmp_path: Path) -> None:
+    data = tmp_path / "eval.jsonl"
+    bad = {"messages": [{"role": "user", "content": "Hi"}]}  # no reference reply
+    data.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(SftflowError) as err:
+        evaluate(EvalParams(data=str(data)), tmp_path, tmp_path, tmp_path / "e.json", tmp_path / "s.jsonl")
+    assert (err.value.line, err.value.field) == (2, "messages")
+
+
+def test_reply_metrics() -> None:
+    doc = {"reference": "I am Sftflow Assistant.", "expect_contains": ["sftflow", "assistant"]}
+    assert process_replies(doc, ["  I am Sftflow Assistant. "]) == {"contains": 1.0, "exact_match": 1.0, "rougeL": 1.0}
+    assert process_replies(doc, ["I'm SFTFLOW ASSISTANT!"])["contains"] == 1.0
+    scored = process_replies(doc, ["I am SmolLM."])
+    assert scored["contains"] == 0.0 and scored["exact_match"] == 0.0
+    assert scored["rougeL"] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))  # LCS "i am"
+    assert rouge_l_f1("", "") == 1.0 and rouge_l_f1("x", "") == 0.0
