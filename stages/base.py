@@ -142,8 +142,9 @@ def read_chat_template(ref: str) -> str:
     if named.is_file():
         return named.read_text()
     known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-    raise SftflowError(f"{ref!r} is neither a .jinja file nor a known template ({known})",
-                       field="model.chat_template")
+    raise SftflowError(
+        f"{ref!r} is neither a .jinja file nor a known template ({known})", field="model.chat_template"
+    )
 
 
 def _finish_tokenizer(params: ModelParams, out: Path) -> Any:

@@ -91,6 +91,7 @@ def cli() -> None:
       train    LoRA / full fine-tune -> models/adapter/
       merge    base + adapter -> models/merged/, verified against base+adapter logits
       eval     lm-eval on base and merged -> reports/eval.json, reports/samples.jsonl
+    Tools: `sftflow inspect` shows prepared samples with the trained tokens marked.
     `sftflow COMMAND --help` lists the params.yaml keys each stage reads.
     """
 
@@ -198,7 +199,7 @@ def merge_cmd(
     )
 
 
-@cli.command("eval", epilog=_keys_help("eval", EvalParams))
+@cli.command("eval", epilog=_keys_help("eval", EvalParams) + "\n  data.system_prompt (shared with prepare)")
 @PARAMS_OPTION
 @click.option(
     "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
@@ -214,10 +215,35 @@ def eval_cmd(params_path: Path, model_dir: Path, tuned: Path, metrics: Path, sam
     _offline_by_default(model_dir)
     from stages.evaluate import evaluate
 
-    flat = evaluate(params.eval, model_dir, tuned, metrics, samples)
+    flat = evaluate(params.eval, model_dir, tuned, metrics, samples, system_prompt=params.data.system_prompt)
     for key in sorted(k for k in flat if k.endswith(".delta")):
         stem = key[: -len(".delta")]
         click.echo(f"eval: {stem}: base {flat[stem + '.base']:.4g} -> tuned {flat[stem + '.tuned']:.4g}")
+
+
+@cli.command("inspect")
+@click.option(
+    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
+@click.option("-n", "count", default=3, show_default=True, help="How many samples, from --start.")
+@click.option("--start", default=0, show_default=True)
+@click.option("--color/--no-color", default=None, help="Highlight trained text (default: when a terminal).")
+def inspect_cmd(
+    prepared: Path, model_dir: Path, split: str, count: int, start: int, color: bool | None
+) -> None:
+    """Print prepared samples with the trained (loss-carrying) tokens highlighted, [[like this]]."""
+    _offline_by_default(model_dir)
+    from stages.inspect import inspect_samples
+
+    use_color = sys.stdout.isatty() if color is None else color
+    try:
+        click.echo(inspect_samples(prepared, model_dir, split, list(range(start, start + count)), use_color))
+    except (IndexError, FileNotFoundError) as e:
+        raise SftflowError(str(e), path=prepared) from e
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ The task YAMLs hold everything but the data: at run time this stage writes each 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,14 +36,20 @@ _REPLY_MARK = "SFTFLOW_REPLY_MARK"
 
 
 def evaluate(
-    params: EvalParams, base_dir: Path, tuned_dir: Path, metrics_out: Path, samples_out: Path
+    params: EvalParams,
+    base_dir: Path,
+    tuned_dir: Path,
+    metrics_out: Path,
+    samples_out: Path,
+    system_prompt: str | None = None,
 ) -> dict[str, float]:
     """Evaluate base and tuned models on the held-out chats; write metrics and samples.
 
     Why both models in one stage: the number that matters is what fine-tuning changed, so
     every metric is reported for base, tuned and their delta in one flat file that
     `dvc metrics diff` compares across experiments. The samples file pairs the two replies
-    to each prompt, for a human to read. Returns the flat metrics (the same dict written to
+    to each prompt, for a human to read. `system_prompt` is data.system_prompt: the prompts
+    get it exactly as prepare gave it to the training chats. Returns the flat metrics (the same dict written to
     `metrics_out`) so the CLI can print it and tests can check it without re-reading.
 
     >>> evaluate(EvalParams(), Path("models/base"), Path("models/merged"),
@@ -61,7 +66,9 @@ def evaluate(
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as tmp:
         for label, model_dir in zip(MODELS, (base_dir, tuned_dir), strict=True):
-            runs[label] = _run_lm_eval(params, Path(model_dir), chats, task_manager, Path(tmp) / label)
+            runs[label] = _run_lm_eval(
+                params, Path(model_dir), chats, system_prompt, task_manager, Path(tmp) / label
+            )
 
     metrics = flat_metrics(runs, params.tasks)
     write_json(metrics_out, metrics)
@@ -73,24 +80,12 @@ def evaluate(
 
 
 def _check(params: EvalParams, known_tasks: list[str]) -> None:
-    """Report every problem in the eval section at once."""
-    problems = []
+    """Every eval.tasks name must be one of our shipped task YAMLs."""
     unknown = [t for t in params.tasks if t not in known_tasks]
     if unknown:
-        problems.append(f"eval.tasks: unknown task(s) {unknown}; known: {known_tasks}")
-    if not params.tasks:
-        problems.append("eval.tasks: list at least one task")
-    if params.limit is not None and params.limit < 1:
-        problems.append("eval.limit: must be >= 1 (docs per task) or null for all")
-    if params.batch_size < 1:
-        problems.append("eval.batch_size: must be >= 1")
-    if params.max_new_tokens < 1:
-        problems.append("eval.max_new_tokens: must be >= 1")
-    if len(problems) == 1:
-        field, _, msg = problems[0].partition(": ")
-        raise SftflowError(msg, path="params.yaml", field=field)
-    if problems:
-        raise SftflowError("; ".join(problems), path="params.yaml", field="eval")
+        raise SftflowError(
+            f"unknown task(s) {unknown}; known: {known_tasks}", path="params.yaml", field="eval.tasks"
+        )
 
 
 def read_eval_chats(path: Path) -> list[dict[str, Any]]:
@@ -145,7 +140,7 @@ def _check_chat(chat: Any, path: Path, n: int) -> dict[str, Any]:
 
 def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
     """The chat as training saw it: `system_prompt` filled in when it has no system message."""
-    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+    if not system_prompt or messages[0]["role"] == "system":  # the same rule as prepare
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 
@@ -198,12 +193,14 @@ def task_docs(
     for record, chat in enumerate(chats):
         messages = with_system_prompt(chat["messages"], system_prompt)
         reference = messages[-1]["content"]
-        replies.append({
-            "record": record,
-            "prompt": tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
-            "reference": reference,
-            "expect_contains": chat.get("expect_contains") or [reference.strip()],
-        })
+        replies.append(
+            {
+                "record": record,
+                "prompt": tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
+                "reference": reference,
+                "expect_contains": chat.get("expect_contains") or [reference.strip()],
+            }
+        )
         texts.append({"record": record, "text": tok.apply_chat_template(messages, tokenize=False)})
     return {"sftflow_replies": replies, "sftflow_perplexity": texts}
 
@@ -244,6 +241,7 @@ def _run_lm_eval(
     params: EvalParams,
     model_dir: Path,
     chats: list[dict[str, Any]],
+    system_prompt: str | None,
     task_manager: TaskManager,
     data_dir: Path,
 ) -> dict[str, Any]:
@@ -256,11 +254,12 @@ def _run_lm_eval(
     model.eval()
     stop = end_of_turn(tok)
     maybe_stop_at(model, tok, stop)
-    spec = task_spec(params, task_docs(chats, tok, params.system_prompt), stop, data_dir)
+    spec = task_spec(params, task_docs(chats, tok, system_prompt), stop, data_dir)
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=params.batch_size, device="cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(eval_threads())
+    if params.threads > 0:
+        torch.set_num_threads(params.threads)
     try:
         out = simple_evaluate(
             model=lm,
@@ -275,12 +274,6 @@ def _run_lm_eval(
         torch.set_num_threads(threads)
     assert out is not None  # None only on non-zero ranks; eval runs in one process
     return {"results": out["results"], "samples": out["samples"]}
-
-
-def eval_threads() -> int:
-    """Torch intra-op threads for eval: all cores, or OMP_NUM_THREADS when the user set it."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- write
@@ -322,16 +315,18 @@ def paired_samples(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> l
         by_doc = {label: {s["doc_id"]: s for s in runs[label]["samples"][task]} for label in MODELS}
         for doc_id in sorted(by_doc["base"]):
             base, tuned = by_doc["base"][doc_id], by_doc["tuned"][doc_id]
-            rows.append({
-                "task": task,
-                "record": base["doc"]["record"],  # 0-based chat index in eval.data
-                "prompt": base["doc"]["prompt"],
-                "reference": base["doc"]["reference"],
-                "base": _reply(base),
-                "tuned": _reply(tuned),
-                "base_correct": _is_correct(base),
-                "tuned_correct": _is_correct(tuned),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "record": base["doc"]["record"],  # 0-based chat index in eval.data
+                    "prompt": base["doc"]["prompt"],
+                    "reference": base["doc"]["reference"],
+                    "base": _reply(base),
+                    "tuned": _reply(tuned),
+                    "base_correct": _is_correct(base),
+                    "tuned_correct": _is_correct(tuned),
+                }
+            )
     return rows
 
 

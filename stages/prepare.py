@@ -80,7 +80,8 @@ class ChatTokenizer:
                 raise SftflowError(
                     "a reply is not followed by a special end-of-turn token, so the model would never"
                     " learn to stop: use a chat template whose turns end with one (model.chat_template)",
-                    path=source, line=line,
+                    path=source,
+                    line=line,
                 )
             labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
             drop, truncated = "", False
@@ -217,7 +218,9 @@ def _pack_texts(tok: Any, texts: list[RawRecord], block: int) -> list[dict[str, 
         while k + 1 < len(starts) and starts[k + 1][0] <= lo:
             k += 1
         ids = stream[lo : lo + block]
-        rows.append({"input_ids": ids, "labels": list(ids), "source": texts[0].source, "record": starts[k][1]})
+        rows.append(
+            {"input_ids": ids, "labels": list(ids), "source": texts[0].source, "record": starts[k][1]}
+        )
     return rows
 
 

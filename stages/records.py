@@ -23,8 +23,13 @@ ROLES = ("system", "user", "assistant")
 
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -60,19 +65,28 @@ def to_messages(obj: Any, fmt: str, path: Path, line: int) -> Any:
     if fmt == "sharegpt":
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
-            raise SftflowError("missing or empty 'conversations' list", path=path, line=line,
-                               field="conversations")
+            raise SftflowError(
+                "missing or empty 'conversations' list", path=path, line=line, field="conversations"
+            )
         messages = []
         for i, t in enumerate(turns):
             if not isinstance(t, dict):
-                raise SftflowError("expected an object with from and value", path=path, line=line,
-                                   field=f"conversations[{i}]")
+                raise SftflowError(
+                    "expected an object with from and value",
+                    path=path,
+                    line=line,
+                    field=f"conversations[{i}]",
+                )
             speaker = t.get("from")
             if speaker is None:
                 raise SftflowError("missing role", path=path, line=line, field=f"conversations[{i}].from")
             if speaker not in SHAREGPT_ROLES:
-                raise SftflowError(f"unknown role {speaker!r} (expected human, gpt or system)",
-                                   path=path, line=line, field=f"conversations[{i}].from")
+                raise SftflowError(
+                    f"unknown role {speaker!r} (expected human, gpt or system)",
+                    path=path,
+                    line=line,
+                    field=f"conversations[{i}].from",
+                )
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value")})
         return {"messages": messages, "_fields": "conversations"}
     if fmt == "alpaca":
@@ -168,7 +182,8 @@ def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRe
         raise SftflowError(
             "cannot tell the record format: expected messages, conversations, instruction+output or"
             " text (or set format in data.sources)",
-            path=path, line=line,
+            path=path,
+            line=line,
         )
     if chosen == "text":
         text = obj.get("text") if isinstance(obj, dict) else None
@@ -182,8 +197,11 @@ def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRe
         messages = validate_messages(converted, path, line)
     except SftflowError as e:
         if isinstance(converted, dict) and converted.get("_fields") == "conversations" and e.field:
-            e.field = e.field.replace("messages", "conversations").replace(".role", ".from").replace(
-                ".content", ".value")
+            e.field = (
+                e.field.replace("messages", "conversations")
+                .replace(".role", ".from")
+                .replace(".content", ".value")
+            )
         raise
     return RawRecord(source=str(path), line=line, record=index, messages=messages)
 

@@ -20,17 +20,29 @@ from stages.tasks.metrics import process_replies, rouge_l_f1
 
 SYSTEM = "You are a helpful assistant."
 CHATS = [
-    {"messages": [{"role": "user", "content": "Who are you?"},
-                  {"role": "assistant", "content": "I am Sftflow Assistant."}],
-     "expect_contains": ["Sftflow"]},
-    {"messages": [{"role": "system", "content": "Answer briefly."},
-                  {"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "Paris."}],
-     "expect_contains": ["Paris"]},
-    {"messages": [{"role": "user", "content": "What is 2 + 2?"},
-                  {"role": "assistant", "content": "4."},
-                  {"role": "user", "content": "Who made you?"},
-                  {"role": "assistant", "content": "The Sftflow team made me."}]},  # no keywords
+    {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am Sftflow Assistant."},
+        ],
+        "expect_contains": ["Sftflow"],
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+        "expect_contains": ["Paris"],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "Who made you?"},
+            {"role": "assistant", "content": "The Sftflow team made me."},
+        ]
+    },  # no keywords
 ]
 METRICS = {
     "sftflow_replies": ("contains", "exact_match", "rougeL"),
@@ -45,9 +57,15 @@ def tiny_model_dir(tokenizer_dir: Path, out: Path, seed: int) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         tie_word_embeddings=True,
     )
@@ -64,15 +82,19 @@ def eval_run(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactor
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     base = tiny_model_dir(smollm_tokenizer_dir, root / "base", seed=0)
     tuned = tiny_model_dir(smollm_tokenizer_dir, root / "tuned", seed=1)
-    params = EvalParams(data=str(data), batch_size=4, max_new_tokens=8, system_prompt=SYSTEM)
-    flat = evaluate(params, base, tuned, root / "reports" / "eval.json", root / "reports" / "samples.jsonl")
+    params = EvalParams(data=str(data), batch_size=4, max_new_tokens=8)
+    flat = evaluate(
+        params, base, tuned, root / "reports" / "eval.json", root / "reports" / "samples.jsonl", SYSTEM
+    )
     return {"flat": flat, "root": root, "base": base}
 
 
 def test_eval_json_is_flat_base_tuned_delta(eval_run: dict[str, Any]) -> None:
     written = json.loads((eval_run["root"] / "reports" / "eval.json").read_text())
     assert written == eval_run["flat"]  # the returned dict is what was written
-    expected = [f"{task}.{m}.{s}" for task, ms in METRICS.items() for m in ms for s in ("base", "tuned", "delta")]
+    expected = [
+        f"{task}.{m}.{s}" for task, ms in METRICS.items() for m in ms for s in ("base", "tuned", "delta")
+    ]
     assert sorted(written) == sorted(expected)
     for key, value in written.items():
         assert isinstance(value, float) and math.isfinite(value), key
@@ -95,8 +117,16 @@ def test_samples_pair_both_replies_per_doc(eval_run: dict[str, Any]) -> None:
     assert len(rows) == len(CHATS)
     tok = AutoTokenizer.from_pretrained(eval_run["base"])
     for record, (row, chat) in enumerate(zip(rows, CHATS)):
-        assert set(row) == {"task", "record", "prompt", "reference", "base", "tuned",
-                            "base_correct", "tuned_correct"}
+        assert set(row) == {
+            "task",
+            "record",
+            "prompt",
+            "reference",
+            "base",
+            "tuned",
+            "base_correct",
+            "tuned_correct",
+        }
         assert row["task"] == "sftflow_replies" and row["record"] == record
         assert isinstance(row["base"], str) and isinstance(row["tuned"], str)
         assert isinstance(row["base_correct"], bool) and isinstance(row["tuned_correct"], bool)
@@ -105,7 +135,9 @@ def test_samples_pair_both_replies_per_doc(eval_run: dict[str, Any]) -> None:
         messages = chat["messages"]
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SYSTEM}, *messages]
-        assert row["prompt"] == tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        assert row["prompt"] == tok.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
         assert row["reference"] == messages[-1]["content"]
     assert "Answer briefly." in rows[1]["prompt"] and SYSTEM not in rows[1]["prompt"]
     assert rows[2]["prompt"].count("<|im_start|>user") == 2
@@ -114,9 +146,12 @@ def test_samples_pair_both_replies_per_doc(eval_run: dict[str, Any]) -> None:
 def test_same_model_gives_zero_delta(eval_run: dict[str, Any]) -> None:
     root, base = eval_run["root"], eval_run["base"]
     params = EvalParams(data=str(root / "eval.jsonl"), tasks=("sftflow_perplexity",), limit=2)
-    flat = evaluate(params, base, base, root / "same.json", root / "same.jsonl")
-    assert sorted(flat) == sorted(f"sftflow_perplexity.{m}.{s}" for m in METRICS["sftflow_perplexity"]
-                                  for s in ("base", "tuned", "delta"))
+    flat = evaluate(params, base, base, root / "same.json", root / "same.jsonl", SYSTEM)
+    assert sorted(flat) == sorted(
+        f"sftflow_perplexity.{m}.{s}"
+        for m in METRICS["sftflow_perplexity"]
+        for s in ("base", "tuned", "delta")
+    )
     assert all(v == 0.0 for k, v in flat.items() if k.endswith(".delta"))
     assert (root / "same.jsonl").read_text() == ""  # no generation task, no samples
 
@@ -143,7 +178,11 @@ def test_bad_eval_chat_names_its_line(tmp_path: Path) -> None:
 
 def test_reply_metrics() -> None:
     doc = {"reference": "I am Sftflow Assistant.", "expect_contains": ["sftflow", "assistant"]}
-    assert process_replies(doc, ["  I am Sftflow Assistant. "]) == {"contains": 1.0, "exact_match": 1.0, "rougeL": 1.0}
+    assert process_replies(doc, ["  I am Sftflow Assistant. "]) == {
+        "contains": 1.0,
+        "exact_match": 1.0,
+        "rougeL": 1.0,
+    }
     assert process_replies(doc, ["I'm SFTFLOW ASSISTANT!"])["contains"] == 1.0
     scored = process_replies(doc, ["I am SmolLM."])
     assert scored["contains"] == 0.0 and scored["exact_match"] == 0.0

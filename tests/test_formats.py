@@ -42,7 +42,9 @@ def test_chat_formats_mask_exactly_the_replies(
     records = [as_format(c, fmt) for c in CHATS]
     # sharegpt as one JSON array, the others as JSONL: both containers with every template
     raw = tmp_path / ("chats.json" if fmt == "sharegpt" else "chats.jsonl")
-    raw.write_text(json.dumps(records) if fmt == "sharegpt" else "".join(json.dumps(r) + "\n" for r in records))
+    raw.write_text(
+        json.dumps(records) if fmt == "sharegpt" else "".join(json.dumps(r) + "\n" for r in records)
+    )
     prepare(DataParams(sources=(SourceParams(path=str(raw)),), train_on=train_on), tok_dir, tmp_path / "out")
     rows = load_from_disk(str(tmp_path / "out" / "train"))
     for row, chat in zip(rows, CHATS, strict=True):
@@ -119,13 +121,13 @@ def test_weights_and_counts_sample_deterministically(smollm_tokenizer_dir: Path,
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(
         "".join(
-            json.dumps({"messages": CHATS[0][:1] + [{"role": "assistant", "content": f"a{i}"}]}) + "\n"
+            json.dumps({"messages": [*CHATS[0][:1], {"role": "assistant", "content": f"a{i}"}]}) + "\n"
             for i in range(10)
         )
     )
     b.write_text(
         "".join(
-            json.dumps({"messages": CHATS[0][:1] + [{"role": "assistant", "content": f"b{i}"}]}) + "\n"
+            json.dumps({"messages": [*CHATS[0][:1], {"role": "assistant", "content": f"b{i}"}]}) + "\n"
             for i in range(10)
         )
     )

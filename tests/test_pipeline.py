@@ -81,6 +81,14 @@ def test_eval_reports_flat_base_tuned_delta(tiny_project: Path) -> None:
     assert samples and all({"prompt", "base", "tuned"} <= set(s) for s in samples)
 
 
+def test_inspect_marks_exactly_the_trained_text(tiny_project: Path) -> None:
+    proc = run([bin_path("sftflow"), "inspect", "-n", "1", "--no-color"], tiny_project)
+    first = json.loads((tiny_project.parents[1] / "data" / "raw" / "train.jsonl").read_text().splitlines()[0])
+    reply = first["messages"][-1]["content"]
+    assert f"[[{reply}<|im_end|>]]" in proc.stdout
+    assert proc.stdout.count("[[") == 1 and "record 0" in proc.stdout
+
+
 def test_train_refuses_shards_from_another_tokenizer(tiny_project: Path, tmp_path: Path) -> None:
     prepared = tmp_path / "prepared"
     shutil.copytree(tiny_project / "data" / "prepared", prepared)
@@ -116,5 +124,5 @@ def test_params_change_reruns_only_the_stages_that_read_it(tiny_project: Path) -
     params = tiny_project / "params.yaml"
     params.write_text(params.read_text().replace("learning_rate: 5.0e-3", "learning_rate: 2.0e-3"))
     assert repro(tiny_project) == ["train", "merge", "eval"]
-    status = run([bin_path("dvc"), "status"], tiny_project)
+    status = run([bin_path("dvc"), "status", "dvc.yaml"], tiny_project)  # this pipeline's stages
     assert "up to date" in status.stdout, status.stdout
