@@ -59,9 +59,10 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     # A file of its own so `prepare` can depend on the tokenizer alone: re-saving the
     # weights in another dtype must not redo tokenization.
     write_json(out / TOKENIZER_FILE, {"fingerprint": record["tokenizer_fingerprint"]})
-    record["seconds"] = round(time.perf_counter() - started, 1)
+    # Deterministic content only (no timings): an unchanged base must hash the same in DVC,
+    # or every re-run of this stage would re-run train, merge and eval.
     write_json(out / POINTER_FILE, record)
-    return record
+    return record | {"seconds": round(time.perf_counter() - started, 1)}
 
 
 def _load_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:

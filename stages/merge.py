@@ -4,6 +4,11 @@ The base is loaded in full precision (never 4-bit), the adapter applied and fold
 `merge_and_unload`, the result saved as safetensors with the tokenizer, then *reloaded from
 disk* and compared with base+adapter on prepared eval samples: the stage fails when the max
 |Δlogits| exceeds `merge.max_abs_diff`, so a broken merge never reaches eval.
+
+The comparison runs in `merge.check_dtype` (float64 by default). Measured on the default
+pipeline (SmolLM2-135M, 30 layers, logits up to 55): fp32 forward passes of base+adapter and
+merged differ by 8.4e-5 from arithmetic order alone, a hair under 1e-4, while in float64 the
+same weights differ by 1.6e-5 — the rounding of W + BA·s to fp32, i.e. the merge itself.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ def check_batches(prepared: Path, n: int) -> list[Any]:
     return [torch.tensor([r], dtype=torch.long) for r in rows]
 
 
-def logits_on(model: Any, batches: list[Any]) -> list[Any]:
+def logits_on(model: Any, batches: list[Any], dtype: str = "float32") -> list[Any]:
+    """Logits of `model` cast to `dtype` (the cast is on a model nobody reuses afterwards)."""
     import torch
 
-    model.eval()
+    model.to(torch_dtype(dtype)).eval()
     with torch.no_grad():
-        return [model(input_ids=b).logits.float() for b in batches]
+        return [model(input_ids=b).logits.double() for b in batches]
 
 
 def merge(
@@ -51,18 +57,20 @@ def merge(
     batches = check_batches(prepared, params.check_samples)
     if trained["method"] == "full":  # nothing to fold in: merge only converts dtype/shards
         reference_model = load_causal_lm(adapter_dir, "float32")
-        reference = logits_on(reference_model, batches)
+        reference = logits_on(reference_model, batches, params.check_dtype)
         merged = reference_model
     else:
         reference_model = PeftModel.from_pretrained(load_causal_lm(base_dir, "float32"), str(adapter_dir))
-        reference = logits_on(reference_model, batches)
+        reference = logits_on(reference_model, batches, params.check_dtype)
+        reference_model.to(torch_dtype("float32"))  # merge in fp32, whatever the check dtype
         merged = reference_model.merge_and_unload()
     merged = merged.to(torch_dtype(params.dtype))
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out)
     del merged, reference_model
 
-    reloaded = logits_on(load_causal_lm(out, params.dtype), batches)  # what eval loads, read back
+    # What eval loads, read back from disk.
+    reloaded = logits_on(load_causal_lm(out, params.dtype), batches, params.check_dtype)
     diffs = [(r - m).abs() for r, m in zip(reference, reloaded)]
     max_abs = max(float(d.max()) for d in diffs)
     mean_abs = sum(float(d.mean()) for d in diffs) / len(diffs)
@@ -70,6 +78,8 @@ def merge(
     report = {
         "method": trained["method"],
         "dtype": params.dtype,
+        "check_dtype": params.check_dtype,
+        "max_abs_logit": max(float(r.abs().max()) for r in reference),
         "samples_checked": len(batches),
         "tokens_checked": sum(int(b.numel()) for b in batches),
         "max_abs_diff": max_abs,

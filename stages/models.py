@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 POINTER_FILE = "sftflow_base.json"  # written by `base`; says where the weights really are
 TOKENIZER_FILE = "sftflow_tokenizer.json"  # written by `base`; the tokenizer fingerprint alone
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = {"float64": "float64", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def model_source(model_dir: Path) -> tuple[str, str | None]:
