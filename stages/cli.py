@@ -151,19 +151,24 @@ def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rej
 @click.option("--out", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/train.json", show_default=True, type=click.Path(path_type=Path))
 @click.option("--plot", default="plots/train_loss.csv", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoints",
+    default="models/checkpoints",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoints of the running job; a re-run of the same job resumes from the last one.",
+)
 def train_cmd(
-    params_path: Path, model_dir: Path, prepared: Path, out: Path, report: Path, plot: Path
+    params_path: Path, model_dir: Path, prepared: Path, out: Path, report: Path, plot: Path, checkpoints: Path
 ) -> None:
     """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
     params = _load(params_path)
     _offline_by_default(model_dir)
-    import tempfile
-
     from stages.io import atomic_dir, write_json
     from stages.train import train
 
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="sftflow-train-") as work:
-        summary = train(params.train, model_dir, prepared, tmp, Path(work), plot)
+    with atomic_dir(out) as tmp:
+        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot)
         write_json(report, summary)
     click.echo(
         f"train: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f},"

@@ -27,10 +27,11 @@ def check_batches(prepared: Path, n: int) -> list[Any]:
     import torch
     from datasets import load_from_disk
 
+    counts = read_json(prepared / "manifest.json")["counts"]
     rows: list[list[int]] = []
     for split in ("eval", "train"):
         path = prepared / split
-        if path.exists() and len(rows) < n:
+        if counts.get(split) and len(rows) < n:  # empty splits have no shards to load
             ds = load_from_disk(str(path))
             rows += [list(ds[i]["input_ids"]) for i in range(min(n - len(rows), len(ds)))]
     if not rows:

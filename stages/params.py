@@ -90,6 +90,11 @@ class TrainParams:
     batch_size: int = 4  # per device
     grad_accum: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
+    # none: length-grouped dynamic padding; padding_free: samples concatenated into one row,
+    # position_ids restarting per sample (no attention across samples); auto: padding_free,
+    # which matched padding's speed at under half the memory on a real model here (STACK.md)
+    packing: Literal["none", "padding_free", "auto"] = "auto"
+    save_steps: int = 50  # checkpoint every N steps into models/checkpoints (resume); 0 = never
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = 1
@@ -103,6 +108,9 @@ class MergeParams:
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_abs_diff: float = 1e-4  # fail when merged logits differ from base+adapter by more
+    # float64 measures the merge's own rounding, not fp32 forward-pass noise (see merge.py);
+    # float32 for models whose float64 copy does not fit in memory, with a looser max_abs_diff
+    check_dtype: Literal["float64", "float32"] = "float64"
     check_samples: int = 4  # prepared eval samples the logits check runs on
 
 
@@ -185,6 +193,8 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.batch_size / train.grad_accum: must be >= 1")
     if p.train.learning_rate <= 0:
         out.append("train.learning_rate: must be > 0")
+    if p.train.save_steps < 0:
+        out.append("train.save_steps: must be >= 0 (0 = no checkpoints)")
     if p.train.max_steps <= 0 and p.train.epochs <= 0:
         out.append("train.epochs: must be > 0 when train.max_steps is not set")
     if not p.data.sources:

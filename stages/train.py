@@ -1,28 +1,37 @@
 """Stage `train`: prepared shards + base model -> LoRA adapter (or full weights).
 
-One code path: load base, wrap with peft for LoRA, length-grouped dynamic padding, hand it
-all to `transformers.Trainer`. Logs every step to plots/train_loss.csv (DVC plots) and
-sums up the run in reports/train.json.
+One code path: load base, wrap with peft for LoRA, pick the collator (length-grouped dynamic
+padding, or padding-free packing), hand it all to `transformers.Trainer`. Checkpoints go to
+`models/checkpoints/` (a DVC `persist` output): a killed run resumes from the last
+checkpoint of the *same* run on the next `dvc repro`, and says so. Every step's loss, learning
+rate, grad norm and tokens/s go to plots/train_loss.csv; reports/train.json sums the run up.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from stages.errors import SftflowError
 from stages.io import atomic_file, read_json, write_json
-from stages.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from stages.models import POINTER_FILE, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from stages.params import TrainParams, to_dict
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
+RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
+# Keys that do not change what a step computes: a checkpoint stays resumable across them.
+RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps")
 
 
-def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any]:
-    """The train/eval splits, refused when made with another tokenizer (PITFALLS #5)."""
+def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The train/eval splits and manifest, refused when made with another tokenizer (PITFALLS #5)."""
     from datasets import load_from_disk
 
     manifest_path = prepared / "manifest.json"
@@ -36,9 +45,9 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any]:
             " re-run `sftflow prepare` (dvc repro does this when models/base changed)",
             path=manifest_path,
         )
-    train = load_from_disk(str(prepared / "train"))
-    evals = load_from_disk(str(prepared / "eval"))
-    return train, evals
+    # An empty split is saved with no shards, which load_from_disk cannot read back.
+    evals = load_from_disk(str(prepared / "eval")) if manifest["counts"]["eval"] else None
+    return load_from_disk(str(prepared / "train")), evals, manifest
 
 
 def build_model(params: TrainParams, base_dir: Path) -> Any:
@@ -51,19 +60,30 @@ def build_model(params: TrainParams, base_dir: Path) -> Any:
         from peft import LoraConfig, get_peft_model
 
         lora = params.lora
+        targets = lora.target_modules
         config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules
-            if isinstance(lora.target_modules, str)
-            else list(lora.target_modules),
+            target_modules=targets if isinstance(targets, str) else list(targets),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
         if params.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sdpa") -> Any:
+    """Padding-free packing (one flat row, samples kept apart: see stages/packing.py) or
+    dynamic padding to the longest sample of the batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from stages.packing import PaddingFreeCollator
+
+    if packing in ("padding_free", "auto"):
+        return PaddingFreeCollator(block_mask="flash" not in str(attn_implementation))
+    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
 
 def count_parameters(model: Any) -> dict[str, Any]:
@@ -76,43 +96,68 @@ def count_parameters(model: Any) -> dict[str, Any]:
     }
 
 
+def run_fingerprint(params: TrainParams, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: params that change the steps, the base, the data."""
+    knobs = {k: v for k, v in to_dict(params).items() if k not in RESUME_NEUTRAL}
+    base = read_json(base_dir / POINTER_FILE) if (base_dir / POINTER_FILE).exists() else {}
+    data = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return {"train": knobs, "base": base.get("params"), "data": data}
+
+
+def resume_point(checkpoints: Path, run: dict[str, Any]) -> Path | None:
+    """The last checkpoint of this same run, or None; checkpoints of another run are cleared
+    with a message saying what changed (never silently reused, never silently dropped)."""
+    run_file = checkpoints / RUN_FILE
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = [c for c in found if (c / "trainer_state.json").exists()]
+    if run_file.exists() and found:
+        previous = read_json(run_file)
+        if previous == run:
+            _say(f"train: resuming from {found[-1]} (a checkpoint of this same run)")
+            return found[-1]
+        changed = sorted(
+            [f"train.{k}" for k in run["train"] if previous.get("train", {}).get(k) != run["train"][k]]
+            + [k for k in ("base", "data") if previous.get(k) != run[k]]
+        )
+        _say(
+            f"train: not resuming: {len(found)} checkpoint(s) in {checkpoints} are from a different run"
+            f" (changed: {', '.join(changed) or 'format'}); starting fresh"
+        )
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    write_json(run_file, run)
+    return None
+
+
 def train(
-    params: TrainParams, base_dir: Path, prepared: Path, out: Path, work_dir: Path, loss_csv: Path
+    params: TrainParams, base_dir: Path, prepared: Path, out: Path, checkpoints: Path, loss_csv: Path
 ) -> dict[str, Any]:
-    """Fine-tune into `out` (an empty temp dir); return the report. `work_dir` holds Trainer scratch."""
+    """Fine-tune into `out` (an empty temp dir); return the report."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
     tok = load_tokenizer(base_dir)
-    train_set, eval_set = load_prepared(prepared, tok)
+    train_set, eval_set, manifest = load_prepared(prepared, tok)
+    resume = resume_point(checkpoints, run_fingerprint(params, base_dir, manifest))
     model = build_model(params, base_dir)
     model_params = count_parameters(model)
-
-    rows: list[dict[str, Any]] = []
     meter = _TokenMeter()
 
-    class LogRows(TrainerCallback):
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
-        ) -> None:
-            if logs and "loss" in logs:
-                rows.append(
-                    {
-                        "step": state.global_step,
-                        "epoch": round(state.epoch or 0.0, 4),
-                        "loss": logs["loss"],
-                        "learning_rate": logs.get("learning_rate"),
-                        "grad_norm": logs.get("grad_norm"),
-                        "tokens_per_second": round(meter.rate(), 2),
-                    }
-                )
+    class LogTokensPerSecond(TrainerCallback):
+        """Adds tokens/s to the step's log entry, so checkpoints carry it across a resume."""
 
-    has_eval = len(eval_set) > 0
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs and state.log_history:
+                state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
+
+    has_eval = eval_set is not None
+    padded = params.packing == "none"
     args = TrainingArguments(
-        output_dir=str(work_dir),
+        output_dir=str(checkpoints),
         per_device_train_batch_size=params.batch_size,
         per_device_eval_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
@@ -129,57 +174,72 @@ def train(
         logging_steps=params.logging_steps,
         eval_strategy="steps" if has_eval and params.eval_steps > 0 else "no",
         eval_steps=params.eval_steps if params.eval_steps > 0 else None,
-        save_strategy="no",
+        save_strategy="steps" if params.save_steps > 0 else "no",
+        save_steps=params.save_steps if params.save_steps > 0 else 500,
+        save_total_limit=2,
         report_to=[],
-        train_sampling_strategy="group_by_length",  # similar lengths per batch: less padding
+        # length grouping only pays when batches are padded
+        train_sampling_strategy="group_by_length" if padded else "random",
         length_column_name="length",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
     )
     columns = ["input_ids", "labels"]
-    collator = _CountingCollator(
-        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100), meter, model
-    )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set.select_columns([*columns, "length"]),
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-        data_collator=collator,
-        callbacks=[LogRows()],
+        data_collator=_CountingCollator(
+            build_collator(tok, params.packing, getattr(model.config, "_attn_implementation", None)),
+            meter,
+            model,
+        ),
+        callbacks=[LogTokensPerSecond()],
     )
     started = time.perf_counter()
     meter.start()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
+    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
     eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    write_json(
-        out / "sftflow_train.json",
-        {"method": params.method, "params": to_dict(params), "base": str(base_dir)},
-    )
+    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
+    rows = [
+        {k: entry.get(k) for k in LOSS_COLUMNS}
+        for entry in trainer.state.log_history
+        if "loss" in entry and "step" in entry
+    ]
     _write_loss_csv(loss_csv, rows)
+    for stale in checkpoints.glob("checkpoint-*"):  # done: a re-run must not "resume" a finished run
+        shutil.rmtree(stale)
     losses = [r["loss"] for r in rows]
     return {
         "method": params.method,
+        "packing": params.packing,
         "steps": result.global_step,
+        "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "best_loss": min(losses) if losses else None,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
         "parameters": model_params,
-        "tokens": meter.tokens,
+        "tokens": tokens,
         "trained_tokens": meter.trained_tokens,
         "token_slots": meter.slots,
-        "tokens_per_second": round(meter.tokens / wall, 2) if wall > 0 else None,
+        "packing_efficiency": round(tokens / meter.slots, 4) if meter.slots else None,
+        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
         "wall_seconds": round(wall, 2),
         "losses": losses,
     }
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class _TokenMeter:
@@ -199,7 +259,7 @@ class _TokenMeter:
 
 
 class _CountingCollator:
-    """Pads like `inner`; counts tokens only for training batches (not eval ones)."""
+    """Collates like `inner`; counts tokens only for training batches (not eval ones)."""
 
     def __init__(self, inner: Any, meter: _TokenMeter, model: Any) -> None:
         self.inner, self.meter, self.model = inner, meter, model
@@ -208,7 +268,9 @@ class _CountingCollator:
         batch = self.inner([{k: f[k] for k in ("input_ids", "labels")} for f in features])
         if not self.model.training:  # eval loops run with the model in eval mode
             return batch
-        self.meter.tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")
+        padded = mask is not None and mask.dim() == 2  # packed rows carry a 4-D mask, no padding
+        self.meter.tokens += int(mask.sum()) if padded else batch["input_ids"].numel()
         self.meter.trained_tokens += int((batch["labels"] != -100).sum())
         self.meter.slots += batch["input_ids"].numel()
         return batch
