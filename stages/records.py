@@ -104,28 +104,31 @@ def to_messages(obj: Any, fmt: str, path: Path, line: int) -> Any:
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each record; bad JSON raises with its line."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    """(line number, parsed JSON or the SftflowError saying why that line is unreadable).
+
+    JSONL is decoded line by line, so one line of bad UTF-8 or bad JSON is a bad *record*
+    (skippable), not a bad file. A JSON array has no record boundaries to recover at: an
+    error there is raised. For arrays the "line" is the item's 1-based index."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    if data.lstrip().startswith(b"["):
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
         except json.JSONDecodeError as e:
             raise SftflowError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from e
-        # A JSON array has no per-record lines; report the item index as the "line" + 1.
         yield from ((i + 1, item) for i, item in enumerate(items))
         return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            yield n, json.loads(line)
+            yield n, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield n, SftflowError(f"invalid UTF-8 at column {e.start + 1}", path=path, line=n)
         except json.JSONDecodeError as e:
-            raise SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n) from e
+            yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
 
 
 def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
@@ -213,49 +216,15 @@ def read_records(
     path = Path(path)
     if not path.is_file():
         raise SftflowError("raw data file not found", path=path)
-    index = 0
-    records = iter_json_records(path)
-    while True:
+    for index, (line, obj) in enumerate(iter_json_records(path)):
         try:
-            line, obj = next(records)
-        except StopIteration:
-            return
-        except SftflowError as e:
-            # Malformed JSON/UTF-8 in a JSONL file: the rest of the file cannot be trusted
-            # line-by-line for bad UTF-8, but a bad JSON line can be skipped.
-            # Bad UTF-8, or bad JSON in a JSON array, leaves no record boundary to resume at.
-            if on_bad_record != "skip" or e.reason.startswith("invalid UTF-8") or _is_json_array(path):
-                raise
-            rejects.append({"file": str(path), "line": e.line, "reason": "malformed_json", "detail": str(e)})
-            index += 1
-            records = _resume_after(path, e.line)
-            continue
-        try:
-            record = parse_record(obj, fmt, path, line, index)
+            if isinstance(obj, SftflowError):
+                raise obj
+            yield parse_record(obj, fmt, path, line, index)
         except SftflowError as e:
             if on_bad_record != "skip":
                 raise
             rejects.append({"file": str(path), "line": line, "reason": _reason_key(e), "detail": str(e)})
-            index += 1
-            continue
-        yield record
-        index += 1
-
-
-def _is_json_array(path: Path) -> bool:
-    return path.read_bytes().decode("utf-8-sig", errors="replace").lstrip().startswith("[")
-
-
-def _resume_after(path: Path, bad_line: int | None) -> Iterator[tuple[int, Any]]:
-    """Continue a JSONL file after a malformed line (skip mode)."""
-    text = path.read_bytes().decode("utf-8-sig")
-    for n, line in enumerate(text.splitlines(), start=1):
-        if n <= (bad_line or 0) or not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n) from e
 
 
 def _reason_key(e: SftflowError) -> str:
@@ -269,6 +238,8 @@ def _reason_key(e: SftflowError) -> str:
         ("no_assistant_reply", "no assistant reply"),
         ("roles_out_of_order", "out of order"),
         ("misplaced_system", "system message"),
+        ("malformed_json", "malformed JSON"),
+        ("invalid_utf8", "invalid UTF-8"),
         ("no_messages", "'messages'"),
         ("no_messages", "'conversations'"),
         ("unknown_format", "record format"),

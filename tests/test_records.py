@@ -85,11 +85,21 @@ def test_bad_record_skipped_is_counted(reason: str, tmp_path: Path, smollm_token
     assert reject["line"] == 2 and reject["reason"] == reason and reject["file"] == str(raw)
 
 
-def test_invalid_utf8_names_the_line(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+def test_invalid_utf8_names_the_line_or_is_skipped(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
     raw = tmp_path / "chats.jsonl"
-    raw.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff"}\n')
-    with pytest.raises(SftflowError, match=r"chats.jsonl:2: invalid UTF-8"):
+    raw.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff"}\n' + json.dumps(GOOD).encode())
+    with pytest.raises(SftflowError, match=r"chats.jsonl:2: invalid UTF-8 at column 15"):
         prepare(DataParams(sources=(SourceParams(path=str(raw)),)), smollm_tokenizer_dir, tmp_path / "out")
+    rejects = tmp_path / "rejects.jsonl"
+    report = prepare(
+        DataParams(sources=(SourceParams(path=str(raw)),), on_bad_record="skip"),
+        smollm_tokenizer_dir,
+        tmp_path / "out2",
+        rejects_path=rejects,
+    )
+    assert report["sources"][str(raw)]["skipped"] == {"invalid_utf8": 1}
+    assert report["sources"][str(raw)]["kept"] == 2
+    assert json.loads(rejects.read_text())["line"] == 2
 
 
 def test_bom_crlf_and_json_arrays_are_normal_files(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
