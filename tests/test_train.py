@@ -94,3 +94,43 @@ def test_batch_8_equals_batch_4_times_accumulation_2(
     grad_one = json.loads((tmp_path / "b8" / "loss.csv").read_text().splitlines()[1].split(",")[4])
     grad_two = json.loads((tmp_path / "b4" / "loss.csv").read_text().splitlines()[1].split(",")[4])
     assert grad_one == pytest.approx(grad_two, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_method_learns_and_its_saved_output_merges_exactly(
+    tiny_base: Path, prepared: Path, tmp_path: Path, method: str
+) -> None:
+    from peft import PeftModel
+
+    from stages.merge import merge
+    from stages.params import MergeParams
+
+    params = TrainParams(
+        method=method,
+        max_steps=12,
+        learning_rate=5e-3 if method == "lora" else 1e-3,
+        lr_scheduler="constant",
+        batch_size=8,
+        lora=LoraParams(dropout=0.0),
+        save_steps=0,
+        threads=1,
+    )
+    report = train(params, tiny_base, prepared, tmp_path / "out", tmp_path / "ckpt", tmp_path / "loss.csv")
+    losses = report["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    trainable = report["parameters"]["trainable"]
+    total = report["parameters"]["total"]
+    assert (trainable < total / 10) if method == "lora" else (trainable == total)
+
+    ids = torch.tensor([list(range(10, 40))])
+    with torch.no_grad():
+        if method == "lora":
+            base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+            reloaded = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+        else:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        first = reloaded(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_base).eval()(input_ids=ids).logits
+    assert (first - base_logits).abs().max() > 1e-3  # training changed the model
+    merged = merge(MergeParams(), tiny_base, tmp_path / "out", prepared, tmp_path / "merged")
+    assert merged["method"] == method and merged["max_abs_diff"] < 1e-4
