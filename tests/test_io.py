@@ -28,3 +28,12 @@ def test_success_replaces_output_whole(tmp_path: Path) -> None:
         write_json(tmp / "new.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in target.iterdir()] == ["new.json"]
+
+
+def test_errors_keep_their_location_across_processes() -> None:
+    import pickle
+
+    from stages.errors import SftflowError
+
+    err = pickle.loads(pickle.dumps(SftflowError("bad role", path="a.jsonl", line=3, field="messages[0].role")))
+    assert str(err) == "a.jsonl:3: messages[0].role: bad role"
