@@ -35,5 +35,7 @@ def test_errors_keep_their_location_across_processes() -> None:
 
     from stages.errors import SftflowError
 
-    err = pickle.loads(pickle.dumps(SftflowError("bad role", path="a.jsonl", line=3, field="messages[0].role")))
+    err = pickle.loads(
+        pickle.dumps(SftflowError("bad role", path="a.jsonl", line=3, field="messages[0].role"))
+    )
     assert str(err) == "a.jsonl:3: messages[0].role: bad role"
