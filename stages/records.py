@@ -23,12 +23,29 @@ ROLES = ("system", "user", "assistant")
 
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
+
+
+@dataclass(frozen=True)
+class ChatShape:
+    """How a chat format names its turn list, role and text fields, and its role words.
+
+    One validator reads every chat format through this, so errors name the user's own
+    fields (`conversations[2].from`, not a converted `messages[2].role`)."""
+
+    turns: str
+    role: str
+    content: str
+    roles: dict[str, str]  # the format's role word -> our role
+
+
+CHAT_SHAPES = {
+    "messages": ChatShape("messages", "role", "content", {r: r for r in ROLES}),
+    "sharegpt": ChatShape(
+        "conversations",
+        "from",
+        "value",
+        {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"},
+    ),
 }
 
 
@@ -58,49 +75,20 @@ def detect_format(obj: Any) -> str | None:
     return None
 
 
-def to_messages(obj: Any, fmt: str, path: Path, line: int) -> Any:
-    """Convert a sharegpt/alpaca record to the messages shape (validated afterwards)."""
+def alpaca_to_messages(obj: Any, path: Path, line: int) -> dict[str, Any]:
+    """An Alpaca record as a messages record: instruction (+ input) asks, output replies."""
     if not isinstance(obj, dict):
         raise SftflowError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
-    if fmt == "sharegpt":
-        turns = obj.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            raise SftflowError(
-                "missing or empty 'conversations' list", path=path, line=line, field="conversations"
-            )
-        messages = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                raise SftflowError(
-                    "expected an object with from and value",
-                    path=path,
-                    line=line,
-                    field=f"conversations[{i}]",
-                )
-            speaker = t.get("from")
-            if speaker is None:
-                raise SftflowError("missing role", path=path, line=line, field=f"conversations[{i}].from")
-            if speaker not in SHAREGPT_ROLES:
-                raise SftflowError(
-                    f"unknown role {speaker!r} (expected human, gpt or system)",
-                    path=path,
-                    line=line,
-                    field=f"conversations[{i}].from",
-                )
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value")})
-        return {"messages": messages, "_fields": "conversations"}
-    if fmt == "alpaca":
-        for key in ("instruction", "output"):
-            if not isinstance(obj.get(key), str):
-                raise SftflowError(f"{key} must be a string", path=path, line=line, field=key)
-        prompt = obj["instruction"]
-        if isinstance(obj.get("input"), str) and obj["input"].strip():
-            prompt = f"{prompt}\n\n{obj['input']}"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
-        if isinstance(obj.get("system"), str) and obj["system"].strip():
-            messages.insert(0, {"role": "system", "content": obj["system"]})
-        return {"messages": messages, "_fields": "alpaca"}
-    return obj
+    for key in ("instruction", "output"):
+        if not isinstance(obj.get(key), str):
+            raise SftflowError(f"{key} must be a string", path=path, line=line, field=key)
+    prompt = obj["instruction"]
+    if isinstance(obj.get("input"), str) and obj["input"].strip():
+        prompt = f"{prompt}\n\n{obj['input']}"
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
+    if isinstance(obj.get("system"), str) and obj["system"].strip():
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return {"messages": messages}
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -131,39 +119,46 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
 
 
-def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
-    """The record's messages, checked: roles known and in order, content non-empty text."""
+def validate_messages(
+    obj: Any, path: Path, line: int, shape: ChatShape = CHAT_SHAPES["messages"]
+) -> list[dict[str, Any]]:
+    """The record's turns as messages, checked: roles known and in order, content non-empty text."""
     if not isinstance(obj, dict):
         raise SftflowError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise SftflowError("missing or empty 'messages' list", path=path, line=line, field="messages")
+    turns = obj.get(shape.turns)
+    if not isinstance(turns, list) or not turns:
+        raise SftflowError(f"missing or empty '{shape.turns}' list", path=path, line=line, field=shape.turns)
     out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
+    for i, m in enumerate(turns):
+        where = f"{shape.turns}[{i}]"
         if not isinstance(m, dict):
-            raise SftflowError("expected an object with role and content", path=path, line=line, field=where)
-        role, content = m.get("role"), m.get("content")
-        if role is None:
-            raise SftflowError("missing role", path=path, line=line, field=f"{where}.role")
-        if role not in ROLES:
             raise SftflowError(
-                f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                f"expected an object with {shape.role} and {shape.content}", path=path, line=line, field=where
+            )
+        role, content = m.get(shape.role), m.get(shape.content)
+        if role is None:
+            raise SftflowError("missing role", path=path, line=line, field=f"{where}.{shape.role}")
+        if role not in shape.roles:
+            raise SftflowError(
+                f"unknown role {role!r} (expected one of {', '.join(shape.roles)})",
                 path=path,
                 line=line,
-                field=f"{where}.role",
+                field=f"{where}.{shape.role}",
             )
+        role = shape.roles[role]
         if not isinstance(content, str):
-            raise SftflowError("content must be a string", path=path, line=line, field=f"{where}.content")
+            raise SftflowError(
+                "content must be a string", path=path, line=line, field=f"{where}.{shape.content}"
+            )
         if not content.strip():
-            raise SftflowError("content is empty", path=path, line=line, field=f"{where}.content")
+            raise SftflowError("content is empty", path=path, line=line, field=f"{where}.{shape.content}")
         if role == "system" and i != 0:
             raise SftflowError(
-                "a system message may only come first", path=path, line=line, field=f"{where}.role"
+                "a system message may only come first", path=path, line=line, field=f"{where}.{shape.role}"
             )
         out.append({"role": role, "content": content})
-    turns = [m["role"] for m in out if m["role"] != "system"]
-    for j, role in enumerate(turns):
+    order = [m["role"] for m in out if m["role"] != "system"]
+    for j, role in enumerate(order):
         expected = "user" if j % 2 == 0 else "assistant"
         if role != expected:
             raise SftflowError(
@@ -171,10 +166,10 @@ def validate_messages(obj: Any, path: Path, line: int) -> list[dict[str, Any]]:
                 " starting with user)",
                 path=path,
                 line=line,
-                field="messages",
+                field=shape.turns,
             )
-    if "assistant" not in turns:
-        raise SftflowError("chat has no assistant reply to train on", path=path, line=line, field="messages")
+    if "assistant" not in order:
+        raise SftflowError("chat has no assistant reply to train on", path=path, line=line, field=shape.turns)
     return out
 
 
@@ -195,17 +190,9 @@ def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRe
         if not text.strip():
             raise SftflowError("content is empty", path=path, line=line, field="text")
         return RawRecord(source=str(path), line=line, record=index, messages=[], text=text)
-    converted = to_messages(obj, chosen, path, line)
-    try:
-        messages = validate_messages(converted, path, line)
-    except SftflowError as e:
-        if isinstance(converted, dict) and converted.get("_fields") == "conversations" and e.field:
-            e.field = (
-                e.field.replace("messages", "conversations")
-                .replace(".role", ".from")
-                .replace(".content", ".value")
-            )
-        raise
+    if chosen == "alpaca":
+        obj, chosen = alpaca_to_messages(obj, path, line), "messages"
+    messages = validate_messages(obj, path, line, CHAT_SHAPES[chosen])
     return RawRecord(source=str(path), line=line, record=index, messages=messages)
 
 
@@ -240,8 +227,7 @@ def _reason_key(e: SftflowError) -> str:
         ("misplaced_system", "system message"),
         ("malformed_json", "malformed JSON"),
         ("invalid_utf8", "invalid UTF-8"),
-        ("no_messages", "'messages'"),
-        ("no_messages", "'conversations'"),
+        ("no_messages", "' list"),
         ("unknown_format", "record format"),
         ("non_string_content", "must be a string"),
     ):
