@@ -31,6 +31,24 @@ PARAMS_OPTION = click.option(
 )
 
 
+MODEL_OPTION = click.option(
+    "--model",
+    "model_dir",
+    default="models/base",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The base model folder written by `sftflow base`.",
+)
+PREPARED_OPTION = click.option(
+    "--data",
+    "prepared",
+    default="data/prepared",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The prepared shards written by `sftflow prepare`.",
+)
+
+
 def _keys_help(section: str, cls: type) -> str:
     """A params reference for --help, straight from the schema (defaults live only there)."""
     lines = [f"\b\nparams.yaml keys read ({section}):"]
@@ -114,9 +132,7 @@ def base_cmd(params_path: Path, out: Path) -> None:
 
 @cli.command("prepare", epilog=_keys_help("data", DataParams))
 @PARAMS_OPTION
-@click.option(
-    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
-)
+@MODEL_OPTION
 @click.option("--out", default="data/prepared", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/prepare.json", show_default=True, type=click.Path(path_type=Path))
 @click.option(
@@ -142,12 +158,8 @@ def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rej
 
 @cli.command("train", epilog=_keys_help("train", TrainParams))
 @PARAMS_OPTION
-@click.option(
-    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
-)
-@click.option(
-    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
-)
+@MODEL_OPTION
+@PREPARED_OPTION
 @click.option("--out", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/train.json", show_default=True, type=click.Path(path_type=Path))
 @click.option("--plot", default="plots/train_loss.csv", show_default=True, type=click.Path(path_type=Path))
@@ -178,13 +190,9 @@ def train_cmd(
 
 @cli.command("merge", epilog=_keys_help("merge", MergeParams))
 @PARAMS_OPTION
-@click.option(
-    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
-)
+@MODEL_OPTION
 @click.option("--adapter", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
-@click.option(
-    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
-)
+@PREPARED_OPTION
 @click.option("--out", default="models/merged", show_default=True, type=click.Path(path_type=Path))
 @click.option("--report", default="reports/merge.json", show_default=True, type=click.Path(path_type=Path))
 def merge_cmd(
@@ -206,9 +214,7 @@ def merge_cmd(
 
 @cli.command("eval", epilog=_keys_help("eval", EvalParams) + "\n  data.system_prompt (shared with prepare)")
 @PARAMS_OPTION
-@click.option(
-    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
-)
+@MODEL_OPTION
 @click.option("--tuned", default="models/merged", show_default=True, type=click.Path(path_type=Path))
 @click.option("--metrics", default="reports/eval.json", show_default=True, type=click.Path(path_type=Path))
 @click.option(
@@ -227,12 +233,8 @@ def eval_cmd(params_path: Path, model_dir: Path, tuned: Path, metrics: Path, sam
 
 
 @cli.command("inspect")
-@click.option(
-    "--data", "prepared", default="data/prepared", show_default=True, type=click.Path(path_type=Path)
-)
-@click.option(
-    "--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path)
-)
+@PREPARED_OPTION
+@MODEL_OPTION
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
 @click.option("-n", "count", default=3, show_default=True, help="How many samples, from --start.")
 @click.option("--start", default=0, show_default=True)

@@ -246,8 +246,7 @@ class _TokenMeter:
     """Counts real (non-pad) tokens fed to the model, for honest tokens/s."""
 
     def __init__(self) -> None:
-        self.tokens = self.trained_tokens = self.slots = 0
-        self.t0 = time.perf_counter()
+        self.start()
 
     def start(self) -> None:
         self.t0 = time.perf_counter()

@@ -68,20 +68,22 @@ def test_bad_record_fails_with_file_line_and_field(
         assert f": {field}: " in text
 
 
+def prepare_skipping(raw: Path, tok_dir: Path, out: Path) -> tuple[dict, list[dict]]:
+    """prepare with on_bad_record=skip: the report and the rejects file's rows."""
+    rejects = out.with_suffix(".rejects.jsonl")
+    params = DataParams(sources=(SourceParams(path=str(raw)),), on_bad_record="skip")
+    report = prepare(params, tok_dir, out, rejects_path=rejects)
+    return report, [json.loads(x) for x in rejects.read_text().splitlines()]
+
+
 @pytest.mark.parametrize("reason", sorted(BAD_LINES))
 def test_bad_record_skipped_is_counted(reason: str, tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
     line, _, _ = BAD_LINES[reason]
     raw = write_lines(tmp_path / "chats.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
-    rejects = tmp_path / "rejects.jsonl"
-    report = prepare(
-        DataParams(sources=(SourceParams(path=str(raw)),), on_bad_record="skip"),
-        smollm_tokenizer_dir,
-        tmp_path / "out",
-        rejects_path=rejects,
-    )
+    report, rejects = prepare_skipping(raw, smollm_tokenizer_dir, tmp_path / "out")
     source = report["sources"][str(raw)]
     assert source["read"] == 3 and source["kept"] == 2 and source["skipped"] == {reason: 1}
-    (reject,) = [json.loads(x) for x in rejects.read_text().splitlines()]
+    (reject,) = rejects
     assert reject["line"] == 2 and reject["reason"] == reason and reject["file"] == str(raw)
 
 
@@ -90,16 +92,10 @@ def test_invalid_utf8_names_the_line_or_is_skipped(tmp_path: Path, smollm_tokeni
     raw.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff"}\n' + json.dumps(GOOD).encode())
     with pytest.raises(SftflowError, match=r"chats.jsonl:2: invalid UTF-8 at column 15"):
         prepare(DataParams(sources=(SourceParams(path=str(raw)),)), smollm_tokenizer_dir, tmp_path / "out")
-    rejects = tmp_path / "rejects.jsonl"
-    report = prepare(
-        DataParams(sources=(SourceParams(path=str(raw)),), on_bad_record="skip"),
-        smollm_tokenizer_dir,
-        tmp_path / "out2",
-        rejects_path=rejects,
-    )
+    report, rejects = prepare_skipping(raw, smollm_tokenizer_dir, tmp_path / "out2")
     assert report["sources"][str(raw)]["skipped"] == {"invalid_utf8": 1}
     assert report["sources"][str(raw)]["kept"] == 2
-    assert json.loads(rejects.read_text())["line"] == 2
+    assert rejects[0]["line"] == 2
 
 
 def test_bom_crlf_and_json_arrays_are_normal_files(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
