@@ -170,8 +170,23 @@ def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rej
     type=click.Path(path_type=Path),
     help="Checkpoints of the running job; a re-run of the same job resumes from the last one.",
 )
+@click.option(
+    "--tensorboard",
+    "tensorboard_dir",
+    default="logs/tensorboard",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="TensorBoard logs (train.report_to), one subfolder per run: `tensorboard --logdir logs/tensorboard`.",
+)
 def train_cmd(
-    params_path: Path, model_dir: Path, prepared: Path, out: Path, report: Path, plot: Path, checkpoints: Path
+    params_path: Path,
+    model_dir: Path,
+    prepared: Path,
+    out: Path,
+    report: Path,
+    plot: Path,
+    checkpoints: Path,
+    tensorboard_dir: Path,
 ) -> None:
     """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
     params = _load(params_path)
@@ -180,7 +195,7 @@ def train_cmd(
     from stages.train import train
 
     with atomic_dir(out) as tmp:
-        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot)
+        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot, tensorboard_dir)
         write_json(report, summary)
     click.echo(
         f"train: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f},"

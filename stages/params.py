@@ -68,18 +68,46 @@ class DataParams:
 
 @dataclass(frozen=True)
 class LoraParams:
+    """LoRA adapters (also the adapters QLoRA trains on top of the 4-bit base)."""
+
     r: int = 8
-    alpha: int = 16  # scale is alpha/r; keep the ratio when changing r
+    alpha: int = 16  # scale is alpha/r (alpha/sqrt(r) with use_rslora); keep the ratio when changing r
     dropout: float = 0.05
+    # "all-linear"; a list of module names (q_proj, v_proj, ...); or one regex matched against
+    # full module names, e.g. '.*layers\.(0|1)\..*(q|v)_proj' (MiniCPM-V style)
     target_modules: str | tuple[str, ...] = "all-linear"
+    modules_to_save: tuple[str, ...] = ()  # trained in full and saved with the adapter (lm_head, ...)
+    layers_to_transform: tuple[int, ...] | None = None  # only these decoder layers get adapters
+    use_dora: bool = False  # weight-decomposed LoRA: magnitude + direction
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r): larger r stays stable
+    init_adapter: str | None = None  # a PEFT adapter folder to continue from (its own config is used)
+
+
+@dataclass(frozen=True)
+class QLoraParams:
+    """The 4-bit base that `method: qlora` trains LoRA adapters on (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype 4-bit weights dequantize to
+
+
+@dataclass(frozen=True)
+class FullParams:
+    """`method: full`: every weight trains unless frozen here."""
+
+    # regexes searched in parameter names, e.g. ["embed_tokens", "lm_head"]; each must match
+    frozen_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class TrainParams:
     """Fine-tuning; read by `train`."""
 
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraParams = field(default_factory=LoraParams)
+    qlora: QLoraParams = field(default_factory=QLoraParams)
+    full: FullParams = field(default_factory=FullParams)
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = 0.0
@@ -89,10 +117,12 @@ class TrainParams:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4  # per device
     grad_accum: int = 1
+    # bf16: autocast (CPU with avx512_bf16/AMX, or GPU); for lora/qlora the frozen base is also
+    # held in bf16. Trainable weights and the loss stay fp32 either way.
     precision: Literal["fp32", "bf16"] = "fp32"
     # none: length-grouped dynamic padding; padding_free: samples concatenated into one row,
-    # position_ids restarting per sample (no attention across samples); auto: padding_free,
-    # which matched padding's speed at under half the memory on a real model here (STACK.md)
+    # position_ids restarting per sample, attention within each sample only (stages/attention.py);
+    # auto: padding_free, the faster and leaner one on CPU and GPU (`sftflow bench train`)
     packing: Literal["none", "padding_free", "auto"] = "auto"
     save_steps: int = 50  # checkpoint every N steps into models/checkpoints (resume); 0 = never
     gradient_checkpointing: bool = False
@@ -100,6 +130,13 @@ class TrainParams:
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate on the eval split once, at the end
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # logits (vocab-wide) only at positions whose label is trained: for SmolLM2 a 4 x 1024 batch
+    # of fp32 logits is 0.8 GB, most of it on masked prompt tokens. Needs a model whose forward
+    # takes `logits_to_keep` (all transformers decoder LMs); others fall back to full logits.
+    trained_logits_only: bool = True
+    # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
+    # swanlab, mlflow (each must be installed; configured by its usual environment variables)
+    report_to: tuple[Literal["tensorboard", "wandb", "swanlab", "mlflow"], ...] = ("tensorboard",)
 
 
 @dataclass(frozen=True)
@@ -215,6 +252,36 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.threads / eval.threads: must be >= 0 (0 = all cores)")
     if p.data.num_proc < 1:
         out.append("data.num_proc: must be >= 1")
+    out += _train_checks(p.train)
+    return out
+
+
+def _train_checks(t: TrainParams) -> list[str]:
+    """Rules across train keys: regexes compile, method-specific blocks are not set in vain."""
+    import re
+
+    out = []
+    patterns = [("train.lora.target_modules", t.lora.target_modules)] if isinstance(
+        t.lora.target_modules, str
+    ) and t.lora.target_modules != "all-linear" else []
+    patterns += [(f"train.full.frozen_modules[{i}]", pat) for i, pat in enumerate(t.full.frozen_modules)]
+    for where, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            out.append(f"{where}: not a valid regex ({e})")
+    if t.lora.r < 1:
+        out.append("train.lora.r: must be >= 1")
+    if not 0.0 <= t.lora.dropout < 1.0:
+        out.append("train.lora.dropout: must be in [0, 1)")
+    if t.method == "full" and t.lora.init_adapter:
+        out.append("train.lora.init_adapter: only for method lora or qlora")
+    if t.method != "full" and t.full.frozen_modules:
+        out.append("train.full.frozen_modules: only for method full (LoRA already freezes the base)")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        out.append("train.warmup_ratio: must be in [0, 1)")
+    if t.eval_steps < 0 or t.logging_steps < 1:
+        out.append("train.eval_steps must be >= 0 and train.logging_steps >= 1")
     return out
 
 

@@ -21,13 +21,15 @@ from typing import Any
 
 from stages.errors import SftflowError
 from stages.io import atomic_file, read_json, write_json
-from stages.models import POINTER_FILE, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from stages.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
+from stages.models import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.params import TrainParams, to_dict
+from stages.trainable import build_model, count_parameters
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
 # Keys that do not change what a step computes: a checkpoint stays resumable across them.
-RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps")
+RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps", "report_to")
 
 
 def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -50,50 +52,17 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
     return load_from_disk(str(prepared / "train")), evals, manifest
 
 
-def build_model(params: TrainParams, base_dir: Path) -> Any:
-    """Base model, wrapped with LoRA when asked; trainable parameters stay fp32."""
-    model = load_causal_lm(base_dir, "float32")
-    if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if params.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = params.lora
-        targets = lora.target_modules
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
-        if params.gradient_checkpointing:
-            model.enable_input_require_grads()
-    return model
-
-
 def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sdpa") -> Any:
     """Padding-free packing (one flat row, samples kept apart: see stages/packing.py) or
-    dynamic padding to the longest sample of the batch."""
+    dynamic padding to the longest sample of the batch. Only plain `sdpa`/`eager` need the
+    explicit block-diagonal mask; flash and sdpa_varlen read sample boundaries themselves."""
     from transformers import DataCollatorForSeq2Seq
 
     from stages.packing import PaddingFreeCollator
 
     if packing in ("padding_free", "auto"):
-        return PaddingFreeCollator(block_mask="flash" not in str(attn_implementation))
+        return PaddingFreeCollator(block_mask=attn_implementation in ("sdpa", "eager", None))
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-
-
-def count_parameters(model: Any) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "total": total,
-        "trainable": trainable,
-        "trainable_pct": round(100.0 * trainable / max(total, 1), 4),
-    }
 
 
 def run_fingerprint(params: TrainParams, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -131,19 +100,28 @@ def resume_point(checkpoints: Path, run: dict[str, Any]) -> Path | None:
 
 
 def train(
-    params: TrainParams, base_dir: Path, prepared: Path, out: Path, checkpoints: Path, loss_csv: Path
+    params: TrainParams,
+    base_dir: Path,
+    prepared: Path,
+    out: Path,
+    checkpoints: Path,
+    loss_csv: Path,
+    tensorboard_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune into `out` (an empty temp dir); return the report."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, set_seed
 
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
     tok = load_tokenizer(base_dir)
     train_set, eval_set, manifest = load_prepared(prepared, tok)
-    resume = resume_point(checkpoints, run_fingerprint(params, base_dir, manifest))
-    model = build_model(params, base_dir)
+    run = run_fingerprint(params, base_dir, manifest)
+    resume = resume_point(checkpoints, run)
+    has_eval = eval_set is not None
+    args = training_arguments(params, checkpoints, has_eval)
+    model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
     model_params = count_parameters(model)
     meter = _TokenMeter()
 
@@ -154,9 +132,78 @@ def train(
             if logs and "loss" in logs and state.log_history:
                 state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
 
-    has_eval = eval_set is not None
+    collator = build_collator(tok, params.packing, model.config._attn_implementation)
+    trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
+    if trained_only:
+        collator = KeepTrainedLogits(collator)
+    columns = ["input_ids", "labels"]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set.select_columns([*columns, "length"]),
+        eval_dataset=eval_set.select_columns(columns) if has_eval else None,
+        data_collator=_CountingCollator(collator, meter, model),
+        compute_loss_func=trained_logits_loss,
+        callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run)],
+    )
+    started = time.perf_counter()
+    meter.start()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - started
+    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
+    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+
+    if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
+        model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
+    rows = [
+        {k: entry.get(k) for k in LOSS_COLUMNS}
+        for entry in trainer.state.log_history
+        if "loss" in entry and "step" in entry
+    ]
+    _write_loss_csv(loss_csv, rows)
+    for stale in checkpoints.glob("checkpoint-*"):  # done: a re-run must not "resume" a finished run
+        shutil.rmtree(stale)
+    losses = [r["loss"] for r in rows]
+    return {
+        "method": params.method,
+        "packing": params.packing,
+        "precision": params.precision,
+        "attention": model.config._attn_implementation,
+        "trained_logits_only": trained_only,
+        "steps": result.global_step,
+        "resumed_from": str(resume) if resume else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "best_loss": min(losses) if losses else None,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "parameters": model_params,
+        "tokens": tokens,
+        "trained_tokens": meter.trained_tokens,
+        "token_slots": meter.slots,
+        "packing_efficiency": round(tokens / meter.slots, 4) if meter.slots else None,
+        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "wall_seconds": round(wall, 2),
+        "losses": losses,
+    }
+
+
+def training_arguments(params: TrainParams, checkpoints: Path, has_eval: bool) -> Any:
+    """Every Trainer knob, from params alone (so a resumed run computes the same steps)."""
+    import torch
+    from transformers import TrainingArguments
+
+    _check_reporters(list(params.report_to))
+    report_to = [r for r in params.report_to if r != "tensorboard"]  # ours: see _tensorboard()
+    if params.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        _say("train: this CPU has no native bf16 (avx512_bf16/AMX): bf16 will be emulated and slow")
     padded = params.packing == "none"
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=params.batch_size,
         per_device_eval_batch_size=params.batch_size,
@@ -177,7 +224,7 @@ def train(
         save_strategy="steps" if params.save_steps > 0 else "no",
         save_steps=params.save_steps if params.save_steps > 0 else 500,
         save_total_limit=2,
-        report_to=[],
+        report_to=report_to,
         # length grouping only pays when batches are padded
         train_sampling_strategy="group_by_length" if padded else "random",
         length_column_name="length",
@@ -185,57 +232,49 @@ def train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    columns = ["input_ids", "labels"]
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set.select_columns([*columns, "length"]),
-        eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-        data_collator=_CountingCollator(
-            build_collator(tok, params.packing, getattr(model.config, "_attn_implementation", None)),
-            meter,
-            model,
-        ),
-        callbacks=[LogTokensPerSecond()],
-    )
-    started = time.perf_counter()
-    meter.start()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - started
-    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
-    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
-    rows = [
-        {k: entry.get(k) for k in LOSS_COLUMNS}
-        for entry in trainer.state.log_history
-        if "loss" in entry and "step" in entry
-    ]
-    _write_loss_csv(loss_csv, rows)
-    for stale in checkpoints.glob("checkpoint-*"):  # done: a re-run must not "resume" a finished run
-        shutil.rmtree(stale)
-    losses = [r["loss"] for r in rows]
-    return {
-        "method": params.method,
-        "packing": params.packing,
-        "steps": result.global_step,
-        "resumed_from": str(resume) if resume else None,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "best_loss": min(losses) if losses else None,
-        "train_loss": result.training_loss,
-        "eval_loss": eval_loss,
-        "parameters": model_params,
-        "tokens": tokens,
-        "trained_tokens": meter.trained_tokens,
-        "token_slots": meter.slots,
-        "packing_efficiency": round(tokens / meter.slots, 4) if meter.slots else None,
-        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
-        "wall_seconds": round(wall, 2),
-        "losses": losses,
-    }
+
+def cpu_has_bf16() -> bool:
+    """Whether this x86 CPU computes bf16 natively (otherwise autocast to bf16 only costs time)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: let torch decide
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def _tensorboard(params: TrainParams, checkpoints: Path, root: Path | None, run: dict[str, Any]) -> list[Any]:
+    """A TensorBoard callback writing to one folder per run identity (`root/<hash>`), so runs
+    with other params sit side by side and a resumed run continues its own curve."""
+    if "tensorboard" not in params.report_to:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    digest = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    log_dir = (root if root is not None else checkpoints / "tensorboard") / digest
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))]
+
+
+def _check_reporters(report_to: list[str]) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow"}
+    for i, name in enumerate(report_to):
+        if importlib.util.find_spec(module[name]) is None:
+            raise SftflowError(
+                f"{name} is not installed: `pip install {name}`, or drop it from the list",
+                path="params.yaml",
+                field=f"train.report_to[{i}]",
+            )
 
 
 def _say(msg: str) -> None:
