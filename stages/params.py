@@ -270,6 +270,11 @@ def _train_checks(t: TrainParams) -> list[str]:
             re.compile(pattern)
         except re.error as e:
             out.append(f"{where}: not a valid regex ({e})")
+    if t.lora.layers_to_transform is not None and isinstance(t.lora.target_modules, str):
+        out.append(
+            "train.lora.layers_to_transform: needs train.lora.target_modules as a list of names"
+            " (peft cannot combine it with a regex or all-linear; or write the layers into the regex)"
+        )
     if t.lora.r < 1:
         out.append("train.lora.r: must be >= 1")
     if not 0.0 <= t.lora.dropout < 1.0:

@@ -71,7 +71,11 @@ def count_parameters(model: Any) -> dict[str, Any]:
             n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
         total += n
         trainable += n if p.requires_grad else 0
-    return {"total": total, "trainable": trainable, "trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_pct": round(100.0 * trainable / max(total, 1), 4),
+    }
 
 
 def _fp32() -> Any:
@@ -114,7 +118,9 @@ def _add_adapters(model: Any, params: TrainParams, params_file: str) -> Any:
         path = Path(lora.init_adapter)
         if not (path / "adapter_config.json").exists():
             raise SftflowError(
-                f"{path} holds no PEFT adapter (adapter_config.json)", path=params_file, field="train.lora.init_adapter"
+                f"{path} holds no PEFT adapter (adapter_config.json)",
+                path=params_file,
+                field="train.lora.init_adapter",
             )
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
     targets = lora.target_modules

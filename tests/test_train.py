@@ -7,44 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, LlamaConfig
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from stages.params import DataParams, LoraParams, SourceParams, TrainParams
-from stages.prepare import prepare
+from stages.params import LoraParams, TrainParams
 from stages.train import build_collator, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama over SmolLM2's tokenizer, saved like `base` saves it."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny_base")
-    config = LlamaConfig(
-        **{
-            k: v
-            for k, v in json.loads(
-                (REPO / "pipelines" / "tiny" / "tiny-model" / "config.json").read_text()
-            ).items()
-            if k not in ("architectures", "model_type")
-        }
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smollm_tokenizer_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 8 demo chats, prepared (varied lengths, 1-3 turns)."""
-    tmp = tmp_path_factory.mktemp("prepared")
-    raw = tmp / "chats.jsonl"
-    raw.write_text("".join((REPO / "data" / "raw" / "train.jsonl").read_text().splitlines(True)[:8]))
-    prepare(DataParams(sources=(SourceParams(path=str(raw)),)), tiny_base, tmp / "out")
-    return tmp / "out"
 
 
 def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path) -> None:
@@ -67,6 +33,15 @@ def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path)
         # and the broken way (one row, no position restart) really differs: the test can fail
         naive = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss
     assert abs(loss_packed - loss_padded) < 1e-5, (loss_packed, loss_padded)
+    # the default kernel for packed rows: per-sample SDPA, no mask at all
+    from stages.attention import register
+
+    model.set_attn_implementation(register())
+    unmasked = build_collator(tok, "padding_free", model.config._attn_implementation)(rows)
+    assert "attention_mask" not in unmasked
+    with torch.no_grad():
+        loss_varlen = model(**unmasked).loss
+    assert abs(loss_varlen - loss_padded) < 1e-5, (loss_varlen, loss_padded)
     assert abs(naive - loss_padded) > 1e-4  # 4e-4 measured: 40x the tolerance above
 
 
