@@ -191,12 +191,24 @@ def train_cmd(
     """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
     params = _load(params_path)
     _offline_by_default(model_dir)
-    from stages.io import atomic_dir, write_json
+    from stages import distributed
+    from stages.io import write_json
+
+    options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}
+    options |= {"--report": report, "--plot": plot, "--checkpoints": checkpoints}
+    options |= {"--tensorboard": tensorboard_dir}
+    argv = ["train", *(str(x) for pair in options.items() for x in pair)]
+    code = distributed.relaunch(params.train.distributed, argv)  # > 1 process: this command under torchrun
+    if code is not None:
+        sys.exit(code)
     from stages.train import train
 
-    with atomic_dir(out) as tmp:
+    with distributed.output_dir(out) as tmp:  # rank 0 writes outputs; other ranks a scratch dir
         summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot, tensorboard_dir)
-        write_json(report, summary)
+        if distributed.is_main():
+            write_json(report, summary)
+    if not distributed.is_main():
+        return
     click.echo(
         f"train: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f},"
         f" {summary['tokens_per_second']} tokens/s, {summary['wall_seconds']} s -> {out}"

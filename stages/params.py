@@ -101,6 +101,24 @@ class FullParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    """How many processes train, on how many machines, sharded how (seed 001's torchrun setup).
+
+    The environment variables GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT
+    override the first five keys, so one params.yaml serves every node of a multi-node job."""
+
+    nproc_per_node: int = 1  # processes (GPUs) per machine; > 1 in total: `sftflow train` relaunches via torchrun
+    nnodes: int = 1
+    node_rank: int = 0  # this machine's index in [0, nnodes)
+    master_addr: str = "127.0.0.1"  # node 0's address, reachable from every node
+    master_port: int = 29500
+    # none: plain DDP (or one process); zero2: optimizer states + grads sharded; zero3: weights too;
+    # or a path to your own DeepSpeed JSON (`auto` values are filled by Trainer)
+    deepspeed: str = "none"
+    offload: Literal["none", "optimizer", "all"] = "none"  # to CPU RAM; all (weights too) needs zero3
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """Fine-tuning; read by `train`."""
 
@@ -137,6 +155,7 @@ class TrainParams:
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)
     report_to: tuple[Literal["tensorboard", "wandb", "swanlab", "mlflow"], ...] = ("tensorboard",)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
 
 @dataclass(frozen=True)
@@ -287,6 +306,30 @@ def _train_checks(t: TrainParams) -> list[str]:
         out.append("train.warmup_ratio: must be in [0, 1)")
     if t.eval_steps < 0 or t.logging_steps < 1:
         out.append("train.eval_steps must be >= 0 and train.logging_steps >= 1")
+    out += _distributed_checks(t)
+    return out
+
+
+def _distributed_checks(t: TrainParams) -> list[str]:
+    """Launch and DeepSpeed combinations that cannot work, caught before any process starts."""
+    d, out = t.distributed, []
+    if d.nproc_per_node < 1 or d.nnodes < 1:
+        out.append("train.distributed.nproc_per_node / nnodes: must be >= 1")
+    if not 0 <= d.node_rank < max(d.nnodes, 1):
+        out.append(f"train.distributed.node_rank: must be in [0, nnodes={d.nnodes})")
+    if not 0 < d.master_port < 65536:
+        out.append("train.distributed.master_port: must be a TCP port (1-65535)")
+    stage = d.deepspeed if d.deepspeed in ("none", "zero2", "zero3") else "path"
+    if stage == "path" and not d.deepspeed.endswith(".json"):
+        out.append(f"train.distributed.deepspeed: none, zero2, zero3 or a path to a .json file, got {d.deepspeed!r}")
+    if d.offload != "none" and stage == "none":
+        out.append("train.distributed.offload: needs train.distributed.deepspeed (zero2 or zero3)")
+    if d.offload == "all" and stage == "zero2":
+        out.append("train.distributed.offload: all (weights too) needs deepspeed zero3; zero2 offloads the optimizer")
+    if t.method == "qlora" and stage == "zero3":
+        out.append(
+            "train.distributed.deepspeed: zero3 cannot shard 4-bit (qlora) weights; use zero2 or none (seed 001)"
+        )
     return out
 
 

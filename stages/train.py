@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stages import distributed
 from stages.errors import SftflowError
 from stages.io import atomic_file, read_json, write_json
 from stages.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
@@ -68,6 +69,7 @@ def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sd
 def run_fingerprint(params: TrainParams, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run: params that change the steps, the base, the data."""
     knobs = {k: v for k, v in to_dict(params).items() if k not in RESUME_NEUTRAL}
+    knobs["distributed"] = distributed.fingerprint(params.distributed)  # not the address/port met on
     base = read_json(base_dir / POINTER_FILE) if (base_dir / POINTER_FILE).exists() else {}
     data = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     return {"train": knobs, "base": base.get("params"), "data": data}
@@ -118,11 +120,16 @@ def train(
     tok = load_tokenizer(base_dir)
     train_set, eval_set, manifest = load_prepared(prepared, tok)
     run = run_fingerprint(params, base_dir, manifest)
-    resume = resume_point(checkpoints, run)
     has_eval = eval_set is not None
-    args = training_arguments(params, checkpoints, has_eval)
+    ds_config = distributed.deepspeed_config(params.distributed)
+    args = training_arguments(params, checkpoints, has_eval, ds_config)
+    distributed.init_process_group(ds_config)  # after the arguments, before the model (ZeRO-3: STACK.md)
+    resume = distributed.main_decides(lambda: resume_point(checkpoints, run))  # one decision, all ranks
     model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
     model_params = count_parameters(model)
+    memory = distributed.memory_estimate(model, distributed.resolve_launch(params.distributed), ds_config)
+    if distributed.is_main():
+        _say(distributed.format_estimate(memory))
     meter = _TokenMeter()
 
     class LogTokensPerSecond(TrainerCallback):
@@ -142,7 +149,7 @@ def train(
         args=args,
         train_dataset=train_set.select_columns([*columns, "length"]),
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-        data_collator=_CountingCollator(collator, meter, model),
+        data_collator=_CountingCollator(collator, meter),
         compute_loss_func=trained_logits_loss,
         callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run)],
     )
@@ -151,11 +158,14 @@ def train(
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
     tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
+    tokens, meter.trained_tokens, meter.slots = (
+        distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
+    )
     eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
-    model.save_pretrained(out, safe_serialization=True)
+    save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (PITFALLS #6)
     tok.save_pretrained(out)
     write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
     rows = [
@@ -163,9 +173,11 @@ def train(
         for entry in trainer.state.log_history
         if "loss" in entry and "step" in entry
     ]
-    _write_loss_csv(loss_csv, rows)
-    for stale in checkpoints.glob("checkpoint-*"):  # done: a re-run must not "resume" a finished run
-        shutil.rmtree(stale)
+    distributed.barrier()  # every rank is done with the checkpoints before rank 0 clears them
+    if distributed.is_main():
+        _write_loss_csv(loss_csv, rows)
+        for stale in checkpoints.glob("checkpoint-*"):  # done: a re-run must not "resume" a finished run
+            shutil.rmtree(stale)
     losses = [r["loss"] for r in rows]
     return {
         "method": params.method,
@@ -190,10 +202,14 @@ def train(
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "wall_seconds": round(wall, 2),
         "losses": losses,
+        "distributed": {**distributed.describe(trainer, params.distributed), "zero3_save_check": save_check},
+        "memory_estimate": memory,
     }
 
 
-def training_arguments(params: TrainParams, checkpoints: Path, has_eval: bool) -> Any:
+def training_arguments(
+    params: TrainParams, checkpoints: Path, has_eval: bool, deepspeed: dict[str, Any] | None = None
+) -> Any:
     """Every Trainer knob, from params alone (so a resumed run computes the same steps)."""
     import torch
     from transformers import TrainingArguments
@@ -231,6 +247,7 @@ def training_arguments(params: TrainParams, checkpoints: Path, has_eval: bool) -
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed,
     )
 
 
@@ -254,7 +271,7 @@ def peak_rss_mb() -> float:
 def _tensorboard(params: TrainParams, checkpoints: Path, root: Path | None, run: dict[str, Any]) -> list[Any]:
     """A TensorBoard callback writing to one folder per run identity (`root/<hash>`), so runs
     with other params sit side by side and a resumed run continues its own curve."""
-    if "tensorboard" not in params.report_to:
+    if "tensorboard" not in params.report_to or not distributed.is_main():
         return []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -297,14 +314,18 @@ class _TokenMeter:
 
 
 class _CountingCollator:
-    """Collates like `inner`; counts tokens only for training batches (not eval ones)."""
+    """Collates like `inner`; counts tokens only for training batches (not eval ones).
 
-    def __init__(self, inner: Any, meter: _TokenMeter, model: Any) -> None:
-        self.inner, self.meter, self.model = inner, meter, model
+    Training rows carry a `length` column (for length grouping) and eval rows do not: that,
+    not `model.training`, tells them apart, since Trainer fetches a step's batches before it
+    switches the model to train mode."""
+
+    def __init__(self, inner: Any, meter: _TokenMeter) -> None:
+        self.inner, self.meter = inner, meter
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner([{k: f[k] for k in ("input_ids", "labels")} for f in features])
-        if not self.model.training:  # eval loops run with the model in eval mode
+        if "length" not in features[0]:
             return batch
         mask = batch.get("attention_mask")
         padded = mask is not None and mask.dim() == 2  # packed rows carry a 4-D mask, no padding
