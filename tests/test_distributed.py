@@ -343,3 +343,19 @@ def test_memory_estimate_tells_what_fits_before_a_run() -> None:
         p.requires_grad_(False)
     lora = memory_estimate(full, resolve_launch(DistributedParams(), {}), None)
     assert lora["trainable_params"] == 0 and 25.0 < lora["per_device_gib"] < 25.2  # the fp32 base alone
+
+
+@pytest.mark.parametrize("preset", ["qlora-7b-1gpu", "full-7b-zero3-8gpu", "lora-2node-16gpu"])
+def test_real_hardware_presets_are_valid_and_reuse_the_stages(preset: str) -> None:
+    from stages.params import load_params
+
+    folder = Path(__file__).resolve().parents[1] / "pipelines" / preset
+    params = load_params(folder / "params.yaml")  # every key known, every combination allowed
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["base", "prepare", "train", "merge", "eval"]
+    assert stages["train"]["cmd"].startswith("sftflow train --params params.yaml")
+    assert "../../stages/distributed.py" in stages["train"]["deps"]
+    launch = resolve_launch(params.train.distributed, {})
+    assert launch.world_size == {"qlora-7b-1gpu": 1, "full-7b-zero3-8gpu": 8, "lora-2node-16gpu": 16}[preset]
+    readme = (folder / "README.md").read_text()
+    assert "dvc repro" in readme and (launch.nnodes == 1 or "NODE_RANK=1" in readme)
