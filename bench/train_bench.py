@@ -1,0 +1,269 @@
+"""Benchmark the train stage against the ways users train today, side by side in one run.
+
+Same model (SmolLM2-135M-Instruct from the embedded GGUF, or --model), same prepared chats
+(lengths spread like real SFT data: median ~150, p90 ~420 tokens, assistant-only loss), LoRA
+r=8 alpha=16 dropout 0.05 on all linear layers, batch 4, no accumulation, max length 1024.
+Each mode runs in its own process (so peak RSS is its own) through `stages.train.train`:
+
+    seed_pad_max      pad every sample to max_length (the seed scripts' finetune.py)
+    hf_dynamic        HF Trainer: dynamic padding + length grouping, full logits
+    hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
+    sftflow           per-sample SDPA on flattened rows, logits only at trained positions
+    sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
+    *_gc              the same with gradient checkpointing (activations recomputed: less memory)
+    qlora, qlora_bf16 sftflow on an NF4 base (compute dtype fp32 / bf16)
+    full, full_bf16   sftflow training every weight (AdamW over 135M params)
+
+For each: real tokens/s and its ratio to seed_pad_max and to the fastest baseline, packing
+efficiency (real tokens / token slots), peak RSS, mean loss over the run (the same samples in
+every mode, so equal losses mean equal work), and MFU against matmul ceilings (fp32, bf16)
+measured in this same run on this machine.
+
+    python bench/train_bench.py [--samples 32] [--pad-max-samples 8] [--modes sftflow,hf_dynamic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = (
+    "seed_pad_max",
+    "hf_dynamic",
+    "hf_padding_free",
+    "sftflow",
+    "sftflow_bf16",
+    "sftflow_gc",
+    "sftflow_bf16_gc",
+    "qlora",
+    "qlora_bf16",
+    "full",
+    "full_bf16",
+)
+BASELINES = ("seed_pad_max", "hf_dynamic", "hf_padding_free")
+MAX_LENGTH = 1024
+WORDS = (
+    "model data train token chat reply user answer question pipeline merge eval loss mask batch "
+    "the a of to and in is it that for on with as was this by be are from or have"
+).split()
+
+
+def synthetic_chats(n: int, seed: int = 0) -> list[dict]:
+    """Chats whose rendered length is log-normal: median ~152, p90 ~419 tokens (sigma 0.79)."""
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        target = min(int(rng.lognormvariate(math.log(165), 0.88)), MAX_LENGTH - 16)  # calibrated: 152 / 419
+        turns = 1 if target < 120 else rng.choice((1, 2, 3))
+        words = max(int((target - 8 - 10 * turns) / 1.25), 6 * turns)  # ~1.25 tokens per word, 10 per turn
+        messages = []
+        for _ in range(turns):
+            user = max(words // turns * 2 // 5, 3)
+            reply = max(words // turns - user, 3)
+            messages += [
+                {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(user))},
+                {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(reply))},
+            ]
+        chats.append({"messages": messages})
+    return chats
+
+
+def matmul_ceiling_gflops(dtype: str, seconds: float = 2.0) -> float:
+    """Sustained GEMM throughput at a training-like shape (1024 tokens x 576 -> 1536)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(1024, 576, dtype=dt), torch.randn(576, 1536, dtype=dt)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(config: dict, method: str, trained_fraction: float, mean_len: float) -> float:
+    """Useful model FLOPs per real token. Forward 2 per weight; backward 2 more for input grads,
+    and 2 more for weight grads only where weights train (full). The LM head counts only at
+    trained positions (the only logits the loss needs); attention scores+values add
+    4 x layers x hidden x L/2 per token forward (causal), with the same backward factor."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = h // heads
+    body = layers * (h * h * 2 + 2 * h * kv * head_dim + 3 * h * inter)  # q,o + k,v + gate,up,down
+    lm_head = h * config["vocab_size"]
+    factor = 6 if method == "full" else 4
+    attention = 4 * layers * h * mean_len / 2
+    return factor * (body + lm_head * trained_fraction) + (factor / 2) * attention
+
+
+def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> dict:
+    """One mode in this process: train on the prepared samples for one epoch; return the report."""
+    import torch
+
+    import stages.train as train_module
+    from stages.params import LoraParams, QLoraParams, TrainParams
+
+    torch.set_num_threads(threads)
+    knobs = {
+        "lora": LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear"),
+        "batch_size": 4,
+        "grad_accum": 1,
+        "epochs": 1.0,
+        "learning_rate": 2e-4,
+        "lr_scheduler": "constant",
+        "save_steps": 0,
+        "logging_steps": 1,
+        "threads": threads,
+        "report_to": (),
+        "packing": "padding_free",
+    }
+    if mode in BASELINES:
+        knobs.update(trained_logits_only=False, packing="none" if mode != "hf_padding_free" else "padding_free")
+        force_attention = "sdpa"  # what transformers picks by itself
+        if mode == "seed_pad_max":
+            from transformers import DataCollatorForSeq2Seq
+
+            def pad_to_max(tok, packing, attn):  # type: ignore[no-untyped-def]
+                return DataCollatorForSeq2Seq(tok, padding="max_length", max_length=MAX_LENGTH, label_pad_token_id=-100)
+
+            train_module.build_collator = pad_to_max
+            knobs["packing"] = "none"
+        import stages.trainable as trainable
+
+        trainable.attention_for = lambda packing: force_attention
+    if mode.endswith("_gc"):
+        knobs["gradient_checkpointing"] = True
+        mode = mode[: -len("_gc")]
+    if mode.endswith("_bf16"):
+        knobs["precision"] = "bf16"
+    if mode.startswith("qlora"):
+        knobs["method"] = "qlora"
+        knobs["qlora"] = QLoraParams(compute_dtype="bfloat16" if mode.endswith("_bf16") else "float32")
+    if mode.startswith("full"):
+        knobs.update(method="full", learning_rate=2e-5)
+    report = train_module.train(
+        TrainParams(**knobs), base, prepared, out / "model", out / "ckpt", out / "loss.csv"
+    )
+    return report
+
+
+def ensure_base(model: str | None, work: Path) -> Path:
+    """The model folder to train: --model, models/base if present, else the embedded GGUF."""
+    if model:
+        return Path(model)
+    if (ROOT / "models" / "base" / "config.json").exists():
+        return ROOT / "models" / "base"
+    from stages.base import base
+    from stages.params import ModelParams
+
+    out = work / "base"
+    out.mkdir()
+    base(ModelParams(), out)
+    return out
+
+
+def prepare_samples(base: Path, n: int, work: Path, seed: int) -> Path:
+    from stages.params import DataParams, SourceParams
+    from stages.prepare import prepare
+
+    raw = work / f"chats_{n}.jsonl"
+    raw.write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats(n, seed)))
+    out = work / f"prepared_{n}"
+    prepare(DataParams(sources=(SourceParams(path=str(raw)),), max_length=MAX_LENGTH), base, out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder (default: models/base, else the embedded SmolLM2)")
+    ap.add_argument("--samples", type=int, default=32, help="chats per mode (batch 4: samples/4 steps)")
+    ap.add_argument("--pad-max-samples", type=int, default=8, help="chats for seed_pad_max (it is slow)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
+    ap.add_argument("--_child", nargs=3, metavar=("MODE", "BASE", "PREPARED"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+    if args._child:
+        mode, base, prepared = args._child
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run_mode(mode, Path(base), Path(prepared), Path(tmp), args.threads)
+        print("RESULT " + json.dumps(report))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = ensure_base(args.model, work)
+        sets = {n: prepare_samples(base, n, work, seed=0) for n in {args.samples, args.pad_max_samples}}
+        from datasets import load_from_disk
+
+        lengths = sorted(load_from_disk(str(sets[args.samples] / "train"))["length"])
+        trained = sum(load_from_disk(str(sets[args.samples] / "train"))["num_trained"])
+        stats = {
+            "median_len": lengths[len(lengths) // 2],
+            "p90_len": lengths[int(len(lengths) * 0.9)],
+            "trained_fraction": trained / sum(lengths),
+        }
+        print(f"data: {args.samples} chats, median {stats['median_len']} / p90 {stats['p90_len']} tokens,"
+              f" {stats['trained_fraction']:.0%} of tokens trained", flush=True)
+        ceilings = {d: matmul_ceiling_gflops(d) for d in ("float32", "bfloat16")}
+        print(f"matmul ceiling ({args.threads} threads): fp32 {ceilings['float32']:.0f} GFLOP/s,"
+              f" bf16 {ceilings['bfloat16']:.0f} GFLOP/s", flush=True)
+        config = json.loads((base / "config.json").read_text())
+        results = {}
+        for mode in args.modes.split(","):
+            n = args.pad_max_samples if mode == "seed_pad_max" else args.samples
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_child", mode, str(base), str(sets[n])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(f"{mode}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            report = json.loads(line[len("RESULT "):])
+            method = "full" if mode.startswith("full") else "lora"
+            flops = flops_per_token(config, method, stats["trained_fraction"], stats["median_len"])
+            ceiling = ceilings["bfloat16" if "_bf16" in mode else "float32"] * 1e9
+            results[mode] = {
+                "samples": n,
+                "tokens_per_second": report["tokens_per_second"],
+                "packing_efficiency": report["packing_efficiency"],
+                "peak_rss_gb": round(report["peak_rss_mb"] / 1024, 2),
+                "mean_loss": round(sum(report["losses"]) / len(report["losses"]), 4),
+                "mfu": round(report["tokens_per_second"] * flops / ceiling, 3),
+                "trainable_pct": report["parameters"]["trainable_pct"],
+            }
+            print(f"{mode}: {results[mode]}", flush=True)
+    print_table(results, ceilings, stats)
+    if args.out:
+        args.out.write_text(json.dumps({"data": stats, "ceilings_gflops": ceilings, "modes": results}, indent=2))
+
+
+def print_table(results: dict, ceilings: dict, stats: dict) -> None:
+    pad = results.get("seed_pad_max", {}).get("tokens_per_second")
+    base = max((results[m]["tokens_per_second"] for m in BASELINES if m in results), default=None)
+    print("\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        tps = r["tokens_per_second"]
+        x_pad = f"{tps / pad:.2f}" if pad else "-"
+        x_base = f"{tps / base:.2f}" if base else "-"
+        print(f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
+              f" | {r['mean_loss']:.3f} | {r['mfu']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
