@@ -19,7 +19,16 @@ from typing import Any
 import click
 
 from stages.errors import SftflowError
-from stages.params import DataParams, EvalParams, MergeParams, ModelParams, Params, TrainParams, _type_name
+from stages.params import (
+    DataParams,
+    EvalParams,
+    GateParams,
+    MergeParams,
+    ModelParams,
+    Params,
+    TrainParams,
+    _type_name,
+)
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -247,13 +256,23 @@ def merge_cmd(
 @click.option(
     "--samples", default="reports/samples.jsonl", show_default=True, type=click.Path(path_type=Path)
 )
-def eval_cmd(params_path: Path, model_dir: Path, tuned: Path, metrics: Path, samples: Path) -> None:
+@click.option(
+    "--plot", default=None, type=click.Path(path_type=Path),
+    help="Also write the metrics as rows (metric, model, value) for `dvc plots` (plots/eval.json).",
+)
+def eval_cmd(
+    params_path: Path, model_dir: Path, tuned: Path, metrics: Path, samples: Path, plot: Path | None
+) -> None:
     """Run lm-eval (our shipped tasks) on base and tuned models; write flat base/tuned/delta metrics."""
     params = _load(params_path)
     _offline_by_default(model_dir)
     from stages.evaluate import evaluate
 
     flat = evaluate(params.eval, model_dir, tuned, metrics, samples, system_prompt=params.data.system_prompt)
+    if plot is not None:
+        from stages.plots import write_eval_plot
+
+        write_eval_plot(flat, plot)
     for key in sorted(k for k in flat if k.endswith(".delta")):
         stem = key[: -len(".delta")]
         click.echo(f"eval: {stem}: base {flat[stem + '.base']:.4g} -> tuned {flat[stem + '.tuned']:.4g}")
@@ -278,6 +297,72 @@ def inspect_cmd(
         click.echo(inspect_samples(prepared, model_dir, split, list(range(start, start + count)), use_color))
     except (IndexError, FileNotFoundError) as e:
         raise SftflowError(str(e), path=prepared) from e
+
+
+GATE_METRICS_OPTION = click.option(
+    "--metrics", default="reports/eval.json", show_default=True, type=click.Path(path_type=Path),
+    help="The new run's metrics (written by `sftflow eval`).",
+)
+GATE_REPORT_OPTION = click.option(
+    "--report", default=None, type=click.Path(path_type=Path),
+    help="Also write the verdict as a Markdown table (for a CI comment / PR body).",
+)
+
+
+def _echo_gate(result: Any, report: Path | None) -> None:
+    for verdict in result.verdicts:
+        click.echo(f"gate: {verdict.describe()}")
+    if report is not None:
+        from stages.io import atomic_file
+
+        with atomic_file(report) as tmp:
+            tmp.write_text(result.markdown())
+
+
+@cli.command("gate", epilog=_keys_help("gate", GateParams))
+@PARAMS_OPTION
+@GATE_METRICS_OPTION
+@click.option(
+    "--accepted", default=None, type=click.Path(path_type=Path),
+    help="The last accepted metrics  [default: gate.accepted]",
+)
+@click.option("--accept", "do_accept", is_flag=True, help="On pass, make these metrics the accepted ones.")
+@GATE_REPORT_OPTION
+def gate_cmd(
+    params_path: Path, metrics: Path, accepted: Path | None, do_accept: bool, report: Path | None
+) -> None:
+    """Compare the new metrics with the last accepted ones by gate.rules; exit 1 on a regression."""
+    params = _load(params_path)
+    from stages.gate import accept, gate
+
+    accepted = accepted or Path(params.gate.accepted)
+    result = gate(params.gate, metrics, accepted, params_path)
+    _echo_gate(result, report)
+    if result.passed and do_accept:
+        accept(metrics, accepted)
+    tail = f" -> {accepted} updated" if result.passed and do_accept else ""
+    click.echo(f"gate: {result.summary()}{tail}")
+    sys.exit(0 if result.passed else 1)
+
+
+@cli.command("retrain", epilog=_keys_help("gate", GateParams))
+@PARAMS_OPTION
+@GATE_METRICS_OPTION
+@GATE_REPORT_OPTION
+def retrain_cmd(params_path: Path, metrics: Path, report: Path | None) -> None:
+    """`dvc repro` here, then the gate: on pass the metrics become the accepted ones; on a
+    regression the previous dvc.lock and its model are restored (dvc checkout) and it exits 1."""
+    params = _load(params_path)
+    from stages.retrain import retrain
+
+    result = retrain(params.gate, params_path, metrics)
+    _echo_gate(result, report)
+    if result.passed:
+        click.echo(f"retrain: gate {result.summary()} -> {params.gate.accepted} updated;"
+                   " commit dvc.lock, it and reports/, then `dvc push`")
+        return
+    click.echo(f"retrain: gate {result.summary()}; kept the accepted model (dvc.lock restored, dvc checkout)")
+    sys.exit(1)
 
 
 def main() -> None:

@@ -185,12 +185,35 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class GateRule:
+    """One metric the new run must not regress on, against the last accepted run."""
+
+    metric: str  # a key of reports/eval.json, e.g. sftflow_replies.contains.tuned (nested keys: dotted)
+    direction: Literal["higher", "lower"] = "higher"  # which way is better
+    # how much worse than the accepted value still passes (absolute, in the metric's units);
+    # negative demands an improvement of at least that much
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """The retraining gate; read by `sftflow gate` / `sftflow retrain`, never by a DVC stage."""
+
+    accepted: str = "accepted/eval.json"  # the last accepted metrics, kept in git; only the gate writes it
+    rules: tuple[GateRule, ...] = (
+        GateRule(metric="sftflow_replies.contains.tuned", direction="higher", tolerance=0.05),
+        GateRule(metric="sftflow_perplexity.bits_per_byte.tuned", direction="lower", tolerance=0.02),
+    )
+
+
+@dataclass(frozen=True)
 class Params:
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
     merge: MergeParams = field(default_factory=MergeParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    gate: GateParams = field(default_factory=GateParams)
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -271,6 +294,8 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.threads / eval.threads: must be >= 0 (0 = all cores)")
     if p.data.num_proc < 1:
         out.append("data.num_proc: must be >= 1")
+    if not p.gate.rules:
+        out.append("gate.rules: list at least one rule (metric, direction, tolerance)")
     out += _train_checks(p.train)
     return out
 

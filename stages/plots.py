@@ -1,0 +1,112 @@
+"""DVC plots that work offline: eval metrics as plottable rows, and the vendored HTML template.
+
+`dvc plots show` / `plots diff` write an HTML page whose default template loads vega,
+vega-lite and vega-embed from a CDN, so on a machine without internet the page stays blank.
+The project sets `plots.html_template` (.dvc/config) to `.dvc/plots/offline.html`, which
+carries the three libraries inline (built here from their npm tarballs), and renders to SVG.
+
+eval writes `reports/eval.json` as flat `task.metric.base|tuned|delta` keys (what `dvc
+metrics diff` wants); a plot needs rows, so eval also writes them with `eval_rows`:
+
+    >>> eval_rows({"t.acc.base": 0.2, "t.acc.tuned": 0.9, "t.acc.delta": 0.7})
+    [{'metric': 't.acc', 'model': 'base', 'value': 0.2}, {'metric': 't.acc', 'model': 'tuned', 'value': 0.9}]
+
+Refresh the vendored libraries (needs npm): `python -m stages.plots vega@5 vega-lite@5 vega-embed@6`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stages.io import atomic_file, write_json
+
+TEMPLATE = Path(".dvc/plots/offline.html")
+# (npm package, file inside its tarball); order matters: vega-embed needs the other two as globals
+LIBRARIES = (
+    ("vega", "package/build/vega.min.js"),
+    ("vega-lite", "package/build/vega-lite.min.js"),
+    ("vega-embed", "package/build/vega-embed.min.js"),
+)
+# DVC calls `vegaEmbed('#id', spec)` with no options; default to SVG (marks are DOM elements,
+# crisp when printed) and keep the export menu, which works offline.
+EMBED_DEFAULTS = """
+(function () {
+  var embed = window.vegaEmbed;
+  window.vegaEmbed = function (el, spec, opts) {
+    return embed(el, spec, Object.assign({renderer: "svg"}, opts || {}));
+  };
+})();
+"""
+
+
+def eval_rows(flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric and model (base, tuned), in the metrics file's order."""
+    rows = []
+    for key, value in flat.items():
+        stem, _, model = key.rpartition(".")
+        if model in ("base", "tuned") and stem:
+            rows.append({"metric": stem, "model": model, "value": value})
+    return rows
+
+
+def write_eval_plot(flat: dict[str, Any], path: Path) -> None:
+    write_json(path, eval_rows(flat))
+
+
+def offline_template(scripts: list[tuple[str, str]]) -> str:
+    """A DVC HTML template (`{plot_divs}`, `{refresh_tag}`) with the given (name, js) inline."""
+    for name, js in scripts:
+        for bad in ("</script", "{plot_divs}", "{refresh_tag}", "{scripts}"):
+            if bad in js:  # would end the tag early, or be replaced by DVC's template filling
+                raise ValueError(f"{name}: contains {bad!r}; cannot inline it")
+    inline = "\n".join(f"<!-- {name} -->\n<script>\n{js}\n</script>" for name, js in scripts)
+    return f"""<!DOCTYPE html>
+<html>
+<head>
+{{refresh_tag}}
+<meta charset="utf-8">
+<title>sftflow plots</title>
+<!-- Offline DVC plots template: vega, vega-lite and vega-embed are inline (BSD-3-Clause,
+     built by `python -m stages.plots`), so the page renders with no network. -->
+{inline}
+<script>{EMBED_DEFAULTS}</script>
+<style>
+  body {{ font-family: sans-serif; }}
+  body > div {{ margin: 1em 0; }}
+</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def vendor(specs: list[str], out: Path = TEMPLATE) -> dict[str, str]:
+    """`npm pack` each package spec, inline its minified build into the template at `out`."""
+    versions, scripts = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, (name, member) in zip(specs, LIBRARIES):
+            if not spec.split("@")[0] == name:
+                raise ValueError(f"expected {name}@<version>, got {spec}")
+            packed = subprocess.run(
+                ["npm", "pack", spec, "--json"], cwd=tmp, check=True, capture_output=True, text=True
+            )
+            info = json.loads(packed.stdout)[0]
+            with tarfile.open(Path(tmp) / info["filename"]) as tar:
+                js = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+            versions[name] = info["version"]
+            scripts.append((f"{name}@{info['version']}", js))
+    with atomic_file(out) as tmp_out:
+        tmp_out.write_text(offline_template(scripts), encoding="utf-8")
+    return versions
+
+
+if __name__ == "__main__":
+    print(vendor(sys.argv[1:] or ["vega@5", "vega-lite@5", "vega-embed@6"]))
