@@ -109,8 +109,10 @@ def train(
     checkpoints: Path,
     loss_csv: Path,
     tensorboard_dir: Path | None = None,
+    callbacks: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
-    """Fine-tune into `out` (an empty temp dir); return the report."""
+    """Fine-tune into `out` (an empty temp dir); return the report. `callbacks` are extra
+    `TrainerCallback`s (notebooks, tests: they see the live model and every step)."""
     import torch
     from transformers import Trainer, TrainerCallback, set_seed
 
@@ -151,7 +153,7 @@ def train(
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
         data_collator=_CountingCollator(collator, meter),
         compute_loss_func=trained_logits_loss,
-        callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run)],
+        callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks],
     )
     started = time.perf_counter()
     meter.start()
@@ -163,6 +165,7 @@ def train(
     )
     eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
+    attention = model.config._attn_implementation  # what trained, before the reset below
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
     save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (PITFALLS #6)
@@ -183,7 +186,7 @@ def train(
         "method": params.method,
         "packing": params.packing,
         "precision": params.precision,
-        "attention": model.config._attn_implementation,
+        "attention": attention,
         "trained_logits_only": trained_only,
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
