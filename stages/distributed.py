@@ -111,6 +111,7 @@ def relaunch(params: DistributedParams, argv: list[str]) -> int | None:
     """Run `argv` under torchrun when more than one process is asked for and this process
     is not already a launched child; return its exit code (None: train right here)."""
     if is_launched_child():
+        die_with_parent()
         return None
     launch = resolve_launch(params)
     if launch.world_size == 1:
@@ -122,7 +123,33 @@ def relaunch(params: DistributedParams, argv: list[str]) -> int | None:
     )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent_on_sigterm).returncode
+
+
+def die_with_parent(sig: int | None = None) -> None:
+    """Ask Linux to kill this process when its parent dies.
+
+    torchrun starts every worker in a session of its own, so a `kill -9` of the job's process
+    group (a scheduler, the OOM killer, Ctrl-C's harder cousin) kills the launcher but leaves
+    the workers training on: they later write outputs and clear the checkpoints under the feet
+    of the re-run that should resume from them (measured: the kill-and-resume test failed so)."""
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL if sig is None else sig)
+    if os.getppid() == 1:  # the parent died before we asked
+        os._exit(1)
+
+
+def _die_with_parent_on_sigterm() -> None:
+    """For torchrun itself: SIGTERM lets it stop its workers before it exits."""
+    import signal
+
+    die_with_parent(signal.SIGTERM)
 
 
 def deepspeed_config(params: DistributedParams, params_file: str = "params.yaml") -> dict[str, Any] | None:
