@@ -217,3 +217,27 @@ def test_qlora_resumes_after_a_crash_and_continues_the_curve(
     assert "train: resuming from" in capfd.readouterr().err
     assert resumed["resumed_from"].endswith("checkpoint-4")
     assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-4)
+
+
+def test_tensorboard_gets_the_loss_curve_and_a_missing_reporter_is_named(
+    tiny_base: Path, prepared: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = train(
+        TrainParams(max_steps=3, save_steps=0, threads=1, batch_size=8),
+        tiny_base,
+        prepared,
+        tmp_path / "out",
+        tmp_path / "ckpt",
+        tmp_path / "loss.csv",
+        tensorboard_dir=tmp_path / "tb",
+    )
+    (run_dir,) = (tmp_path / "tb").iterdir()  # one folder per run
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx(report["losses"], rel=1e-5)
+    assert report["peak_rss_mb"] > 0
+    with pytest.raises(SftflowError, match=r"train\.report_to\[1\].*not installed"):
+        _train(tmp_path / "w", tiny_base, prepared, report_to=("tensorboard", "wandb"))
