@@ -11,12 +11,15 @@ metrics diff` wants); a plot needs rows, so eval also writes them with `eval_row
     >>> eval_rows({"t.acc.base": 0.2, "t.acc.tuned": 0.9, "t.acc.delta": 0.7})
     [{'metric': 't.acc', 'model': 'base', 'value': 0.2}, {'metric': 't.acc', 'model': 'tuned', 'value': 0.9}]
 
-Refresh the vendored libraries (needs npm): `python -m stages.plots vega@5 vega-lite@5 vega-embed@6`.
+Refresh the vendored libraries (needs npm): `python -m stages.plots vendor vega@5 vega-lite@5 vega-embed@6`.
+A PNG of a plots page for a CI comment (headless Chromium, no network needed):
+`python -m stages.plots screenshot dvc_plots/index.html loss.png`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -108,5 +111,61 @@ def vendor(specs: list[str], out: Path = TEMPLATE) -> dict[str, str]:
     return versions
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# Root in CI needs --no-sandbox. Without the background-networking flags Chromium keeps retrying
+# refused connections on a closed network and a headless run can hang.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=10000",  # let vega-embed's asynchronous rendering finish first
+)
+
+
+def find_browser() -> str:
+    for name in BROWSERS:
+        if found := shutil.which(name):
+            return found
+    raise FileNotFoundError("no chromium on PATH: `bash setup.sh` installs it (apt-get install -y chromium)")
+
+
+def browse(page: Path, *args: str, timeout_s: int = 120) -> str:
+    """Load `page` in headless Chromium with a fresh profile; returns stdout (e.g. --dump-dom)."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [
+                find_browser(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                *args,
+                Path(page).resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def screenshot(page: Path, png: Path, width: int = 1000, height: int = 1400, *args: str) -> Path:
+    """A PNG of the rendered page (e.g. a `dvc plots diff` page for a CML comment)."""
+    browse(page, f"--screenshot={Path(png).resolve()}", f"--window-size={width},{height}", *args)
+    return Path(png)
+
+
 if __name__ == "__main__":
-    print(vendor(sys.argv[1:] or ["vega@5", "vega-lite@5", "vega-embed@6"]))
+    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("vendor", [])
+    if command == "vendor":
+        print(vendor(rest or ["vega@5", "vega-lite@5", "vega-embed@6"]))
+    elif command == "screenshot":
+        page, png, *size = rest
+        print(screenshot(Path(page), Path(png), *(int(x) for x in size)))
+    else:
+        sys.exit("usage: python -m stages.plots vendor [SPEC...] | screenshot PAGE PNG [WIDTH HEIGHT]")

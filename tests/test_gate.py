@@ -99,7 +99,9 @@ def test_command_exits_1_on_regression_and_accepts_only_on_pass(tmp_path: Path) 
     new = tmp_path / "eval.json"
     new.write_text(json.dumps({"t.contains.tuned": 0.5}))
     sftflow = bin_path("sftflow")
-    fail = run([sftflow, "gate", "--metrics", str(new), "--accept", "--report", "gate.md"], tmp_path, check=False)
+    fail = run(
+        [sftflow, "gate", "--metrics", str(new), "--accept", "--report", "gate.md"], tmp_path, check=False
+    )
     assert fail.returncode == 1, fail.stdout + fail.stderr
     assert "gate: FAIL t.contains.tuned = 0.5 (accepted 0.9" in fail.stdout
     assert "gate: FAILED 1/1 rules (regressed: t.contains.tuned)" in fail.stdout
