@@ -1,9 +1,21 @@
 """Stage `merge`: base + adapter -> one plain model, proven equal to what was trained.
 
 The base is loaded in full precision (never 4-bit), the adapter applied and folded in with
-`merge_and_unload`, the result saved as safetensors with the tokenizer, then *reloaded from
-disk* and compared with base+adapter on prepared eval samples: the stage fails when the max
-|Δlogits| exceeds `merge.max_abs_diff`, so a broken merge never reaches eval.
+`merge_and_unload` in fp32, the result cast to `merge.dtype` and saved as sharded
+safetensors with the tokenizer, its chat template and a generation config that stops at the
+template's end of turn. The saved model is then *reloaded from disk* and compared with
+base+adapter on prepared eval samples: the stage fails when the max |Δlogits| exceeds
+`merge.max_abs_diff`, so a broken merge never reaches eval.
+
+What "trained" means depends on `method` (read from the adapter's `sftflow_train.json`, not
+from params.yaml: DVC scopes this stage to `merge` params):
+- lora / dora / rslora: the fp32 base + adapter — the merge is exact up to rounding.
+- qlora: the adapter learnt against NF4-rounded weights (PITFALLS #8). Both candidate bases
+  are measured against the 4-bit model it was trained on — the original weights, and the
+  original weights rounded through the same 4-bit quantization — and `merge.qlora_base: auto`
+  picks the closer; the report carries both, plus the saved model's gap to the 4-bit model
+  and to the full-precision base+adapter.
+- full: nothing to fold in; only dtype and shards change.
 
 The comparison runs in `merge.check_dtype` (float64 by default). Measured on the default
 pipeline (SmolLM2-135M, 30 layers, logits up to 55): fp32 forward passes of base+adapter and
@@ -13,6 +25,7 @@ same weights differ by 1.6e-5 — the rounding of W + BA·s to fp32, i.e. the me
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +33,8 @@ from stages.errors import SftflowError
 from stages.io import read_json, write_json
 from stages.models import load_causal_lm, load_tokenizer, torch_dtype
 from stages.params import MergeParams, to_dict
+
+QLORA_BASES = ("original", "nf4_rounded")
 
 
 def check_batches(prepared: Path, n: int) -> list[Any]:
@@ -39,62 +54,229 @@ def check_batches(prepared: Path, n: int) -> list[Any]:
     return [torch.tensor([r], dtype=torch.long) for r in rows]
 
 
-def logits_on(model: Any, batches: list[Any], dtype: str = "float32") -> list[Any]:
-    """Logits of `model` cast to `dtype` (the cast is on a model nobody reuses afterwards)."""
+def logits_on(model: Any, batches: list[Any], dtype: str | None = "float32") -> list[Any]:
+    """Logits of `model` cast to `dtype` (None: as it is, e.g. 4-bit), returned in float64.
+
+    The cast is in place, on a model nobody reuses in its old dtype afterwards."""
     import torch
 
-    model.to(torch_dtype(dtype)).eval()
+    if dtype is not None:
+        model.to(torch_dtype(dtype))
+    model.eval()
     with torch.no_grad():
         return [model(input_ids=b).logits.double() for b in batches]
+
+
+def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
+    """max / mean |Δlogits| and how often the greedy next token agrees, over all positions."""
+    diffs = [(r - o).abs() for r, o in zip(reference, other, strict=True)]
+    tokens = sum(d.shape[1] for d in diffs)
+    agree = sum(int((r.argmax(-1) == o.argmax(-1)).sum()) for r, o in zip(reference, other, strict=True))
+    return {
+        "max_abs_diff": max(float(d.max()) for d in diffs),
+        "mean_abs_diff": sum(float(d.mean(-1).sum()) for d in diffs) / tokens,
+        "greedy_agreement": agree / tokens,
+    }
 
 
 def merge(
     params: MergeParams, base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
 ) -> dict[str, Any]:
     """Merge into `out` (an empty temp dir), verify it, return the report; raise if it differs."""
-    from peft import PeftModel
-
-    trained = read_json(adapter_dir / "sftflow_train.json")
+    trained = read_trained(adapter_dir)
+    method = trained["method"]
     batches = check_batches(prepared, params.check_samples)
-    if trained["method"] == "full":  # nothing to fold in: merge only converts dtype/shards
-        reference_model = load_causal_lm(adapter_dir, "float32")
-        reference = logits_on(reference_model, batches, params.check_dtype)
-        merged = reference_model
+    extra: dict[str, Any] = {}
+    if method == "full":  # nothing to fold in: merge only converts dtype/shards
+        merged = load_causal_lm(adapter_dir, "float32")
+        reference = logits_on(merged, batches, params.check_dtype)
+        merged.to(torch_dtype("float32"))
+    elif method == "qlora":
+        merged, reference, extra = _merge_qlora(params, trained["params"], base_dir, adapter_dir, batches)
     else:
-        reference_model = PeftModel.from_pretrained(load_causal_lm(base_dir, "float32"), str(adapter_dir))
-        reference = logits_on(reference_model, batches, params.check_dtype)
-        reference_model.to(torch_dtype("float32"))  # merge in fp32, whatever the check dtype
-        merged = reference_model.merge_and_unload()
-    merged = merged.to(torch_dtype(params.dtype))
-    merged.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(adapter_dir).save_pretrained(out)
-    del merged, reference_model
+        merged, reference = _merge_adapter(params, base_dir, adapter_dir, batches)
+    tied = save_merged(merged, load_tokenizer(adapter_dir), out, params)
+    del merged
+    gc.collect()
 
     # What eval loads, read back from disk.
-    reloaded = logits_on(load_causal_lm(out, params.dtype), batches, params.check_dtype)
-    diffs = [(r - m).abs() for r, m in zip(reference, reloaded)]
-    max_abs = max(float(d.max()) for d in diffs)
-    mean_abs = sum(float(d.mean()) for d in diffs) / len(diffs)
-    agree = [float((r.argmax(-1) == m.argmax(-1)).float().mean()) for r, m in zip(reference, reloaded)]
+    reloaded = load_causal_lm(out, params.dtype)
+    if tied and reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight:
+        raise SftflowError("tied embeddings came back untied from disk", path=out)  # PITFALLS #9
+    saved = logits_on(reloaded, batches, params.check_dtype)
+    del reloaded
+    check = compare(reference, saved)
+    for name, ref in extra.pop("_compare_saved_with", {}).items():
+        extra[name] = compare(ref, saved)
+    shards = sorted(out.glob("*.safetensors"))
     report = {
-        "method": trained["method"],
+        "method": method,
+        "use_dora": bool(trained["params"].get("lora", {}).get("use_dora")) if method != "full" else False,
         "dtype": params.dtype,
         "check_dtype": params.check_dtype,
         "max_abs_logit": max(float(r.abs().max()) for r in reference),
         "samples_checked": len(batches),
         "tokens_checked": sum(int(b.numel()) for b in batches),
-        "max_abs_diff": max_abs,
-        "mean_abs_diff": mean_abs,
-        "greedy_agreement": sum(agree) / len(agree),
+        **check,
         "threshold": params.max_abs_diff,
-        "size_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "tied_embeddings": tied,
+        "size_bytes": sum(f.stat().st_size for f in shards),
+        "shards": len(shards),
+        "adapter_size_bytes": sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")),
+        **extra,
         "params": to_dict(params),
     }
     write_json(out / "sftflow_merge.json", report)
-    if max_abs > params.max_abs_diff:
+    if check["max_abs_diff"] > params.max_abs_diff:
         raise SftflowError(
-            f"merged logits differ from base+adapter by {max_abs:.3g} > merge.max_abs_diff {params.max_abs_diff:g}",
+            f"merged logits differ from base+adapter by {check['max_abs_diff']:.3g}"
+            f" > merge.max_abs_diff {params.max_abs_diff:g}",
             path=adapter_dir,
             field="merge.max_abs_diff",
         )
     return report
+
+
+def read_trained(adapter_dir: Path) -> dict[str, Any]:
+    """The train stage's record of what it trained: {"method", "params": the train section}."""
+    path = Path(adapter_dir) / "sftflow_train.json"
+    if not path.exists():
+        raise SftflowError("not a train output: sftflow_train.json is missing", path=path)
+    trained = read_json(path)
+    if trained.get("method") not in ("lora", "qlora", "full") or not isinstance(trained.get("params"), dict):
+        raise SftflowError('expected {"method": lora|qlora|full, "params": {...}}', path=path, field="method")
+    return trained
+
+
+# ---------------------------------------------------------------- lora / dora
+
+
+def _merge_adapter(
+    params: MergeParams, base_dir: Path, adapter_dir: Path, batches: list[Any]
+) -> tuple[Any, list[Any]]:
+    """fp32 base + adapter: reference logits in check dtype, then the fp32 merge."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(base_dir, "float32"), str(adapter_dir))
+    reference = logits_on(model, batches, params.check_dtype)
+    model.to(torch_dtype("float32"))  # merge in fp32, whatever the check dtype
+    return model.merge_and_unload(), reference
+
+
+# ---------------------------------------------------------------- qlora
+
+
+def _merge_qlora(
+    params: MergeParams, train: dict[str, Any], base_dir: Path, adapter_dir: Path, batches: list[Any]
+) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Measure both candidate bases against the 4-bit model, merge into the chosen one.
+
+    Returns the merged model, the reference its saved copy must match (the chosen base +
+    adapter, in check dtype), and report entries; `_compare_saved_with` holds the logits the
+    saved model is also compared with (the 4-bit trained model, the full-precision one).
+    """
+    from peft import PeftModel
+
+    model4 = load_4bit(train, base_dir)
+    rounded = dequantized_weights(model4)
+    trained = logits_on(PeftModel.from_pretrained(model4, str(adapter_dir)), batches, None)
+    del model4
+    gc.collect()
+
+    refs: dict[str, list[Any]] = {}
+    for variant in QLORA_BASES:
+        model = PeftModel.from_pretrained(_fp32_base(base_dir, rounded, variant), str(adapter_dir))
+        refs[variant] = logits_on(model, batches, params.check_dtype)
+        del model
+    vs_trained = {v: compare(trained, refs[v]) for v in QLORA_BASES}
+    chosen = params.qlora_base
+    if chosen == "auto":
+        chosen = min(QLORA_BASES, key=lambda v: (vs_trained[v]["mean_abs_diff"], v != "nf4_rounded"))
+
+    model = PeftModel.from_pretrained(_fp32_base(base_dir, rounded, chosen), str(adapter_dir))
+    merged = model.merge_and_unload()
+    extra = {
+        "qlora": {
+            "base": chosen,
+            "choice": params.qlora_base,
+            "quant_type": train.get("qlora", {}).get("quant_type", "nf4"),
+            "quantized_weights": len(rounded),
+            # each candidate base + adapter against the 4-bit model the adapter was trained on
+            "candidates_vs_trained_4bit": vs_trained,
+        },
+        "_compare_saved_with": {"vs_trained_4bit": trained, "vs_full_precision": refs["original"]},
+    }
+    return merged, refs[chosen], extra
+
+
+def load_4bit(train: dict[str, Any], base_dir: Path) -> Any:
+    """The base quantized exactly as train quantized it (train.qlora from sftflow_train.json)."""
+    from transformers import BitsAndBytesConfig
+
+    q = train.get("qlora", {})
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(q.get("double_quant", True)),
+        bnb_4bit_compute_dtype=torch_dtype(q.get("compute_dtype", "float32")),
+    )
+    return load_causal_lm(base_dir, "float32", quantization_config=config, device_map={"": "cpu"})
+
+
+def dequantized_weights(model4: Any) -> dict[str, Any]:
+    """`<module>.weight` -> the fp32 weight the 4-bit layer actually computes with."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, module in model4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            out[f"{name}.weight"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if not out:
+        raise SftflowError("the 4-bit base has no quantized layers to round through", field="train.qlora")
+    return out
+
+
+def _fp32_base(base_dir: Path, rounded: dict[str, Any], variant: str) -> Any:
+    """The fp32 base, with the quantized layers' weights replaced by their rounded values."""
+    model = load_causal_lm(base_dir, "float32")
+    if variant == "nf4_rounded":
+        params = dict(model.named_parameters())
+        for name, value in rounded.items():
+            params[name].data.copy_(value.reshape(params[name].shape))
+    return model
+
+
+# ---------------------------------------------------------------- save
+
+
+def save_merged(model: Any, tok: Any, out: Path, params: MergeParams) -> bool:
+    """Write safetensors shards, tokenizer + chat template and generation config; return
+    whether input and output embeddings are (and stay) one tied tensor.
+
+    A trained lm_head (modules_to_save) on a tied model no longer equals the embeddings:
+    saving it with `tie_word_embeddings: true` would drop it and reload the embeddings in
+    its place (PITFALLS #9), so such a model is saved untied.
+    """
+    from stages.evaluate import end_of_turn, maybe_stop_at
+
+    out_w, in_w = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    tied = out_w is in_w or out_w.data_ptr() == in_w.data_ptr()
+    if not tied and _config_ties(model.config):
+        _untie(model.config)
+    model = model.to(torch_dtype(params.dtype))
+    maybe_stop_at(model, tok, end_of_turn(tok))  # plain `generate` stops at the end of the turn
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=params.max_shard_size)
+    tok.save_pretrained(out)
+    return tied
+
+
+def _config_ties(config: Any) -> bool:
+    text = getattr(config, "get_text_config", lambda: config)()
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
+def _untie(config: Any) -> None:
+    config.tie_word_embeddings = False
+    text = getattr(config, "get_text_config", lambda: config)()
+    text.tie_word_embeddings = False

@@ -162,12 +162,19 @@ class TrainParams:
 class MergeParams:
     """Adapter -> merged weights; read by `merge`."""
 
+    # dtype the merged model is saved in (the merge itself always runs in fp32). bf16/fp16 round
+    # the weights: set max_abs_diff to what that costs (tiny model: ~0.05, SmolLM2 bf16: ~1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_abs_diff: float = 1e-4  # fail when merged logits differ from base+adapter by more
+    max_abs_diff: float = 1e-4  # fail when the saved model's logits differ from base+adapter by more
     # float64 measures the merge's own rounding, not fp32 forward-pass noise (see merge.py);
     # float32 for models whose float64 copy does not fit in memory, with a looser max_abs_diff
     check_dtype: Literal["float64", "float32"] = "float64"
     check_samples: int = 4  # prepared eval samples the logits check runs on
+    max_shard_size: str = "2GB"  # safetensors shard size ("500MB", "5GB", ...): big models come in pieces
+    # qlora: the adapter learnt against 4-bit-rounded weights (PITFALLS #8). Merge into the base
+    # rounded through the same quantization, or into the original weights; auto: whichever gives
+    # logits closer to the 4-bit model it was trained on (both are measured and reported)
+    qlora_base: Literal["auto", "nf4_rounded", "original"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,7 @@ def _cross_checks(p: Params) -> list[str]:
                 out.append(f"data.{name}[{i}].weight: must be > 0")
             if src.num_samples is not None and src.num_samples < 1:
                 out.append(f"data.{name}[{i}].num_samples: must be >= 1")
+    out += _merge_checks(p.merge)
     if p.eval.limit is not None and p.eval.limit < 1:
         out.append("eval.limit: must be >= 1 (docs per task) or null for all")
     if p.eval.batch_size < 1 or p.eval.max_new_tokens < 1:
@@ -297,6 +305,19 @@ def _cross_checks(p: Params) -> list[str]:
     if not p.gate.rules:
         out.append("gate.rules: list at least one rule (metric, direction, tolerance)")
     out += _train_checks(p.train)
+    return out
+
+
+def _merge_checks(m: MergeParams) -> list[str]:
+    import re
+
+    out = []
+    if m.max_abs_diff <= 0:
+        out.append("merge.max_abs_diff: must be > 0")
+    if m.check_samples < 1:
+        out.append("merge.check_samples: must be >= 1")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", m.max_shard_size, re.IGNORECASE):
+        out.append(f"merge.max_shard_size: a size like 500MB or 5GB, got {m.max_shard_size!r}")
     return out
 
 
