@@ -59,7 +59,9 @@ def adapter_dir(
             "device_map": {"": "cpu"},
         }
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, **kwargs)
-    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **lora}, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        **{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **lora}, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, config)
     perturb(model)
     train = {"lora": {"use_dora": bool(lora.get("use_dora"))}}
@@ -79,7 +81,9 @@ def logits(model_dir: Path, adapter: Path | None = None) -> torch.Tensor:
         return model.eval()(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"])
+@pytest.mark.parametrize(
+    "lora", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"]
+)
 def test_adapter_merges_exactly_and_keeps_embeddings_tied(
     tiny_base: Path, prepared: Path, tmp_path: Path, lora: dict[str, Any]
 ) -> None:
@@ -117,7 +121,10 @@ def test_qlora_measures_both_bases_and_picks_the_trained_one(
     adapter = adapter_dir(tiny_base, tmp_path / "adapter", method="qlora", quant="nf4")
     report = merge(MergeParams(), tiny_base, adapter, prepared, tmp_path / "auto")
     q = report["qlora"]
-    rounded, original = q["candidates_vs_trained_4bit"]["nf4_rounded"], q["candidates_vs_trained_4bit"]["original"]
+    rounded, original = (
+        q["candidates_vs_trained_4bit"]["nf4_rounded"],
+        q["candidates_vs_trained_4bit"]["original"],
+    )
     # The base rounded through NF4 is the model the adapter was trained on, up to fp32 noise;
     # the original weights are a different model (the quantization gap).
     assert rounded["max_abs_diff"] < 1e-4 and rounded["greedy_agreement"] == 1.0
@@ -163,12 +170,14 @@ def test_full_converts_dtype_and_shards(tiny_base: Path, prepared: Path, tmp_pat
 def test_trained_lm_head_on_a_tied_model_is_saved_untied(
     tiny_base: Path, prepared: Path, tmp_path: Path
 ) -> None:
-    adapter = adapter_dir(tiny_base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    adapter = adapter_dir(
+        tiny_base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
     report = merge(MergeParams(), tiny_base, adapter, prepared, tmp_path / "merged")
     assert report["tied_embeddings"] is False and report["max_abs_diff"] < 1e-4
     assert (logits(tmp_path / "merged") - logits(tiny_base, adapter)).abs().max() < 1e-4
 
 
 def test_not_a_train_output_is_named(tiny_base: Path, prepared: Path, tmp_path: Path) -> None:
-    with pytest.raises(SftflowError, match="sftflow_train.json"):
+    with pytest.raises(SftflowError, match=r"sftflow_train\.json"):
         merge(MergeParams(), tiny_base, tiny_base, prepared, tmp_path / "merged")
