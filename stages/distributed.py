@@ -130,7 +130,7 @@ def die_with_parent(sig: int | None = None) -> None:
     """Ask Linux to kill this process when its parent dies.
 
     torchrun starts every worker in a session of its own, so a `kill -9` of the job's process
-    group (a scheduler, the OOM killer, Ctrl-C's harder cousin) kills the launcher but leaves
+    group (a job scheduler, the OOM killer, a test) kills the launcher but leaves
     the workers training on: they later write outputs and clear the checkpoints under the feet
     of the re-run that should resume from them (measured: the kill-and-resume test failed so)."""
     import signal
@@ -257,7 +257,8 @@ def sum_over_ranks(value: int) -> int:
 
     if world_size() == 1 or not torch.distributed.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    on_gpu = torch.distributed.get_backend() == "nccl"  # nccl reduces CUDA tensors only
+    t = torch.tensor([value], dtype=torch.long, device=torch.cuda.current_device() if on_gpu else "cpu")
     torch.distributed.all_reduce(t)
     return int(t.item())
 
