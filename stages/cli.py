@@ -355,6 +355,8 @@ def retrain_cmd(params_path: Path, metrics: Path, report: Path | None) -> None:
     params = _load(params_path)
     from stages.retrain import retrain
 
+    if report is not None:
+        report.unlink(missing_ok=True)  # never leave an earlier verdict behind if this run stops early
     result = retrain(params.gate, params_path, metrics)
     _echo_gate(result, report)
     if result.passed:

@@ -47,5 +47,5 @@ def retrain(params: GateParams, params_path: Path, metrics_path: Path) -> GateRe
     elif accepted_lock is not None:
         with atomic_file(lock) as tmp:
             tmp.write_bytes(accepted_lock)
-        _dvc("checkout")
+        _dvc("checkout", "dvc.yaml")  # this pipeline's outputs only, not every dvc.yaml in the repo
     return result
