@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = (
+MODES = (  # qlora_bf16 runs too (--modes), but bitsandbytes' bf16 path on CPU is very slow
     "seed_pad_max",
     "hf_dynamic",
     "hf_padding_free",
@@ -47,7 +48,6 @@ MODES = (
     "sftflow_gc",
     "sftflow_bf16_gc",
     "qlora",
-    "qlora_bf16",
     "full",
     "full_bf16",
 )
@@ -94,18 +94,21 @@ def matmul_ceiling_gflops(dtype: str, seconds: float = 2.0) -> float:
     return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
 
 
-def flops_per_token(config: dict, method: str, trained_fraction: float, mean_len: float) -> float:
+def flops_per_token(config: dict, method: str, trained_fraction: float, attended_len: float) -> float:
     """Useful model FLOPs per real token. Forward 2 per weight; backward 2 more for input grads,
     and 2 more for weight grads only where weights train (full). The LM head counts only at
     trained positions (the only logits the loss needs); attention scores+values add
     4 x layers x hidden x L/2 per token forward (causal), with the same backward factor."""
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
     head_dim = h // heads
     body = layers * (h * h * 2 + 2 * h * kv * head_dim + 3 * h * inter)  # q,o + k,v + gate,up,down
     lm_head = h * config["vocab_size"]
     factor = 6 if method == "full" else 4
-    attention = 4 * layers * h * mean_len / 2
+    attention = 4 * layers * h * attended_len / 2
     return factor * (body + lm_head * trained_fraction) + (factor / 2) * attention
 
 
@@ -131,13 +134,17 @@ def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> 
         "packing": "padding_free",
     }
     if mode in BASELINES:
-        knobs.update(trained_logits_only=False, packing="none" if mode != "hf_padding_free" else "padding_free")
+        knobs.update(
+            trained_logits_only=False, packing="none" if mode != "hf_padding_free" else "padding_free"
+        )
         force_attention = "sdpa"  # what transformers picks by itself
         if mode == "seed_pad_max":
             from transformers import DataCollatorForSeq2Seq
 
             def pad_to_max(tok, packing, attn):  # type: ignore[no-untyped-def]
-                return DataCollatorForSeq2Seq(tok, padding="max_length", max_length=MAX_LENGTH, label_pad_token_id=-100)
+                return DataCollatorForSeq2Seq(
+                    tok, padding="max_length", max_length=MAX_LENGTH, label_pad_token_id=-100
+                )
 
             train_module.build_collator = pad_to_max
             knobs["packing"] = "none"
@@ -193,6 +200,7 @@ def main() -> None:
     ap.add_argument("--pad-max-samples", type=int, default=8, help="chats for seed_pad_max (it is slow)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over all modes; tokens/s is the median")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     ap.add_argument("--_child", nargs=3, metavar=("MODE", "BASE", "PREPARED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,53 +224,84 @@ def main() -> None:
         stats = {
             "median_len": lengths[len(lengths) // 2],
             "p90_len": lengths[int(len(lengths) * 0.9)],
+            # the context a token attends over, averaged per token: sum(L^2) / sum(L)
+            "attended_len": sum(n * n for n in lengths) / sum(lengths),
             "trained_fraction": trained / sum(lengths),
         }
-        print(f"data: {args.samples} chats, median {stats['median_len']} / p90 {stats['p90_len']} tokens,"
-              f" {stats['trained_fraction']:.0%} of tokens trained", flush=True)
-        ceilings = {d: matmul_ceiling_gflops(d) for d in ("float32", "bfloat16")}
-        print(f"matmul ceiling ({args.threads} threads): fp32 {ceilings['float32']:.0f} GFLOP/s,"
-              f" bf16 {ceilings['bfloat16']:.0f} GFLOP/s", flush=True)
+        print(
+            f"data: {args.samples} chats, median {stats['median_len']} / p90 {stats['p90_len']} tokens,"
+            f" {stats['trained_fraction']:.0%} of tokens trained",
+            flush=True,
+        )
         config = json.loads((base / "config.json").read_text())
+        runs: dict[str, list[dict]] = {}
+        ceiling_runs: list[dict] = []
+        for round_ in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
+            ceiling_runs.append({d: matmul_ceiling_gflops(d) for d in ("float32", "bfloat16")})
+            print(
+                f"round {round_ + 1}: matmul ceiling ({args.threads} threads): fp32"
+                f" {ceiling_runs[-1]['float32']:.0f}, bf16 {ceiling_runs[-1]['bfloat16']:.0f} GFLOP/s",
+                flush=True,
+            )
+            for mode in args.modes.split(","):
+                n = args.pad_max_samples if mode == "seed_pad_max" else args.samples
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--_child",
+                    mode,
+                    str(base),
+                    str(sets[n]),
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{mode}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                runs.setdefault(mode, []).append(json.loads(line[len("RESULT ") :]))
+                print(f"{mode}: {runs[mode][-1]['tokens_per_second']} tokens/s", flush=True)
+        ceilings = {d: statistics.median(c[d] for c in ceiling_runs) for d in ("float32", "bfloat16")}
         results = {}
-        for mode in args.modes.split(","):
-            n = args.pad_max_samples if mode == "seed_pad_max" else args.samples
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_child", mode, str(base), str(sets[n])]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"{mode}: FAILED\n{proc.stderr[-3000:]}", flush=True)
-                continue
-            report = json.loads(line[len("RESULT "):])
+        for mode, reports in runs.items():
+            report = reports[0]
             method = "full" if mode.startswith("full") else "lora"
-            flops = flops_per_token(config, method, stats["trained_fraction"], stats["median_len"])
+            flops = flops_per_token(config, method, stats["trained_fraction"], stats["attended_len"])
+            tps = statistics.median(r["tokens_per_second"] for r in reports)
             ceiling = ceilings["bfloat16" if "_bf16" in mode else "float32"] * 1e9
             results[mode] = {
-                "samples": n,
-                "tokens_per_second": report["tokens_per_second"],
+                "samples": args.pad_max_samples if mode == "seed_pad_max" else args.samples,
+                "runs": len(reports),
+                "tokens_per_second": tps,
                 "packing_efficiency": report["packing_efficiency"],
-                "peak_rss_gb": round(report["peak_rss_mb"] / 1024, 2),
+                "peak_rss_gb": round(max(r["peak_rss_mb"] for r in reports) / 1024, 2),
                 "mean_loss": round(sum(report["losses"]) / len(report["losses"]), 4),
-                "mfu": round(report["tokens_per_second"] * flops / ceiling, 3),
+                "mfu": round(tps * flops / ceiling, 3),
                 "trainable_pct": report["parameters"]["trainable_pct"],
             }
-            print(f"{mode}: {results[mode]}", flush=True)
     print_table(results, ceilings, stats)
     if args.out:
-        args.out.write_text(json.dumps({"data": stats, "ceilings_gflops": ceilings, "modes": results}, indent=2))
+        args.out.write_text(
+            json.dumps({"data": stats, "ceilings_gflops": ceilings, "modes": results}, indent=2)
+        )
 
 
 def print_table(results: dict, ceilings: dict, stats: dict) -> None:
     pad = results.get("seed_pad_max", {}).get("tokens_per_second")
     base = max((results[m]["tokens_per_second"] for m in BASELINES if m in results), default=None)
-    print("\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss | MFU |")
+    print(
+        "\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss | MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         tps = r["tokens_per_second"]
         x_pad = f"{tps / pad:.2f}" if pad else "-"
         x_base = f"{tps / base:.2f}" if base else "-"
-        print(f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
-              f" | {r['mean_loss']:.3f} | {r['mfu']:.0%} |")
+        print(
+            f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
+            f" | {r['mean_loss']:.3f} | {r['mfu']:.0%} |"
+        )
 
 
 if __name__ == "__main__":
