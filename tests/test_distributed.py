@@ -50,7 +50,7 @@ def train_section(
     """The tiny pipeline's train knobs: no dropout (repeatable), constant lr, fp32."""
     section = {
         "method": method,
-        "learning_rate": 5e-3 if method == "lora" else 1e-3,
+        "learning_rate": 1e-3 if method == "full" else 5e-3,
         "lr_scheduler": "constant",
         "max_steps": STEPS,
         "batch_size": GLOBAL_BATCH // nproc,
@@ -178,6 +178,7 @@ def test_zero3_lora_on_two_processes_equals_one_process(
         ("lora", "zero2", "DeepSpeedEngine", 2),
         ("full", "zero2", "DeepSpeedEngine", 2),
         ("full", "zero3", "DeepSpeedEngine", 3),
+        ("qlora", "zero2", "DeepSpeedEngine", 2),  # seed 001: ZeRO-2 for Q-LoRA (ZeRO-3 is refused)
     ],
 )
 def test_two_processes_equal_one_process(
