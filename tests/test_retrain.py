@@ -174,3 +174,13 @@ def test_retrain_loop_accepts_on_pass_and_keeps_the_model_on_fail(tmp_path: Path
     )  # the why stays readable
     posted = report_step(pipeline, tmp_path, "failure")
     assert "## Scheduled retrain of `pipelines/tiny`: failure" in posted and "❌" in posted
+
+    # what the workflow's `dvc push` and a fresh clone's `dvc pull` do, with a local-directory remote
+    dvc = bin_path("dvc")
+    run([dvc, "remote", "add", "--local", "-d", "demo", str(tmp_path / "remote")], pipeline)
+    run([dvc, "push", "dvc.yaml"], pipeline)
+    run(["git", "clone", "-q", str(root), str(tmp_path / "clone")], tmp_path)
+    cloned = tmp_path / "clone" / "pipelines" / "tiny"
+    run([dvc, "remote", "add", "--local", "-d", "demo", str(tmp_path / "remote")], cloned)
+    run([dvc, "pull", "dvc.yaml"], cloned)
+    assert sha256(cloned / "models" / "merged" / "model.safetensors") == accepted_weights
