@@ -2,13 +2,22 @@
 
 Both models run the same lm-eval tasks (`stages/tasks/*.yaml`, shipped in the repo so they
 work offline) on the held-out chats in `eval.data`:
-- `sftflow_replies`: greedy replies to each chat's prompt, scored against its last assistant
-  message (`contains` its expected keywords, `exact_match`, `rougeL`);
-- `sftflow_perplexity`: perplexity of each whole chat.
+- `sftflow_replies`: replies to each chat's prompt (greedy unless `eval.do_sample`), scored
+  against its last assistant message (`contains` its expected keywords, `exact_match`, `rougeL`);
+- `sftflow_perplexity`: perplexity of each whole chat;
+- `sftflow_choice`: multiple choice — which of `eval.num_choices` replies (the reference and
+  other held-out chats' references) the model finds likeliest after the prompt (`acc`,
+  `acc_norm`): a ranking signal that does not depend on decoding.
 
 The task YAMLs hold everything but the data: at run time this stage writes each task's docs
 (chats rendered by the model's own chat template) into a temp dir and points the task's
 `dataset_kwargs.data_files` there.
+
+Any other lm-eval task can be listed in `eval.tasks` when its data is on disk: a YAML in
+`eval.include_path` (e.g. `dataset_path: json` + `dataset_kwargs.data_files`), or one of
+lm-eval's own tasks whose dataset is already in the HF datasets cache. Those run in a second
+lm-eval call per model, with lm-eval applying the model's chat template (`eval.chat_template`)
+and `eval.num_fewshot`.
 """
 
 from __future__ import annotations
@@ -22,17 +31,18 @@ from stages.errors import SftflowError
 from stages.io import write_json, write_jsonl
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import EvalParams
+from stages.turns import end_of_turn, maybe_stop_at
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GROUP = "sftflow_eval"  # the inline group that carries our run-time overrides
 MODELS = ("base", "tuned")
+SHIPPED_TASKS = ("sftflow_replies", "sftflow_perplexity", "sftflow_choice")
 GENERATION_TASKS = ("sftflow_replies",)  # tasks whose docs go to samples.jsonl
 ROLES = ("system", "user", "assistant")
-_REPLY_MARK = "SFTFLOW_REPLY_MARK"
 
 
 def evaluate(
@@ -56,21 +66,29 @@ def evaluate(
     ...          Path("reports/eval.json"), Path("reports/samples.jsonl"))  # doctest: +SKIP
     {'sftflow_replies.contains.base': 0.0, 'sftflow_replies.contains.tuned': 0.83, ...}
     """
-    from lm_eval.tasks import TaskManager
+    from tqdm.auto import tqdm
 
-    # include_defaults=False: index only our YAMLs (0.06 s instead of ~6 s for lm-eval's own).
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    _check(params, task_manager.all_subtasks)
+    task_manager = task_manager_for(params)
     chats = read_eval_chats(Path(params.data))
+    if "sftflow_choice" in params.tasks and len(chats) < 2:
+        raise SftflowError(
+            "sftflow_choice needs at least 2 held-out chats (the others' replies are the wrong choices)",
+            path=params.data,
+            field="eval.tasks",
+        )
 
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as tmp:
-        for label, model_dir in zip(MODELS, (base_dir, tuned_dir), strict=True):
+        bar = tqdm(
+            zip(MODELS, (base_dir, tuned_dir), strict=True), total=len(MODELS), desc="eval", unit="model"
+        )
+        for label, model_dir in bar:
+            bar.set_postfix_str(f"{label}: {model_dir}")
             runs[label] = _run_lm_eval(
                 params, Path(model_dir), chats, system_prompt, task_manager, Path(tmp) / label
             )
 
-    metrics = flat_metrics(runs, params.tasks)
+    metrics = flat_metrics(runs)
     write_json(metrics_out, metrics)
     write_jsonl(samples_out, paired_samples(runs, params.tasks))
     return metrics
@@ -79,13 +97,34 @@ def evaluate(
 # ---------------------------------------------------------------- load and check
 
 
-def _check(params: EvalParams, known_tasks: list[str]) -> None:
-    """Every eval.tasks name must be one of our shipped task YAMLs."""
-    unknown = [t for t in params.tasks if t not in known_tasks]
+def task_manager_for(params: EvalParams) -> TaskManager:
+    """An lm-eval index that knows every name in eval.tasks, or an error naming the unknown ones.
+
+    Our YAMLs (+ eval.include_path) index in 0.06 s; lm-eval's own ~1000 tasks take ~6 s,
+    so they are indexed only when eval.tasks names something ours do not have.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)]
+    if params.include_path:
+        if not Path(params.include_path).is_dir():
+            raise SftflowError(
+                "not a folder of task YAMLs", path=params.include_path, field="eval.include_path"
+            )
+        paths.append(str(params.include_path))
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if any(t not in manager.all_tasks for t in params.tasks):
+        manager = TaskManager(include_path=paths, include_defaults=True)
+    unknown = [t for t in params.tasks if t not in manager.all_tasks]
     if unknown:
+        ours = [t for t in manager.all_tasks if t.startswith("sftflow_")]
         raise SftflowError(
-            f"unknown task(s) {unknown}; known: {known_tasks}", path="params.yaml", field="eval.tasks"
+            f"unknown task(s) {unknown}: not shipped ({', '.join(ours)}), not in eval.include_path,"
+            " not an lm-eval task",
+            path="params.yaml",
+            field="eval.tasks",
         )
+    return manager
 
 
 def read_eval_chats(path: Path) -> list[dict[str, Any]]:
@@ -145,40 +184,11 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def end_of_turn(tok: PreTrainedTokenizerBase) -> str:
-    """The text the chat template puts after an assistant reply, e.g. `<|im_end|>` for ChatML.
-
-    Read off the template itself (render a reply, take what follows it) so Llama-3's
-    `<|eot_id|>` or Gemma's `<end_of_turn>` come out right; the eos token when that fails.
-    """
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY_MARK}]
-    try:
-        text = tok.apply_chat_template(probe, tokenize=False)
-        tail = text.split(_REPLY_MARK, 1)[1].split()
-    except Exception:  # a template that cannot render this probe: fall back to eos
-        tail = []
-    return tail[0] if tail else tok.eos_token
-
-
-def maybe_stop_at(model: PreTrainedModel, tok: PreTrainedTokenizerBase, marker: str) -> None:
-    """Make `generate` end a reply at the template's end-of-turn token.
-
-    lm-eval decodes replies with special tokens skipped, so a row of a batch that emitted
-    `<|eot_id|>` but not the eos token would keep going past it and the stop string could
-    no longer be found in the text. Adding the token to the model's eos ids pads finished
-    rows instead. Does nothing when the marker is not a single token or already an eos id.
-    """
-    ids = tok.encode(marker, add_special_tokens=False)
-    if len(ids) != 1:
-        return
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if ids[0] not in eos:
-        model.generation_config.eos_token_id = [*eos, ids[0]]
-
-
 def task_docs(
-    chats: list[dict[str, Any]], tok: PreTrainedTokenizerBase, system_prompt: str | None
+    chats: list[dict[str, Any]],
+    tok: PreTrainedTokenizerBase,
+    system_prompt: str | None,
+    num_choices: int = 4,
 ) -> dict[str, list[dict[str, Any]]]:
     """Each task's docs, rendered by this tokenizer's chat template.
 
@@ -190,6 +200,7 @@ def task_docs(
     string verbatim, and does not add a second BOS when the text already starts with it.
     """
     replies, texts = [], []
+    references = [chat["messages"][-1]["content"] for chat in chats]
     for record, chat in enumerate(chats):
         messages = with_system_prompt(chat["messages"], system_prompt)
         reference = messages[-1]["content"]
@@ -202,7 +213,34 @@ def task_docs(
             }
         )
         texts.append({"record": record, "text": tok.apply_chat_template(messages, tokenize=False)})
-    return {"sftflow_replies": replies, "sftflow_perplexity": texts}
+    choices = [
+        {**{k: r[k] for k in ("record", "prompt")}, **choice_set(references, r["record"], num_choices)}
+        for r in replies
+    ]
+    return {"sftflow_replies": replies, "sftflow_perplexity": texts, "sftflow_choice": choices}
+
+
+def choice_set(references: list[str], record: int, k: int) -> dict[str, Any]:
+    """The reference of chat `record` among up to k-1 other chats' references, gold at record % k.
+
+    Deterministic (the next chats in file order, skipping duplicates of the reference) so
+    base and tuned, and every run, answer the same questions.
+
+    >>> choice_set(["a", "b", "c"], 1, 3)
+    {'choices': ['c', 'b', 'a'], 'gold': 1}
+    """
+    gold_text = references[record]
+    seen = {gold_text.strip().lower()}  # choices differ by more than case and surrounding space
+    others: list[str] = []
+    for step in range(1, len(references)):
+        text = references[(record + step) % len(references)]
+        if len(others) == k - 1:
+            break
+        if text.strip().lower() not in seen:
+            seen.add(text.strip().lower())
+            others.append(text)
+    gold = record % (len(others) + 1)
+    return {"choices": [*others[:gold], gold_text, *others[gold:]], "gold": gold}
 
 
 def task_spec(
@@ -216,7 +254,7 @@ def task_spec(
     instead be taken as a whole new task config.
     """
     members = []
-    for task in params.tasks:
+    for task in (t for t in params.tasks if t in SHIPPED_TASKS):
         data_file = data_dir / f"{task}.jsonl"
         write_jsonl(data_file, docs[task])
         # cache_dir inside the temp dir: the datasets' Arrow cache goes away with it.
@@ -225,13 +263,22 @@ def task_spec(
             "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(data_dir / "cache")},
         }
         if task in GENERATION_TASKS:
-            member["generation_kwargs"] = {
-                "until": [stop],
-                "do_sample": False,
-                "max_gen_toks": params.max_new_tokens,
-            }
+            member["generation_kwargs"] = {"until": [stop], "max_gen_toks": params.max_new_tokens}
+            member["generation_kwargs"].update(sampling_kwargs(params) or {"do_sample": False})
         members.append(member)
     return {"group": GROUP, "task": members}
+
+
+def sampling_kwargs(params: EvalParams) -> dict[str, Any]:
+    """Generation settings beyond greedy decoding; empty when eval.do_sample is false."""
+    if not params.do_sample:
+        return {}
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+
+
+def user_tasks(params: EvalParams) -> list[str]:
+    """eval.tasks that are not ours: run by name, in their own lm-eval call (see _run_lm_eval)."""
+    return [t for t in params.tasks if t not in SHIPPED_TASKS]
 
 
 # ---------------------------------------------------------------- run
@@ -254,41 +301,72 @@ def _run_lm_eval(
     model.eval()
     stop = end_of_turn(tok)
     maybe_stop_at(model, tok, stop)
-    spec = task_spec(params, task_docs(chats, tok, system_prompt), stop, data_dir)
+    spec = task_spec(params, task_docs(chats, tok, system_prompt, params.num_choices), stop, data_dir)
+    theirs = user_tasks(params)
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=params.batch_size, device="cpu")
     threads = torch.get_num_threads()
     if params.threads > 0:
         torch.set_num_threads(params.threads)
+    common = {
+        "model": lm,
+        "task_manager": task_manager,
+        "limit": params.limit,
+        "bootstrap_iters": 0,  # no stderr: 24 docs give no useful bootstrap, and it costs time
+        "log_samples": True,
+        "random_seed": params.seed,
+        "numpy_random_seed": params.seed,
+        "torch_random_seed": params.seed,
+        "fewshot_random_seed": params.seed,
+    }
+    run: dict[str, Any] = {"results": {}, "samples": {}}
     try:
-        out = simple_evaluate(
-            model=lm,
-            tasks=[spec],
-            task_manager=task_manager,
-            limit=params.limit,
-            bootstrap_iters=0,  # no stderr: 24 docs give no useful bootstrap, and it costs time
-            log_samples=True,
-            apply_chat_template=False,  # prompts are already rendered: see task_docs
-        )
+        if spec["task"]:
+            # prompts are already rendered by the chat template: see task_docs
+            _add(run, simple_evaluate(tasks=[spec], apply_chat_template=False, **common))
+        if theirs:
+            # A second call: lm-eval renders these prompts itself (chat template, few-shot), and
+            # num_fewshot here reaches only them (a {"task": name, "num_fewshot": n} dict would
+            # be read as a whole new task config, not an override).
+            chat = params.chat_template and bool(tok.chat_template)
+            _add(
+                run,
+                simple_evaluate(
+                    tasks=theirs,
+                    num_fewshot=params.num_fewshot,
+                    apply_chat_template=chat,
+                    system_instruction=system_prompt if chat else None,
+                    gen_kwargs=sampling_kwargs(params) or None,
+                    **common,
+                ),
+            )
     finally:
         torch.set_num_threads(threads)
+    return run
+
+
+def _add(run: dict[str, Any], out: dict[str, Any] | None) -> None:
     assert out is not None  # None only on non-zero ranks; eval runs in one process
-    return {"results": out["results"], "samples": out["samples"]}
+    run["results"].update(out["results"])
+    run["samples"].update(out["samples"])
 
 
 # ---------------------------------------------------------------- write
 
 
-def flat_metrics(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> dict[str, float]:
+def flat_metrics(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     """`<task>.<metric>.{base,tuned,delta}` floats, the shape `dvc metrics diff` compares.
+
+    Every task and group lm-eval reports is included (a user's group such as mmlu gives its
+    own line and one per subtask); our inline group only carries overrides and is left out.
 
     >>> runs = {m: {"results": {"t": {"alias": "t", "acc,none": v, "acc_stderr,none": "N/A"}}}
     ...         for m, v in (("base", 0.25), ("tuned", 0.75))}
-    >>> flat_metrics(runs, ("t",))
+    >>> flat_metrics(runs)
     {'t.acc.base': 0.25, 't.acc.tuned': 0.75, 't.acc.delta': 0.5}
     """
     out: dict[str, float] = {}
-    for task in tasks:
+    for task in (t for t in runs["base"]["results"] if t != GROUP):
         per_model = {label: _task_metrics(runs[label]["results"][task]) for label in MODELS}
         for metric, base in per_model["base"].items():
             tuned = per_model["tuned"][metric]
@@ -299,12 +377,13 @@ def flat_metrics(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> dic
 
 
 def _task_metrics(result: dict[str, Any]) -> dict[str, float]:
-    # lm-eval keys are "<metric>,<filter>"; ours use the default filter "none" only.
+    # lm-eval keys are "<metric>,<filter>"; ours use the default filter "none", which is dropped
+    # from the name; other filters (gsm8k's "strict-match", ...) are kept: exact_match_strict-match.
     metrics = {}
     for key, value in result.items():
-        metric, sep, _ = key.partition(",")
+        metric, sep, filt = key.partition(",")
         if sep and not metric.endswith("_stderr") and isinstance(value, (int, float)):
-            metrics[metric] = float(value)
+            metrics[metric if filt == "none" else f"{metric}_{filt}"] = float(value)
     return metrics
 
 

@@ -33,6 +33,7 @@ from stages.errors import SftflowError
 from stages.io import read_json, write_json
 from stages.models import load_causal_lm, load_tokenizer, torch_dtype
 from stages.params import MergeParams, to_dict
+from stages.turns import end_of_turn, maybe_stop_at
 
 QLORA_BASES = ("original", "nf4_rounded")
 
@@ -177,15 +178,13 @@ def _merge_qlora(
     """
     from peft import PeftModel
 
-    model4 = load_4bit(train, base_dir)
-    rounded = dequantized_weights(model4)
-    trained = logits_on(PeftModel.from_pretrained(model4, str(adapter_dir)), batches, None)
-    del model4
-    gc.collect()
+    trained_model = PeftModel.from_pretrained(load_4bit(train, base_dir), str(adapter_dir))
+    trained = logits_on(trained_model, batches, None)
+    model4 = trained_model.unload()  # the 4-bit base again: its rounded weights, 1/8 of fp32's memory
 
     refs: dict[str, list[Any]] = {}
     for variant in QLORA_BASES:
-        model = PeftModel.from_pretrained(_fp32_base(base_dir, rounded, variant), str(adapter_dir))
+        model = PeftModel.from_pretrained(_fp32_base(base_dir, model4, variant), str(adapter_dir))
         refs[variant] = logits_on(model, batches, params.check_dtype)
         del model
     vs_trained = {v: compare(trained, refs[v]) for v in QLORA_BASES}
@@ -193,14 +192,17 @@ def _merge_qlora(
     if chosen == "auto":
         chosen = min(QLORA_BASES, key=lambda v: (vs_trained[v]["mean_abs_diff"], v != "nf4_rounded"))
 
-    model = PeftModel.from_pretrained(_fp32_base(base_dir, rounded, chosen), str(adapter_dir))
+    model = PeftModel.from_pretrained(_fp32_base(base_dir, model4, chosen), str(adapter_dir))
+    quantized = rounded_weights(model4)  # counts them
+    del model4
+    gc.collect()
     merged = model.merge_and_unload()
     extra = {
         "qlora": {
             "base": chosen,
             "choice": params.qlora_base,
             "quant_type": train.get("qlora", {}).get("quant_type", "nf4"),
-            "quantized_weights": len(rounded),
+            "quantized_weights": quantized,
             # each candidate base + adapter against the 4-bit model the adapter was trained on
             "candidates_vs_trained_4bit": vs_trained,
         },
@@ -223,27 +225,33 @@ def load_4bit(train: dict[str, Any], base_dir: Path) -> Any:
     return load_causal_lm(base_dir, "float32", quantization_config=config, device_map={"": "cpu"})
 
 
-def dequantized_weights(model4: Any) -> dict[str, Any]:
-    """`<module>.weight` -> the fp32 weight the 4-bit layer actually computes with."""
+def rounded_weights(model4: Any, model: Any | None = None) -> int:
+    """Copy into the fp32 `model` the weights each 4-bit layer of `model4` actually computes
+    with (the dequantized NF4/FP4 values), one layer at a time; return how many are quantized."""
     import bitsandbytes as bnb
+    import torch
 
-    out = {}
-    for name, module in model4.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            w = module.weight
-            out[f"{name}.weight"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-    if not out:
+    targets = {} if model is None else dict(model.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for name, module in model4.named_modules():
+            if not isinstance(module, bnb.nn.Linear4bit):
+                continue
+            n += 1
+            if model is None:
+                continue
+            w, target = module.weight, targets[f"{name}.weight"]
+            target.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).reshape(target.shape))
+    if n == 0:
         raise SftflowError("the 4-bit base has no quantized layers to round through", field="train.qlora")
-    return out
+    return n
 
 
-def _fp32_base(base_dir: Path, rounded: dict[str, Any], variant: str) -> Any:
-    """The fp32 base, with the quantized layers' weights replaced by their rounded values."""
+def _fp32_base(base_dir: Path, model4: Any, variant: str) -> Any:
+    """The fp32 base; for nf4_rounded with the quantized layers' weights as they were trained."""
     model = load_causal_lm(base_dir, "float32")
     if variant == "nf4_rounded":
-        params = dict(model.named_parameters())
-        for name, value in rounded.items():
-            params[name].data.copy_(value.reshape(params[name].shape))
+        rounded_weights(model4, model)
     return model
 
 
@@ -258,8 +266,6 @@ def save_merged(model: Any, tok: Any, out: Path, params: MergeParams) -> bool:
     saving it with `tie_word_embeddings: true` would drop it and reload the embeddings in
     its place (PITFALLS #9), so such a model is saved untied.
     """
-    from stages.evaluate import end_of_turn, maybe_stop_at
-
     out_w, in_w = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     tied = out_w is in_w or out_w.data_ptr() == in_w.data_ptr()
     if not tied and _config_ties(model.config):

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from stages.errors import SftflowError
-from stages.evaluate import evaluate
-from stages.params import EvalParams
+from stages.evaluate import choice_set, evaluate
+from stages.params import EvalParams, parse_params
 from stages.tasks.metrics import process_replies, rouge_l_f1
 
 SYSTEM = "You are a helpful assistant."
@@ -47,6 +47,7 @@ CHATS = [
 METRICS = {
     "sftflow_replies": ("contains", "exact_match", "rougeL"),
     "sftflow_perplexity": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "sftflow_choice": ("acc", "acc_norm"),
 }
 
 
@@ -159,10 +160,10 @@ def test_same_model_gives_zero_delta(eval_run: dict[str, Any]) -> None:
 def test_unknown_task_names_eval_tasks(tmp_path: Path) -> None:
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps(CHATS[0]) + "\n")
-    params = EvalParams(data=str(data), tasks=("sftflow_replies", "hellaswag"))
+    params = EvalParams(data=str(data), tasks=("sftflow_replies", "no_such_task"))
     with pytest.raises(SftflowError) as err:
         evaluate(params, tmp_path / "none", tmp_path / "none", tmp_path / "e.json", tmp_path / "s.jsonl")
-    assert err.value.field == "eval.tasks" and "hellaswag" in str(err.value)
+    assert err.value.field == "eval.tasks" and "no_such_task" in str(err.value)
     assert "eval.tasks" in str(err.value)
     assert not (tmp_path / "e.json").exists()
 
@@ -188,3 +189,88 @@ def test_reply_metrics() -> None:
     assert scored["contains"] == 0.0 and scored["exact_match"] == 0.0
     assert scored["rougeL"] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))  # LCS "i am"
     assert rouge_l_f1("", "") == 1.0 and rouge_l_f1("x", "") == 0.0
+
+
+def test_choice_sets_hold_the_reference_once_among_other_replies() -> None:
+    refs = ["Paris.", "4.", "paris.", "I am Sftflow Assistant.", "Blue.", "4."]
+    for record, ref in enumerate(refs):
+        got = choice_set(refs, record, 4)
+        choices = got["choices"]
+        assert choices[got["gold"]] == ref and got["gold"] == record % len(choices)
+        assert len(choices) == len({c.strip().lower() for c in choices}) <= 4  # no duplicate replies
+    assert len(choice_set(refs, 0, 4)["choices"]) == 4
+    assert choice_set(["a", "b"], 0, 4) == {"choices": ["a", "b"], "gold": 0}
+
+
+def test_choice_task_needs_two_chats(tmp_path: Path) -> None:
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps(CHATS[0]) + "\n")
+    with pytest.raises(SftflowError, match="at least 2 held-out chats") as err:
+        evaluate(EvalParams(data=str(data)), tmp_path, tmp_path, tmp_path / "e.json", tmp_path / "s.jsonl")
+    assert err.value.field == "eval.tasks"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"num_choices": 1}, "eval.num_choices"),
+        ({"temperature": 0.0}, "eval.temperature"),
+        ({"num_fewshot": -1}, "eval.num_fewshot"),
+        ({"tasks": ["sftflow_choice", "sftflow_choice"]}, "lists a task twice"),
+        ({"do_sampel": True}, "eval.do_sampel: unknown key"),
+    ],
+)
+def test_eval_params_are_checked(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(SftflowError, match=message):
+        parse_params({"eval": raw})
+
+
+def test_a_user_task_yaml_runs_next_to_ours(eval_run: dict[str, Any], tmp_path: Path) -> None:
+    """eval.include_path + a task YAML over a local JSON file: lm-eval applies the chat template."""
+    root = eval_run["root"]
+    rows = [
+        {"question": "Is Paris in France?", "choices": ["yes", "no"], "gold": 0},
+        {"question": "Is 2 + 2 five?", "choices": ["yes", "no"], "gold": 1},
+    ]
+    (tmp_path / "yesno.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "yesno.yaml").write_text(
+        "task: my_yesno\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'yesno.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: question\n"
+        "doc_to_choice: choices\n"
+        "doc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    params = EvalParams(
+        data=str(root / "eval.jsonl"),
+        tasks=("my_yesno", "sftflow_choice"),
+        include_path=str(tmp_path),
+        num_fewshot=0,
+    )
+    flat = evaluate(
+        params, eval_run["base"], root / "tuned", tmp_path / "e.json", tmp_path / "s.jsonl", SYSTEM
+    )
+    assert sorted(flat) == sorted(
+        f"{task}.{m}.{s}"
+        for task, ms in (("my_yesno", ("acc",)), ("sftflow_choice", METRICS["sftflow_choice"]))
+        for m in ms
+        for s in ("base", "tuned", "delta")
+    )
+    assert all(0.0 <= flat[f"my_yesno.acc.{s}"] <= 1.0 for s in ("base", "tuned"))
+    # The choice task reads the same numbers as in the full run: it is deterministic.
+    for key in flat:
+        if key.startswith("sftflow_choice."):
+            assert flat[key] == eval_run["flat"][key], key
+
+
+def test_a_trained_model_scores_better_than_its_base(tiny_project: Path) -> None:
+    """The tiny pipeline's eval (30 LoRA steps on the demo chats): numbers follow the model."""
+    flat = json.loads((tiny_project / "reports" / "eval.json").read_text())
+    for metric in ("bits_per_byte", "word_perplexity"):  # 4 docs, a 2-layer model: only fitting moves
+        assert flat[f"sftflow_perplexity.{metric}.tuned"] < flat[f"sftflow_perplexity.{metric}.base"]
+    assert {"sftflow_choice.acc.base", "sftflow_choice.acc.tuned"} <= set(flat)
+    merge = json.loads((tiny_project / "reports" / "merge.json").read_text())
+    assert merge["max_abs_diff"] < 1e-4 and merge["tied_embeddings"] is True
