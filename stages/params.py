@@ -183,10 +183,20 @@ class EvalParams:
     are rendered exactly as the training chats were)."""
 
     data: str = "data/raw/eval.jsonl"  # held-out chats: last assistant reply is the reference
-    tasks: tuple[str, ...] = ("sftflow_replies", "sftflow_perplexity")
+    # shipped: sftflow_replies, sftflow_perplexity, sftflow_choice (stages/tasks); also any
+    # lm-eval task whose data is on disk: a YAML in include_path, or one of lm-eval's own
+    tasks: tuple[str, ...] = ("sftflow_replies", "sftflow_perplexity", "sftflow_choice")
+    include_path: str | None = None  # a folder of your own lm-eval task YAMLs (dataset_path: json, ...)
     limit: int | None = None  # docs per task; None = all
     batch_size: int = 32  # 24 demo docs in one batch: 67 s vs 81 s at 8 (measured)
+    num_fewshot: int | None = None  # your tasks only (the shipped ones are zero-shot chats); None: the task's own
+    chat_template: bool = True  # your tasks: lm-eval applies the model's chat template (if it has one)
+    num_choices: int = 4  # sftflow_choice: the reference + up to 3 other held-out replies
     max_new_tokens: int = 48
+    do_sample: bool = False  # greedy replies by default: repeatable; true: sample with the two below
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # lm-eval's seeds (sampling, few-shot draws)
     threads: int = 1  # torch threads; 0 = all cores. 1: decoding gains little from a 2nd
     # core and loses 3x when another process shares them (measured on 2 cores)
 
@@ -296,6 +306,14 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("eval.limit: must be >= 1 (docs per task) or null for all")
     if p.eval.batch_size < 1 or p.eval.max_new_tokens < 1:
         out.append("eval.batch_size / eval.max_new_tokens: must be >= 1")
+    if p.eval.num_choices < 2:
+        out.append("eval.num_choices: must be >= 2 (the reference and at least one other reply)")
+    if p.eval.num_fewshot is not None and p.eval.num_fewshot < 0:
+        out.append("eval.num_fewshot: must be >= 0 or null")
+    if p.eval.temperature <= 0 or not 0 < p.eval.top_p <= 1:
+        out.append("eval.temperature: must be > 0, eval.top_p in (0, 1]")
+    if len(set(p.eval.tasks)) != len(p.eval.tasks):
+        out.append("eval.tasks: lists a task twice")
     if not p.eval.tasks:
         out.append("eval.tasks: list at least one task")
     if p.eval.threads < 0 or p.train.threads < 0:
