@@ -155,6 +155,10 @@ def test_full_converts_dtype_and_shards(tiny_base: Path, prepared: Path, tmp_pat
     assert report["shards"] == len(set(index["weight_map"].values())) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert reloaded.dtype == torch.bfloat16
+    from lm_eval.models.huggingface import HFLM  # lm-eval loads the sharded folder by path too
+
+    lm = HFLM(pretrained=str(tmp_path / "merged"), device="cpu", batch_size=1, dtype="auto")
+    assert lm.model.dtype == torch.bfloat16 and lm.tok_encode("hi") == lm.tokenizer.encode("hi")
     assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
     # bf16 rounds weights: close to the trained fp32 model, not equal; half its size on disk.
     assert 1e-4 < report["max_abs_diff"] < 0.5 and report["greedy_agreement"] > 0.9
