@@ -301,7 +301,9 @@ def _run_lm_eval(
     model.eval()
     stop = end_of_turn(tok)
     maybe_stop_at(model, tok, stop)
-    spec = task_spec(params, task_docs(chats, tok, system_prompt, params.num_choices), stop, data_dir)
+    ours = any(t in SHIPPED_TASKS for t in params.tasks)  # only ours need the template rendered here
+    docs = task_docs(chats, tok, system_prompt, params.num_choices) if ours else {}
+    spec = task_spec(params, docs, stop, data_dir)
     theirs = user_tasks(params)
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=params.batch_size, device="cpu")
