@@ -67,7 +67,7 @@ def test_workflow_contract() -> None:
     assert (
         "dvc push" in passed["run"]
         and "cml pr create" in passed["run"]
-        and "dvc.lock accepted" in passed["run"]
+        and 'paths="dvc.lock accepted"' in passed["run"]
     )
     failed = by_name["Gate failed: keep the accepted model"]
     assert failed["if"] == "steps.retrain.outcome != 'success'" and "exit 1" in failed["run"]
