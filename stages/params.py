@@ -163,7 +163,7 @@ class MergeParams:
     """Adapter -> merged weights; read by `merge`."""
 
     # dtype the merged model is saved in (the merge itself always runs in fp32). bf16/fp16 round
-    # the weights: set max_abs_diff to what that costs (tiny model: ~0.05, SmolLM2 bf16: ~1)
+    # the weights: set max_abs_diff to what that costs (SmolLM2-135M bf16: 0.46, 98.7% same greedy tokens)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_abs_diff: float = 1e-4  # fail when the saved model's logits differ from base+adapter by more
     # float64 measures the merge's own rounding, not fp32 forward-pass noise (see merge.py);
