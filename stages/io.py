@@ -24,6 +24,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output is a normal folder
     try:
         yield tmp
     except BaseException:

@@ -39,3 +39,16 @@ def test_errors_keep_their_location_across_processes() -> None:
         pickle.dumps(SftflowError("bad role", path="a.jsonl", line=3, field="messages[0].role"))
     )
     assert str(err) == "a.jsonl:3: messages[0].role: bad role"
+
+
+def test_output_folder_gets_the_usual_permissions(tmp_path: Path) -> None:
+    """mkdtemp makes 0700 folders; an output others (DVC, a serving user) read must not be one."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
