@@ -219,8 +219,8 @@ def main() -> None:
         sets = {n: prepare_samples(base, n, work, seed=0) for n in {args.samples, args.pad_max_samples}}
         from datasets import load_from_disk
 
-        lengths = sorted(load_from_disk(str(sets[args.samples] / "train"))["length"])
-        trained = sum(load_from_disk(str(sets[args.samples] / "train"))["num_trained"])
+        rows = load_from_disk(str(sets[args.samples] / "train"))
+        lengths, trained = sorted(rows["length"]), sum(rows["num_trained"])
         stats = {
             "median_len": lengths[len(lengths) // 2],
             "p90_len": lengths[int(len(lengths) * 0.9)],

@@ -77,7 +77,7 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_reloads(
     assert _learned(report), report["losses"]
     counted = report["parameters"]
     # 4-bit weights are packed two per byte; counted at their real size they equal the fp32 model's
-    assert counted["total"] == _train_free_count(tiny_base) + counted["trainable"]
+    assert counted["total"] == _base_parameter_count(tiny_base) + counted["trainable"]
     saved = json.loads((tmp_path / "out" / "sftflow_train.json").read_text())
     assert saved["method"] == "qlora" and saved["params"]["qlora"]["quant_type"] == "nf4"
     first = _adapter_logits(tiny_base, tmp_path / "out", QLoraParams())
@@ -87,7 +87,7 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_reloads(
     assert (first - plain).abs().max() > 1e-3  # the adapter changed the model
 
 
-def _train_free_count(base: Path) -> int:
+def _base_parameter_count(base: Path) -> int:
     return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
 
 
@@ -184,21 +184,21 @@ def test_trained_only_logits_give_the_same_loss_and_gradients(
     dense = _train(tmp_path / "b", tiny_base, prepared, max_steps=2, trained_logits_only=False)
     assert sparse["trained_logits_only"] and not dense["trained_logits_only"]
     assert sparse["losses"] == pytest.approx(dense["losses"], rel=1e-5)
+    grads = [
+        [row.split(",")[4] for row in (tmp_path / run / "loss.csv").read_text().splitlines()[1:]]
+        for run in "ab"
+    ]
+    assert [float(g) for g in grads[0]] == pytest.approx([float(g) for g in grads[1]], rel=1e-4)
 
 
 def test_qlora_resumes_after_a_crash_and_continues_the_curve(
     tiny_base: Path,
     prepared: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture,
 ) -> None:
     """PITFALLS #7 for QLoRA: a run that dies after checkpoint-4 resumes there, says so, and its
     losses continue those of a run that never died."""
-    from transformers import TrainerCallback
-
-    import stages.train as train_module
-
     whole = _train(tmp_path / "whole", tiny_base, prepared, method="qlora", max_steps=8, save_steps=4)
 
     class Crash(TrainerCallback):
@@ -206,11 +206,16 @@ def test_qlora_resumes_after_a_crash_and_continues_the_curve(
             if state.global_step == 6:
                 raise RuntimeError("simulated crash")
 
-    original = train_module._tensorboard
-    with monkeypatch.context() as patch:  # the crash rides along with the run's callbacks
-        patch.setattr(train_module, "_tensorboard", lambda *a: [*original(*a), Crash()])
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            _train(tmp_path / "cut", tiny_base, prepared, method="qlora", max_steps=8, save_steps=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(
+            tmp_path / "cut",
+            tiny_base,
+            prepared,
+            callbacks=(Crash(),),
+            method="qlora",
+            max_steps=8,
+            save_steps=4,
+        )
     assert (tmp_path / "cut" / "ckpt" / "checkpoint-4").exists()
     capfd.readouterr()
     resumed = _train(tmp_path / "cut", tiny_base, prepared, method="qlora", max_steps=8, save_steps=4)
