@@ -51,9 +51,9 @@ def main() -> None:
     ap.add_argument("--dvc-dir", type=Path, default=ROOT, help="a pipeline already reproduced")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from stages.models import load_tokenizer
-    from stages.params import DataParams, SourceParams
-    from stages.prepare import prepare
+    from stages.core.loading import load_tokenizer
+    from stages.core.params import DataParams, SourceParams
+    from stages.prepare.shards import prepare
 
     chats = synthetic_chats(args.chats)
     tok = load_tokenizer(args.model)

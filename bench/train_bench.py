@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct from the embedded GGUF, or --model), same prepared chats
 (lengths spread like real SFT data: median ~150, p90 ~420 tokens, assistant-only loss), LoRA
 r=8 alpha=16 dropout 0.05 on all linear layers, batch 4, no accumulation, max length 1024.
-Each mode runs in its own process (so peak RSS is its own) through `stages.train.train`:
+Each mode runs in its own process (so peak RSS is its own) through `stages.train.trainer.train`:
 
     seed_pad_max      pad every sample to max_length (the seed scripts' finetune.py)
     hf_dynamic        HF Trainer: dynamic padding + length grouping, full logits
@@ -116,8 +116,8 @@ def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> 
     """One mode in this process: train on the prepared samples for one epoch; return the report."""
     import torch
 
-    import stages.train as train_module
-    from stages.params import LoraParams, QLoraParams, TrainParams
+    import stages.train.trainer as train_module
+    from stages.core.params import LoraParams, QLoraParams, TrainParams
 
     torch.set_num_threads(threads)
     knobs = {
@@ -148,7 +148,7 @@ def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> 
 
             train_module.build_collator = pad_to_max
             knobs["packing"] = "none"
-        import stages.trainable as trainable
+        import stages.train.model as trainable
 
         trainable.attention_for = lambda packing: force_attention
     if mode.endswith("_gc"):
@@ -173,8 +173,8 @@ def ensure_base(model: str | None, work: Path) -> Path:
         return Path(model)
     if (ROOT / "models" / "base" / "config.json").exists():
         return ROOT / "models" / "base"
-    from stages.base import base
-    from stages.params import ModelParams
+    from stages.base.build import base
+    from stages.core.params import ModelParams
 
     out = work / "base"
     out.mkdir()
@@ -183,8 +183,8 @@ def ensure_base(model: str | None, work: Path) -> Path:
 
 
 def prepare_samples(base: Path, n: int, work: Path, seed: int) -> Path:
-    from stages.params import DataParams, SourceParams
-    from stages.prepare import prepare
+    from stages.core.params import DataParams, SourceParams
+    from stages.prepare.shards import prepare
 
     raw = work / f"chats_{n}.jsonl"
     raw.write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats(n, seed)))

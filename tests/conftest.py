@@ -46,7 +46,7 @@ def zephyr_tokenizer_dir(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.Te
     (<|user|>), replies closed by the EOS token — a template shaped unlike ChatML."""
     from transformers import AutoTokenizer
 
-    from stages.base import read_chat_template
+    from stages.base.build import read_chat_template
 
     out = tmp_path_factory.mktemp("zephyr_tok")
     tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
@@ -86,8 +86,8 @@ def tiny_base(smollm_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def prepared(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 8 demo chats, prepared (varied lengths, 1-3 turns)."""
-    from stages.params import DataParams, SourceParams
-    from stages.prepare import prepare
+    from stages.core.params import DataParams, SourceParams
+    from stages.prepare.shards import prepare
 
     tmp = tmp_path_factory.mktemp("prepared")
     raw = tmp / "chats.jsonl"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import base, resolve_local
-from stages.errors import SftflowError
-from stages.params import ModelParams
+from stages.base.build import base, resolve_local
+from stages.core.errors import SftflowError
+from stages.core.params import ModelParams
 
 
 def test_embedded_model_resolves_inside_its_package() -> None:

@@ -23,15 +23,15 @@ import pytest
 import torch
 import yaml
 
-from stages.distributed import (
+from stages.core.errors import SftflowError
+from stages.core.params import DistributedParams, MergeParams, parse_params
+from stages.train.distributed import (
     apply_offload,
     deepspeed_config,
     memory_estimate,
     resolve_launch,
     torchrun_command,
 )
-from stages.errors import SftflowError
-from stages.params import DistributedParams, MergeParams, parse_params
 from tests.conftest import bin_path, read_json
 
 STEPS = 4
@@ -128,8 +128,8 @@ def one_process(tiny_base: Path, prepared: Path, tmp_path_factory: pytest.TempPa
 
 def merged_logits(base: Path, prepared: Path, trained: Path, dest: Path) -> torch.Tensor:
     """Logits of `trained` merged by the merge stage, reloaded from disk (no DeepSpeed)."""
-    from stages.merge import merge
-    from stages.models import load_causal_lm
+    from stages.core.loading import load_causal_lm
+    from stages.merge.fold import merge
 
     report = merge(MergeParams(), base, trained, prepared, dest)
     assert report["max_abs_diff"] < 1e-4
@@ -269,7 +269,7 @@ def test_environment_overrides_params() -> None:
     assert (launch.master_addr, launch.master_port, launch.world_size) == ("10.0.0.1", 29600, 16)
     cmd = torchrun_command(launch, ["train", "--params", "params.yaml"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--node_rank=1" in cmd and "--nnodes=2" in cmd
-    assert cmd[-4:] == ["stages.cli", "train", "--params", "params.yaml"]
+    assert cmd[-4:] == ["stages.core.cli", "train", "--params", "params.yaml"]
     with pytest.raises(SftflowError, match="NNODES='two'"):
         resolve_launch(params, {"NNODES": "two"})
     with pytest.raises(SftflowError, match="node_rank 2 of nnodes 2"):
@@ -351,14 +351,14 @@ def test_memory_estimate_tells_what_fits_before_a_run() -> None:
 
 @pytest.mark.parametrize("preset", ["qlora-7b-1gpu", "full-7b-zero3-8gpu", "lora-2node-16gpu"])
 def test_real_hardware_presets_are_valid_and_reuse_the_stages(preset: str) -> None:
-    from stages.params import load_params
+    from stages.core.params import load_params
 
     folder = Path(__file__).resolve().parents[1] / "pipelines" / preset
     params = load_params(folder / "params.yaml")  # every key known, every combination allowed
     stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["base", "prepare", "train", "merge", "eval"]
     assert stages["train"]["cmd"].startswith("sftflow train --params params.yaml")
-    assert "../../stages/distributed.py" in stages["train"]["deps"]
+    assert "../../stages/train/distributed.py" in stages["train"]["deps"]
     launch = resolve_launch(params.train.distributed, {})
     assert launch.world_size == {"qlora-7b-1gpu": 1, "full-7b-zero3-8gpu": 8, "lora-2node-16gpu": 16}[preset]
     readme = (folder / "README.md").read_text()

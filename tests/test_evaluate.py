@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from stages.errors import SftflowError
-from stages.evaluate import choice_set, evaluate
-from stages.params import EvalParams, parse_params
-from stages.tasks.metrics import process_replies, rouge_l_f1
+from stages.core.errors import SftflowError
+from stages.core.params import EvalParams, parse_params
+from stages.evaluate.harness import choice_set, evaluate
+from stages.evaluate.tasks.metrics import process_replies, rouge_l_f1
 
 SYSTEM = "You are a helpful assistant."
 CHATS = [

@@ -9,9 +9,9 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from stages.errors import SftflowError
-from stages.params import DataParams, SourceParams
-from stages.prepare import prepare
+from stages.core.errors import SftflowError
+from stages.core.params import DataParams, SourceParams
+from stages.prepare.shards import prepare
 from tests.test_masks import CHATS, assert_trained_replies, trained_runs
 
 SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}

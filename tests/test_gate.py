@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import SftflowError
-from stages.gate import check, flatten
-from stages.params import GateParams, GateRule, load_params
+from stages.core.errors import SftflowError
+from stages.core.params import GateParams, GateRule, load_params
+from stages.tools.gate import check, flatten
 from tests.conftest import REPO, bin_path, run
 
 ACCEPTED = {"t.contains.tuned": 0.90, "t.bpb.tuned": 0.60, "t.contains.base": 0.2}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.io import atomic_dir, write_json
+from stages.core.io import atomic_dir, write_json
 
 
 def test_crash_inside_atomic_dir_keeps_old_output(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_success_replaces_output_whole(tmp_path: Path) -> None:
 def test_errors_keep_their_location_across_processes() -> None:
     import pickle
 
-    from stages.errors import SftflowError
+    from stages.core.errors import SftflowError
 
     err = pickle.loads(
         pickle.dumps(SftflowError("bad role", path="a.jsonl", line=3, field="messages[0].role"))

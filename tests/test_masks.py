@@ -13,8 +13,8 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from stages.params import DataParams, SourceParams
-from stages.prepare import IGNORE, prepare
+from stages.core.params import DataParams, SourceParams
+from stages.prepare.shards import IGNORE, prepare
 
 CHATS = [
     [

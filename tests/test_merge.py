@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from stages.errors import SftflowError
-from stages.merge import merge
-from stages.params import MergeParams
+from stages.core.errors import SftflowError
+from stages.core.params import MergeParams
+from stages.merge.fold import merge
 
 IDS = torch.tensor([list(range(100, 160))])
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from stages.errors import SftflowError
-from stages.params import FullParams, LoraParams, QLoraParams, TrainParams
-from stages.train import train
+from stages.core.errors import SftflowError
+from stages.core.params import FullParams, LoraParams, QLoraParams, TrainParams
+from stages.train.trainer import train
 
 IDS = torch.tensor([list(range(10, 40))])
 

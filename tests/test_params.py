@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages.cli import cli
-from stages.errors import SftflowError
-from stages.params import load_params
+from stages.core.cli import cli
+from stages.core.errors import SftflowError
+from stages.core.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,5 +86,5 @@ def test_cli_starts_without_importing_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys; from stages.cli import cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; from stages.core.cli import cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

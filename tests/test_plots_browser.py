@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.plots import browse, screenshot
+from stages.tools.plots import browse, screenshot
 from tests.conftest import REPO, bin_path, run
 
 OFFLINE = "--proxy-server=127.0.0.1:9"  # a closed port: no request can succeed

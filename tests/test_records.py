@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import SftflowError
-from stages.params import DataParams, SourceParams
-from stages.prepare import prepare
+from stages.core.errors import SftflowError
+from stages.core.params import DataParams, SourceParams
+from stages.prepare.shards import prepare
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -9,10 +9,10 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from stages.base import read_chat_template
-from stages.errors import SftflowError
-from stages.params import DataParams, SourceParams
-from stages.prepare import prepare
+from stages.base.build import read_chat_template
+from stages.core.errors import SftflowError
+from stages.core.params import DataParams, SourceParams
+from stages.prepare.shards import prepare
 from tests.test_masks import CHATS, assert_trained_replies
 
 

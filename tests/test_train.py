@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from stages.params import LoraParams, TrainParams
-from stages.train import build_collator, train
+from stages.core.params import LoraParams, TrainParams
+from stages.train.trainer import build_collator, train
 
 
 def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path) -> None:
@@ -34,7 +34,7 @@ def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path)
         naive = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss
     assert abs(loss_packed - loss_padded) < 1e-5, (loss_packed, loss_padded)
     # the default kernel for packed rows: per-sample SDPA, no mask at all
-    from stages.attention import register
+    from stages.train.attention import register
 
     model.set_attn_implementation(register())
     unmasked = build_collator(tok, "padding_free", model.config._attn_implementation)(rows)
@@ -77,8 +77,8 @@ def test_method_learns_and_its_saved_output_merges_exactly(
 ) -> None:
     from peft import PeftModel
 
-    from stages.merge import merge
-    from stages.params import MergeParams
+    from stages.core.params import MergeParams
+    from stages.merge.fold import merge
 
     params = TrainParams(
         method=method,

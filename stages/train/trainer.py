@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import distributed
-from stages.errors import SftflowError
-from stages.io import atomic_file, read_json, write_json
-from stages.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
-from stages.models import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
-from stages.params import TrainParams, to_dict
-from stages.trainable import build_model, count_parameters
+from stages.core.errors import SftflowError
+from stages.core.io import atomic_file, read_json, write_json
+from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
+from stages.core.params import TrainParams, to_dict
+from stages.train import distributed
+from stages.train.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
+from stages.train.model import build_model, count_parameters
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
@@ -54,12 +54,12 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sdpa") -> Any:
-    """Padding-free packing (one flat row, samples kept apart: see stages/packing.py) or
+    """Padding-free packing (one flat row, samples kept apart: see stages/train/packing.py) or
     dynamic padding to the longest sample of the batch. Only plain `sdpa`/`eager` need the
     explicit block-diagonal mask; flash and sdpa_varlen read sample boundaries themselves."""
     from transformers import DataCollatorForSeq2Seq
 
-    from stages.packing import PaddingFreeCollator
+    from stages.train.packing import PaddingFreeCollator
 
     if packing in ("padding_free", "auto"):
         return PaddingFreeCollator(block_mask=attn_implementation in ("sdpa", "eager", None))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import SftflowError
+from stages.core.errors import SftflowError
 
 ROLES = ("system", "user", "assistant")
 

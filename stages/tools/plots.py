@@ -1,19 +1,16 @@
-"""DVC plots that work offline: eval metrics as plottable rows, and the vendored HTML template.
+"""DVC plots that work offline: the vendored HTML template, and a headless-browser screenshot.
 
 `dvc plots show` / `plots diff` write an HTML page whose default template loads vega,
 vega-lite and vega-embed from a CDN, so on a machine without internet the page stays blank.
 The project sets `plots.html_template` (.dvc/config) to `.dvc/plots/offline.html`, which
 carries the three libraries inline (built here from their npm tarballs), and renders to SVG.
 
-eval writes `reports/eval.json` as flat `task.metric.base|tuned|delta` keys (what `dvc
-metrics diff` wants); a plot needs rows, so eval also writes them with `eval_rows`:
+The eval stage's own plot rows are written by `stages/evaluate/plot_rows.py`; nothing here
+runs in a pipeline stage, so editing it re-runs none.
 
-    >>> eval_rows({"t.acc.base": 0.2, "t.acc.tuned": 0.9, "t.acc.delta": 0.7})
-    [{'metric': 't.acc', 'model': 'base', 'value': 0.2}, {'metric': 't.acc', 'model': 'tuned', 'value': 0.9}]
-
-Refresh the vendored libraries (needs npm): `python -m stages.plots vendor vega@5 vega-lite@5 vega-embed@6`.
+Refresh the vendored libraries (needs npm): `python -m stages.tools.plots vendor vega@5 vega-lite@5 vega-embed@6`.
 A PNG of a plots page for a CI comment (headless Chromium, no network needed):
-`python -m stages.plots screenshot dvc_plots/index.html loss.png`.
+`python -m stages.tools.plots screenshot dvc_plots/index.html loss.png`.
 """
 
 from __future__ import annotations
@@ -25,9 +22,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from stages.io import atomic_file, write_json
+from stages.core.io import atomic_file
 
 TEMPLATE = Path(".dvc/plots/offline.html")
 # (npm package, file inside its tarball); order matters: vega-embed needs the other two as globals
@@ -48,20 +44,6 @@ EMBED_DEFAULTS = """
 """
 
 
-def eval_rows(flat: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric and model (base, tuned), in the metrics file's order."""
-    rows = []
-    for key, value in flat.items():
-        stem, _, model = key.rpartition(".")
-        if model in ("base", "tuned") and stem:
-            rows.append({"metric": stem, "model": model, "value": value})
-    return rows
-
-
-def write_eval_plot(flat: dict[str, Any], path: Path) -> None:
-    write_json(path, eval_rows(flat))
-
-
 def offline_template(scripts: list[tuple[str, str]]) -> str:
     """A DVC HTML template (`{plot_divs}`, `{refresh_tag}`) with the given (name, js) inline."""
     for name, js in scripts:
@@ -76,7 +58,7 @@ def offline_template(scripts: list[tuple[str, str]]) -> str:
 <meta charset="utf-8">
 <title>sftflow plots</title>
 <!-- Offline DVC plots template: vega, vega-lite and vega-embed are inline (BSD-3-Clause,
-     built by `python -m stages.plots`), so the page renders with no network. -->
+     built by `python -m stages.tools.plots`), so the page renders with no network. -->
 {inline}
 <script>{EMBED_DEFAULTS}</script>
 <style>
@@ -168,4 +150,4 @@ if __name__ == "__main__":
         page, png, *size = rest
         print(screenshot(Path(page), Path(png), *(int(x) for x in size)))
     else:
-        sys.exit("usage: python -m stages.plots vendor [SPEC...] | screenshot PAGE PNG [WIDTH HEIGHT]")
+        sys.exit("usage: python -m stages.tools.plots vendor [SPEC...] | screenshot PAGE PNG [WIDTH HEIGHT]")

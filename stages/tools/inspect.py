@@ -37,7 +37,7 @@ def inspect_samples(prepared: Path, model_dir: Path, split: str, indices: list[i
     """A printable view of the chosen samples of one split, with their origin and counts."""
     from datasets import load_from_disk
 
-    from stages.models import load_tokenizer
+    from stages.core.loading import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     ds = load_from_disk(str(prepared / split))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.io import read_json
+from stages.core.io import read_json
 
 if TYPE_CHECKING:
     import torch

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.chat import TemplateError, label_tokens, render_chat
-from stages.errors import SftflowError
-from stages.io import write_json, write_jsonl
-from stages.models import load_tokenizer, tokenizer_fingerprint
-from stages.params import DataParams, SourceParams, to_dict
-from stages.records import RawRecord, read_records
+from stages.core.errors import SftflowError
+from stages.core.io import write_json, write_jsonl
+from stages.core.loading import load_tokenizer, tokenizer_fingerprint
+from stages.core.params import DataParams, SourceParams, to_dict
+from stages.prepare.records import RawRecord, read_records
+from stages.prepare.render import TemplateError, label_tokens, render_chat
 
 IGNORE = -100  # label of an untrained position (the value torch's cross-entropy skips)
 MAP_BATCH = 256  # chats per datasets.map batch: one batched fast-tokenizer call each

@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stages.attention import register as register_varlen_attention
-from stages.errors import SftflowError
-from stages.models import load_causal_lm
-from stages.params import TrainParams
+from stages.core.errors import SftflowError
+from stages.core.loading import load_causal_lm
+from stages.core.params import TrainParams
+from stages.train.attention import register as register_varlen_attention
 
 
 def attention_for(packing: str) -> str:
@@ -90,7 +90,7 @@ def _load_4bit(params: TrainParams, base_dir: Path, attn: str) -> Any:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from stages.models import torch_dtype
+    from stages.core.loading import torch_dtype
 
     q = params.qlora
     config = BitsAndBytesConfig(

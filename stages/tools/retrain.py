@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.errors import SftflowError
-from stages.gate import GateResult, accept, gate
-from stages.io import atomic_file
-from stages.params import GateParams
+from stages.core.errors import SftflowError
+from stages.core.io import atomic_file
+from stages.core.params import GateParams
+from stages.tools.gate import GateResult, accept, gate
 
 
 def dvc_bin() -> str:

@@ -29,11 +29,11 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from stages.errors import SftflowError
-from stages.io import read_json, write_json
-from stages.models import load_causal_lm, load_tokenizer, torch_dtype
-from stages.params import MergeParams, to_dict
-from stages.turns import end_of_turn, maybe_stop_at
+from stages.core.errors import SftflowError
+from stages.core.io import read_json, write_json
+from stages.core.loading import load_causal_lm, load_tokenizer, torch_dtype
+from stages.core.params import MergeParams, to_dict
+from stages.core.turns import end_of_turn, maybe_stop_at
 
 QLORA_BASES = ("original", "nf4_rounded")
 

