@@ -138,7 +138,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = copy_project(tmp_path_factory.mktemp("project"))
     pipeline = root / "pipelines" / "tiny"
     ran = repro(pipeline)
-    assert ran == ["base", "prepare", "train", "merge", "eval"], ran
+    assert ran == ["base", "prepare", "train", "merge", "eval_base", "eval"], ran
     shutil.copy(pipeline / "reports" / "train.json", pipeline.parent / "first_train.json")  # for resume
     return pipeline
 

@@ -274,3 +274,30 @@ def test_a_trained_model_scores_better_than_its_base(tiny_project: Path) -> None
     assert {"sftflow_choice.acc.base", "sftflow_choice.acc.tuned"} <= set(flat)
     merge = json.loads((tiny_project / "reports" / "merge.json").read_text())
     assert merge["max_abs_diff"] < 1e-4 and merge["tied_embeddings"] is True
+
+
+def test_base_scored_on_other_inputs_is_refused(eval_run: dict[str, Any]) -> None:
+    """eval_base and eval are two stages: a base scored with other eval params, system prompt or
+    data must not be compared with the tuned model."""
+    from stages.evaluate.harness import compare, score_inputs
+
+    params = EvalParams(data=str(eval_run["root"] / "eval.jsonl"))
+    base = {"model": "models/base", "inputs": score_inputs(params, SYSTEM), "metrics": {"t": {"acc": 0.5}}}
+    tuned = {**base, "model": "models/merged"}
+    assert compare(base, tuned) == {"t.acc.base": 0.5, "t.acc.tuned": 0.5, "t.acc.delta": 0.0}
+    other = {**tuned, "inputs": score_inputs(params, "Another prompt.")}
+    with pytest.raises(SftflowError) as err:
+        compare(base, other)
+    assert "system_prompt differ" in str(err.value) and "eval_base" in str(err.value)
+
+
+def test_eval_command_without_base_scores_says_which_stage(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stages.core.cli import cli
+
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path) as cwd:
+        Path(cwd, "params.yaml").write_text("eval: {data: eval.jsonl}\n")
+        result = CliRunner().invoke(cli, ["eval", "--baseline", "reports/eval_base.json"])
+    assert result.exit_code == 2, result.output
+    assert "reports/eval_base.json: base scores not found" in result.output and "eval_base" in result.output

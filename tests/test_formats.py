@@ -20,7 +20,7 @@ SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
 def as_format(chat: list[dict], fmt: str) -> dict:
     if fmt == "messages":
         return {"messages": chat}
-    if fmt == "qwen_seed":  # seed 001's ChatML lines: type/source keys beside messages
+    if fmt == "qwen_seed":  # Qwen's finetune data: type/source keys beside messages
         return {"type": "chatml", "messages": chat, "source": "unknown"}
     if fmt == "sharegpt":
         return {"conversations": [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in chat]}

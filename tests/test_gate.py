@@ -115,3 +115,9 @@ def test_command_exits_1_on_regression_and_accepts_only_on_pass(tmp_path: Path) 
 
     broken = run([sftflow, "gate", "--metrics", "missing.json"], tmp_path, check=False)
     assert broken.returncode == 2 and "missing.json: metrics file not found" in broken.stderr
+
+
+def test_a_gate_without_rules_refuses_to_pass() -> None:
+    with pytest.raises(SftflowError) as e:
+        check(GateParams(), {"t.contains.tuned": 1.0}, ACCEPTED)
+    assert e.value.field == "gate.rules" and "no rules" in str(e.value)

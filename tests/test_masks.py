@@ -13,8 +13,9 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
+from stages.core.chats import IGNORE_INDEX
 from stages.core.params import DataParams, SourceParams
-from stages.prepare.shards import IGNORE, prepare
+from stages.prepare.shards import prepare
 
 CHATS = [
     [
@@ -51,12 +52,12 @@ def trained_runs(row: dict) -> list[list[int]]:
     runs: list[list[int]] = []
     previous = False
     for token, label in zip(row["input_ids"], row["labels"]):
-        if label != IGNORE:
+        if label != IGNORE_INDEX:
             assert label == token, "a trained label must equal its input id"
             if not previous:
                 runs.append([])
             runs[-1].append(token)
-        previous = label != IGNORE
+        previous = label != IGNORE_INDEX
     return runs
 
 
@@ -90,7 +91,7 @@ def test_trained_tokens_are_exactly_the_replies_and_end_of_turn(
         assert_trained_replies(tok, row, replies)
         assert row["num_trained"] == sum(len(r) for r in trained_runs(row))
         assert (
-            tok.pad_token_id not in [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+            tok.pad_token_id not in [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE_INDEX]
             or tok.pad_token_id == tok.eos_token_id
         )
 

@@ -101,7 +101,7 @@ def test_adapter_merges_exactly_and_keeps_embeddings_tied(
     assert (reference - logits(tiny_base)).abs().max() > 1e-2
     assert (merged - reference).abs().max() < 1e-4
 
-    # Tied embeddings survive (PITFALLS #9): one tensor on disk, one tensor after loading.
+    # Tied embeddings survive: one tensor on disk, one tensor after loading.
     assert report["tied_embeddings"] is True
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()

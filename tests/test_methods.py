@@ -197,7 +197,7 @@ def test_qlora_resumes_after_a_crash_and_continues_the_curve(
     tmp_path: Path,
     capfd: pytest.CaptureFixture,
 ) -> None:
-    """PITFALLS #7 for QLoRA: a run that dies after checkpoint-4 resumes there, says so, and its
+    """Resume for QLoRA: a run that dies after checkpoint-4 resumes there, says so, and its
     losses continue those of a run that never died."""
     whole = _train(tmp_path / "whole", tiny_base, prepared, method="qlora", max_steps=8, save_steps=4)
 

@@ -134,7 +134,7 @@ def test_retrain_loop_accepts_on_pass_and_keeps_the_model_on_fail(tmp_path: Path
     sftflow = bin_path("sftflow")
 
     first = run([sftflow, "retrain"], pipeline)
-    assert ran_stages(first.stdout) == ["base", "prepare", "train", "merge", "eval"]
+    assert ran_stages(first.stdout) == ["base", "prepare", "train", "merge", "eval_base", "eval"]
     assert "(no accepted value yet: passes)" in first.stdout
     assert read_json(accepted) == read_json(pipeline / "reports" / "eval.json")
     git_commit(root, "accepted run 1")  # what merging the workflow's PR does

@@ -14,7 +14,7 @@ from stages.train.trainer import build_collator, train
 
 
 def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path) -> None:
-    """PITFALLS #1: packed rows must not attend across samples, so the loss is unchanged."""
+    """Packed rows must not attend across samples, so the loss is unchanged."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -49,7 +49,7 @@ def test_packed_batch_loss_equals_unpacked_loss(tiny_base: Path, prepared: Path)
 def test_batch_8_equals_batch_4_times_accumulation_2(
     tiny_base: Path, prepared: Path, tmp_path: Path, packing: str
 ) -> None:
-    """PITFALLS #2: accumulation must weigh tokens, not micro-batches."""
+    """Accumulation must weigh tokens, not micro-batches."""
     reports = {}
     for batch, accum in ((8, 1), (4, 2)):
         params = TrainParams(

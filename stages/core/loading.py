@@ -14,7 +14,9 @@ from stages.core.io import read_json
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from stages.core.params import QLoraParams
 
 POINTER_FILE = "sftflow_base.json"  # written by `base`; says where the weights really are
 TOKENIZER_FILE = "sftflow_tokenizer.json"  # written by `base`; the tokenizer fingerprint alone
@@ -44,8 +46,8 @@ def load_tokenizer(model_dir: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
     if tok.pad_token is None:
-        # Padding positions are always masked (labels -100, attention 0); reusing EOS as pad
-        # therefore never stops EOS from being trained (PITFALLS #4).
+        # Padding positions are always masked (labels -100, attention 0), so reusing EOS as pad
+        # never stops EOS from being trained (a model that never learns its end of turn never stops).
         tok.pad_token = tok.eos_token
     return tok
 
@@ -58,11 +60,24 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Pr
     return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype(dtype), **kwargs)
 
 
+def bnb_4bit_config(q: QLoraParams) -> BitsAndBytesConfig:
+    """The bitsandbytes 4-bit config of `train.qlora`: train quantizes the base with it, and
+    merge rebuilds exactly the same 4-bit model from the trained run's own params."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+    )
+
+
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides token ids: vocab/merges/normalizer, specials, template.
 
     Prepared shards carry it and train refuses shards whose fingerprint differs from the
-    base model's tokenizer (PITFALLS #5: a cache built with another tokenizer).
+    base model's tokenizer (a cache built with another tokenizer would train on wrong token ids).
     """
     import hashlib
     import json

@@ -2,7 +2,7 @@
 
 Defaults live here and nowhere else. Loading collects every problem at once and names each
 by its dotted key path and the file, so a typo such as `train.learning_rte` fails loudly
-instead of silently training with a default (PITFALLS #10).
+instead of silently training with a default (some tools drop unknown keys silently).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class FullParams:
 
 @dataclass(frozen=True)
 class DistributedParams:
-    """How many processes train, on how many machines, sharded how (seed 001's torchrun setup).
+    """How many processes train, on how many machines, sharded how (torchrun, as finetune.sh launchers do).
 
     The environment variables GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT
     override the first five keys, so one params.yaml serves every node of a multi-node job."""
@@ -171,7 +171,8 @@ class MergeParams:
     check_dtype: Literal["float64", "float32"] = "float64"
     check_samples: int = 4  # prepared eval samples the logits check runs on
     max_shard_size: str = "2GB"  # safetensors shard size ("500MB", "5GB", ...): big models come in pieces
-    # qlora: the adapter learnt against 4-bit-rounded weights (PITFALLS #8). Merge into the base
+    # qlora: the adapter learnt against 4-bit-rounded weights, so merging it into the original
+    # weights is not the model that was trained. Merge into the base
     # rounded through the same quantization, or into the original weights; auto: whichever gives
     # logits closer to the 4-bit model it was trained on (both are measured and reported)
     qlora_base: Literal["auto", "nf4_rounded", "original"] = "auto"
@@ -217,10 +218,9 @@ class GateParams:
     """The retraining gate; read by `sftflow gate` / `sftflow retrain`, never by a DVC stage."""
 
     accepted: str = "accepted/eval.json"  # the last accepted metrics, kept in git; only the gate writes it
-    rules: tuple[GateRule, ...] = (
-        GateRule(metric="sftflow_replies.contains.tuned", direction="higher", tolerance=0.05),
-        GateRule(metric="sftflow_perplexity.bits_per_byte.tuned", direction="lower", tolerance=0.02),
-    )
+    # No default rules: which metrics may not regress is the pipeline's choice (params.yaml),
+    # and a gate with none refuses to run rather than pass everything.
+    rules: tuple[GateRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -320,8 +320,6 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.threads / eval.threads: must be >= 0 (0 = all cores)")
     if p.data.num_proc < 1:
         out.append("data.num_proc: must be >= 1")
-    if not p.gate.rules:
-        out.append("gate.rules: list at least one rule (metric, direction, tolerance)")
     out += _train_checks(p.train)
     return out
 
@@ -392,7 +390,7 @@ def _distributed_checks(t: TrainParams) -> list[str]:
         out.append("train.distributed.offload: all (weights too) needs deepspeed zero3; zero2 offloads the optimizer")
     if t.method == "qlora" and stage == "zero3":
         out.append(
-            "train.distributed.deepspeed: zero3 cannot shard 4-bit (qlora) weights; use zero2 or none (seed 001)"
+            "train.distributed.deepspeed: zero3 cannot shard 4-bit (qlora) weights; use zero2 or none"
         )
     return out
 

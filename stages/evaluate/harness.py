@@ -27,10 +27,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.core.chats import validate_messages, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_causal_lm, load_tokenizer
-from stages.core.params import EvalParams
+from stages.core.params import EvalParams, to_dict
 from stages.core.turns import end_of_turn, maybe_stop_at
 
 if TYPE_CHECKING:
@@ -39,10 +40,8 @@ if TYPE_CHECKING:
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GROUP = "sftflow_eval"  # the inline group that carries our run-time overrides
-MODELS = ("base", "tuned")
 SHIPPED_TASKS = ("sftflow_replies", "sftflow_perplexity", "sftflow_choice")
 GENERATION_TASKS = ("sftflow_replies",)  # tasks whose docs go to samples.jsonl
-ROLES = ("system", "user", "assistant")
 
 
 def evaluate(
@@ -53,44 +52,74 @@ def evaluate(
     samples_out: Path,
     system_prompt: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate base and tuned models on the held-out chats; write metrics and samples.
+    """Score base and tuned models on the held-out chats; write flat metrics and paired samples.
 
-    Why both models in one stage: the number that matters is what fine-tuning changed, so
-    every metric is reported for base, tuned and their delta in one flat file that
-    `dvc metrics diff` compares across experiments. The samples file pairs the two replies
-    to each prompt, for a human to read. `system_prompt` is data.system_prompt: the prompts
-    get it exactly as prepare gave it to the training chats. Returns the flat metrics (the same dict written to
-    `metrics_out`) so the CLI can print it and tests can check it without re-reading.
-
-    >>> evaluate(EvalParams(), Path("models/base"), Path("models/merged"),
-    ...          Path("reports/eval.json"), Path("reports/samples.jsonl"))  # doctest: +SKIP
-    {'sftflow_replies.contains.base': 0.0, 'sftflow_replies.contains.tuned': 0.83, ...}
+    The pipeline runs the two halves as two DVC stages (`eval_base` scores the base once, `eval`
+    scores each tuned model against it, so an experiment never re-scores an unchanged base);
+    this does both in one call for tests and notebooks. Returns the flat metrics written to
+    `metrics_out`, e.g. `{'sftflow_replies.contains.base': 0.0, 'sftflow_replies.contains.tuned':
+    0.83, 'sftflow_replies.contains.delta': 0.83, ...}`.
     """
-    from tqdm.auto import tqdm
-
     task_manager = task_manager_for(params)
     chats = read_eval_chats(Path(params.data))
+    base = score_model(params, base_dir, system_prompt, task_manager=task_manager, chats=chats)
+    tuned = score_model(params, tuned_dir, system_prompt, task_manager=task_manager, chats=chats)
+    return write_comparison(base, tuned, params, metrics_out, samples_out)
+
+
+def score_model(
+    params: EvalParams,
+    model_dir: Path,
+    system_prompt: str | None = None,
+    *,
+    task_manager: TaskManager | None = None,
+    chats: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One model's scores: `{"model", "inputs", "metrics": {task: {metric: value}}, "replies": {task: [...]}}`.
+
+    `inputs` records what the scores depend on besides the model (the eval params, the
+    system prompt, a hash of the eval data), so `compare` can refuse a base scored on other
+    inputs than the tuned model. `system_prompt` is data.system_prompt: the prompts get it
+    exactly as prepare gave it to the training chats.
+    """
+    task_manager = task_manager or task_manager_for(params)
+    chats = read_eval_chats(Path(params.data)) if chats is None else chats
     if "sftflow_choice" in params.tasks and len(chats) < 2:
         raise SftflowError(
             "sftflow_choice needs at least 2 held-out chats (the others' replies are the wrong choices)",
             path=params.data,
             field="eval.tasks",
         )
-
-    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as tmp:
-        bar = tqdm(
-            zip(MODELS, (base_dir, tuned_dir), strict=True), total=len(MODELS), desc="eval", unit="model"
-        )
-        for label, model_dir in bar:
-            bar.set_postfix_str(f"{label}: {model_dir}")
-            runs[label] = _run_lm_eval(
-                params, Path(model_dir), chats, system_prompt, task_manager, Path(tmp) / label
-            )
+        run = _run_lm_eval(params, Path(model_dir), chats, system_prompt, task_manager, Path(tmp))
+    return {
+        "model": str(model_dir),
+        "inputs": score_inputs(params, system_prompt),
+        "metrics": {task: _task_metrics(result) for task, result in run["results"].items() if task != GROUP},
+        "replies": {
+            task: [_reply_row(s) for s in sorted(run["samples"][task], key=lambda s: s["doc_id"])]
+            for task in params.tasks
+            if task in GENERATION_TASKS
+        },
+    }
 
-    metrics = flat_metrics(runs)
+
+def score_inputs(params: EvalParams, system_prompt: str | None) -> dict[str, Any]:
+    """Everything besides the model that decides a model's scores."""
+    import hashlib
+
+    data = Path(params.data)
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else None
+    return {"eval": to_dict(params), "system_prompt": system_prompt, "data_sha256": digest}
+
+
+def write_comparison(
+    base: dict[str, Any], tuned: dict[str, Any], params: EvalParams, metrics_out: Path, samples_out: Path
+) -> dict[str, float]:
+    """The flat base/tuned/delta metrics and the paired replies, written; returns the metrics."""
+    metrics = compare(base, tuned)
     write_json(metrics_out, metrics)
-    write_jsonl(samples_out, paired_samples(runs, params.tasks))
+    write_jsonl(samples_out, paired_samples(base, tuned, params.tasks))
     return metrics
 
 
@@ -130,9 +159,9 @@ def task_manager_for(params: EvalParams) -> TaskManager:
 def read_eval_chats(path: Path) -> list[dict[str, Any]]:
     """Held-out chats, one JSON object a line, each ending with the reference reply.
 
-    >>> # {"messages": [{"role": "user", "content": "Who are you?"},
-    >>> #               {"role": "assistant", "content": "I am Sftflow Assistant."}],
-    >>> #  "expect_contains": ["Sftflow"]}   <- optional; default: the whole reference
+        {"messages": [{"role": "user", "content": "Who are you?"},
+                      {"role": "assistant", "content": "I am Sftflow Assistant."}],
+         "expect_contains": ["Sftflow"]}   <- optional; default: the whole reference
     """
     if not path.exists():
         raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
@@ -151,37 +180,19 @@ def read_eval_chats(path: Path) -> list[dict[str, Any]]:
 
 
 def _check_chat(chat: Any, path: Path, n: int) -> dict[str, Any]:
-    def fail(msg: str, field: str | None = None) -> SftflowError:
-        return SftflowError(msg, path=path, line=n, field=field)
-
-    if not isinstance(chat, dict) or not isinstance(chat.get("messages"), list):
-        raise fail('expected {"messages": [{"role": ..., "content": ...}, ...]}')
-    messages = chat["messages"]
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise fail(f"role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
-        if not isinstance(m.get("content"), str):
-            raise fail("content must be a string", f"messages[{i}].content")
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise fail("the last message must be the assistant's reference reply", "messages")
-    if not any(m["role"] == "user" for m in messages[:-1]):
-        raise fail("a user message must come before the reference reply", "messages")
+    """A training chat by the same validator prepare uses, that ends with the reference reply."""
+    messages = validate_messages(chat, path, n)
+    if messages[-1]["role"] != "assistant":
+        raise SftflowError("the last message must be the assistant's reference reply", path=path, line=n, field="messages")
     keywords = chat.get("expect_contains")
     if keywords is not None and not (
         isinstance(keywords, list) and all(isinstance(k, str) and k for k in keywords)
     ):
-        raise fail("must be a list of non-empty strings", "expect_contains")
-    return chat
+        raise SftflowError("must be a list of non-empty strings", path=path, line=n, field="expect_contains")
+    return {**chat, "messages": messages}
 
 
 # ---------------------------------------------------------------- build
-
-
-def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """The chat as training saw it: `system_prompt` filled in when it has no system message."""
-    if not system_prompt or messages[0]["role"] == "system":  # the same rule as prepare
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def task_docs(
@@ -356,25 +367,31 @@ def _add(run: dict[str, Any], out: dict[str, Any] | None) -> None:
 # ---------------------------------------------------------------- write
 
 
-def flat_metrics(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
     """`<task>.<metric>.{base,tuned,delta}` floats, the shape `dvc metrics diff` compares.
 
     Every task and group lm-eval reports is included (a user's group such as mmlu gives its
     own line and one per subtask); our inline group only carries overrides and is left out.
+    Scores made on other inputs (eval params, system prompt, eval data) are refused: the
+    deltas would compare different tests.
 
-    >>> runs = {m: {"results": {"t": {"alias": "t", "acc,none": v, "acc_stderr,none": "N/A"}}}
-    ...         for m, v in (("base", 0.25), ("tuned", 0.75))}
-    >>> flat_metrics(runs)
+    >>> scores = lambda v: {"inputs": {}, "metrics": {"t": {"acc": v}}}
+    >>> compare(scores(0.25), scores(0.75))
     {'t.acc.base': 0.25, 't.acc.tuned': 0.75, 't.acc.delta': 0.5}
     """
+    if base.get("inputs") != tuned.get("inputs"):
+        differ = sorted(k for k in {**base["inputs"], **tuned["inputs"]} if base["inputs"].get(k) != tuned["inputs"].get(k))
+        raise SftflowError(
+            f"the base was scored on other inputs ({', '.join(differ)} differ): run the eval_base stage again",
+            path=base.get("model"),
+        )
     out: dict[str, float] = {}
-    for task in (t for t in runs["base"]["results"] if t != GROUP):
-        per_model = {label: _task_metrics(runs[label]["results"][task]) for label in MODELS}
-        for metric, base in per_model["base"].items():
-            tuned = per_model["tuned"][metric]
-            out[f"{task}.{metric}.base"] = base
-            out[f"{task}.{metric}.tuned"] = tuned
-            out[f"{task}.{metric}.delta"] = tuned - base
+    for task, metrics in base["metrics"].items():
+        for metric, value in metrics.items():
+            other = tuned["metrics"][task][metric]
+            out[f"{task}.{metric}.base"] = value
+            out[f"{task}.{metric}.tuned"] = other
+            out[f"{task}.{metric}.delta"] = other - value
     return out
 
 
@@ -389,26 +406,36 @@ def _task_metrics(result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def paired_samples(runs: dict[str, dict[str, Any]], tasks: tuple[str, ...]) -> list[dict[str, Any]]:
+def paired_samples(base: dict[str, Any], tuned: dict[str, Any], tasks: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per generation doc: the prompt, the reference and both models' replies."""
     rows = []
     for task in (t for t in tasks if t in GENERATION_TASKS):
-        by_doc = {label: {s["doc_id"]: s for s in runs[label]["samples"][task]} for label in MODELS}
-        for doc_id in sorted(by_doc["base"]):
-            base, tuned = by_doc["base"][doc_id], by_doc["tuned"][doc_id]
+        for b, t in zip(base["replies"][task], tuned["replies"][task], strict=True):
             rows.append(
                 {
                     "task": task,
-                    "record": base["doc"]["record"],  # 0-based chat index in eval.data
-                    "prompt": base["doc"]["prompt"],
-                    "reference": base["doc"]["reference"],
-                    "base": _reply(base),
-                    "tuned": _reply(tuned),
-                    "base_correct": _is_correct(base),
-                    "tuned_correct": _is_correct(tuned),
+                    "record": b["record"],  # 0-based chat index in eval.data
+                    "prompt": b["prompt"],
+                    "reference": b["reference"],
+                    "base": b["reply"],
+                    "tuned": t["reply"],
+                    "base_correct": b["correct"],
+                    "tuned_correct": t["correct"],
                 }
             )
     return rows
+
+
+def _reply_row(sample: dict[str, Any]) -> dict[str, Any]:
+    """What samples.jsonl needs of one lm-eval generation sample."""
+    doc = sample["doc"]
+    return {
+        "record": doc["record"],
+        "prompt": doc["prompt"],
+        "reference": doc["reference"],
+        "reply": _reply(sample),
+        "correct": _is_correct(sample),
+    }
 
 
 def _reply(sample: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ base+adapter on prepared eval samples: the stage fails when the max |Δlogits| e
 What "trained" means depends on `method` (read from the adapter's `sftflow_train.json`, not
 from params.yaml: DVC scopes this stage to `merge` params):
 - lora / dora / rslora: the fp32 base + adapter — the merge is exact up to rounding.
-- qlora: the adapter learnt against NF4-rounded weights (PITFALLS #8). Both candidate bases
+- qlora: the adapter learnt against NF4-rounded weights (merging into the original weights is not the model that was trained). Both candidate bases
   are measured against the 4-bit model it was trained on — the original weights, and the
   original weights rounded through the same 4-bit quantization — and `merge.qlora_base: auto`
   picks the closer; the report carries both, plus the saved model's gap to the 4-bit model
@@ -31,8 +31,8 @@ from typing import Any
 
 from stages.core.errors import SftflowError
 from stages.core.io import read_json, write_json
-from stages.core.loading import load_causal_lm, load_tokenizer, torch_dtype
-from stages.core.params import MergeParams, to_dict
+from stages.core.loading import bnb_4bit_config, load_causal_lm, load_tokenizer, torch_dtype
+from stages.core.params import MergeParams, TrainParams, parse_params, to_dict
 from stages.core.turns import end_of_turn, maybe_stop_at
 
 QLORA_BASES = ("original", "nf4_rounded")
@@ -93,7 +93,7 @@ def merge(
         reference = logits_on(merged, batches, params.check_dtype)
         merged.to(torch_dtype("float32"))
     elif method == "qlora":
-        merged, reference, extra = _merge_qlora(params, trained["params"], base_dir, adapter_dir, batches)
+        merged, reference, extra = _merge_qlora(params, trained["train"], base_dir, adapter_dir, batches)
     else:
         merged, reference = _merge_adapter(params, base_dir, adapter_dir, batches)
     tied = save_merged(merged, load_tokenizer(adapter_dir), out, params)
@@ -103,7 +103,7 @@ def merge(
     # What eval loads, read back from disk.
     reloaded = load_causal_lm(out, params.dtype)
     if tied and reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight:
-        raise SftflowError("tied embeddings came back untied from disk", path=out)  # PITFALLS #9
+        raise SftflowError("tied embeddings came back untied from disk", path=out)  # tie_word_embeddings lost: lm_head would be saved as a second copy
     saved = logits_on(reloaded, batches, params.check_dtype)
     del reloaded
     check = compare(reference, saved)
@@ -112,7 +112,7 @@ def merge(
     shards = sorted(out.glob("*.safetensors"))
     report = {
         "method": method,
-        "use_dora": bool(trained["params"].get("lora", {}).get("use_dora")) if method != "full" else False,
+        "use_dora": trained["train"].lora.use_dora if method != "full" else False,
         "dtype": params.dtype,
         "check_dtype": params.check_dtype,
         "max_abs_logit": max(float(r.abs().max()) for r in reference),
@@ -146,6 +146,10 @@ def read_trained(adapter_dir: Path) -> dict[str, Any]:
     trained = read_json(path)
     if trained.get("method") not in ("lora", "qlora", "full") or not isinstance(trained.get("params"), dict):
         raise SftflowError('expected {"method": lora|qlora|full, "params": {...}}', path=path, field="method")
+    try:  # through the schema: the same defaults and checks as the run that trained
+        trained["train"] = parse_params({"train": trained["params"]}).train
+    except SftflowError as e:
+        raise SftflowError(f"the trained run's params do not validate: {e.reason}", path=path, field="params") from e
     return trained
 
 
@@ -168,7 +172,7 @@ def _merge_adapter(
 
 
 def _merge_qlora(
-    params: MergeParams, train: dict[str, Any], base_dir: Path, adapter_dir: Path, batches: list[Any]
+    params: MergeParams, train: TrainParams, base_dir: Path, adapter_dir: Path, batches: list[Any]
 ) -> tuple[Any, list[Any], dict[str, Any]]:
     """Measure both candidate bases against the 4-bit model, merge into the chosen one.
 
@@ -201,7 +205,7 @@ def _merge_qlora(
         "qlora": {
             "base": chosen,
             "choice": params.qlora_base,
-            "quant_type": train.get("qlora", {}).get("quant_type", "nf4"),
+            "quant_type": train.qlora.quant_type,
             "quantized_weights": quantized,
             # each candidate base + adapter against the 4-bit model the adapter was trained on
             "candidates_vs_trained_4bit": vs_trained,
@@ -211,17 +215,9 @@ def _merge_qlora(
     return merged, refs[chosen], extra
 
 
-def load_4bit(train: dict[str, Any], base_dir: Path) -> Any:
+def load_4bit(train: TrainParams, base_dir: Path) -> Any:
     """The base quantized exactly as train quantized it (train.qlora from sftflow_train.json)."""
-    from transformers import BitsAndBytesConfig
-
-    q = train.get("qlora", {})
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=bool(q.get("double_quant", True)),
-        bnb_4bit_compute_dtype=torch_dtype(q.get("compute_dtype", "float32")),
-    )
+    config = bnb_4bit_config(train.qlora)
     return load_causal_lm(base_dir, "float32", quantization_config=config, device_map={"": "cpu"})
 
 
@@ -264,7 +260,7 @@ def save_merged(model: Any, tok: Any, out: Path, params: MergeParams) -> bool:
 
     A trained lm_head (modules_to_save) on a tied model no longer equals the embeddings:
     saving it with `tie_word_embeddings: true` would drop it and reload the embeddings in
-    its place (PITFALLS #9), so such a model is saved untied.
+    its place (the tie would otherwise be lost on load), so such a model is saved untied.
     """
     out_w, in_w = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     tied = out_w is in_w or out_w.data_ptr() == in_w.data_ptr()

@@ -2,7 +2,7 @@
 
 Files: JSONL (one record per line) or a JSON array, UTF-8 with or without BOM, LF or CRLF.
 Record formats (`format: auto` detects from each record's keys):
-- messages / ChatML: `{"messages": [{"role", "content"}, ...]}` (the Qwen seed's extra
+- messages / ChatML: `{"messages": [{"role", "content"}, ...]}` (Qwen's finetune data's extra
   `type`/`source` keys, our eval files' `expect_contains`, are ignored);
 - sharegpt: `{"conversations": [{"from": "human|gpt|system", "value"}, ...]}`;
 - alpaca: `{"instruction", "input"?, "output", "system"?}`;
@@ -17,36 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core.chats import CHAT_SHAPES, validate_messages
 from stages.core.errors import SftflowError
 
-ROLES = ("system", "user", "assistant")
-
-
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
-
-
-@dataclass(frozen=True)
-class ChatShape:
-    """How a chat format names its turn list, role and text fields, and its role words.
-
-    One validator reads every chat format through this, so errors name the user's own
-    fields (`conversations[2].from`, not a converted `messages[2].role`)."""
-
-    turns: str
-    role: str
-    content: str
-    roles: dict[str, str]  # the format's role word -> our role
-
-
-CHAT_SHAPES = {
-    "messages": ChatShape("messages", "role", "content", {r: r for r in ROLES}),
-    "sharegpt": ChatShape(
-        "conversations",
-        "from",
-        "value",
-        {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"},
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -117,60 +91,6 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, SftflowError(f"invalid UTF-8 at column {e.start + 1}", path=path, line=n)
         except json.JSONDecodeError as e:
             yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
-
-
-def validate_messages(
-    obj: Any, path: Path, line: int, shape: ChatShape = CHAT_SHAPES["messages"]
-) -> list[dict[str, Any]]:
-    """The record's turns as messages, checked: roles known and in order, content non-empty text."""
-    if not isinstance(obj, dict):
-        raise SftflowError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
-    turns = obj.get(shape.turns)
-    if not isinstance(turns, list) or not turns:
-        raise SftflowError(f"missing or empty '{shape.turns}' list", path=path, line=line, field=shape.turns)
-    out = []
-    for i, m in enumerate(turns):
-        where = f"{shape.turns}[{i}]"
-        if not isinstance(m, dict):
-            raise SftflowError(
-                f"expected an object with {shape.role} and {shape.content}", path=path, line=line, field=where
-            )
-        role, content = m.get(shape.role), m.get(shape.content)
-        if role is None:
-            raise SftflowError("missing role", path=path, line=line, field=f"{where}.{shape.role}")
-        if role not in shape.roles:
-            raise SftflowError(
-                f"unknown role {role!r} (expected one of {', '.join(shape.roles)})",
-                path=path,
-                line=line,
-                field=f"{where}.{shape.role}",
-            )
-        role = shape.roles[role]
-        if not isinstance(content, str):
-            raise SftflowError(
-                "content must be a string", path=path, line=line, field=f"{where}.{shape.content}"
-            )
-        if not content.strip():
-            raise SftflowError("content is empty", path=path, line=line, field=f"{where}.{shape.content}")
-        if role == "system" and i != 0:
-            raise SftflowError(
-                "a system message may only come first", path=path, line=line, field=f"{where}.{shape.role}"
-            )
-        out.append({"role": role, "content": content})
-    order = [m["role"] for m in out if m["role"] != "system"]
-    for j, role in enumerate(order):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if role != expected:
-            raise SftflowError(
-                f"roles out of order: turn {j} is {role!r}, expected {expected!r} (user and assistant alternate,"
-                " starting with user)",
-                path=path,
-                line=line,
-                field=shape.turns,
-            )
-    if "assistant" not in order:
-        raise SftflowError("chat has no assistant reply to train on", path=path, line=line, field=shape.turns)
-    return out
 
 
 def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRecord:

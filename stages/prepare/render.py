@@ -7,7 +7,7 @@ reply is located by *differential rendering*: render the chat once as is and onc
 reply's content replaced by a sentinel; the region where the two renderings differ is exactly
 where this template put that reply. Offsets from the fast tokenizer then map the region to
 tokens, and the end-of-turn token right after the reply is trained too, so the tuned model
-learns to stop (PITFALLS #4).
+learns to stop: a model that never learns its end of turn never stops.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage `prepare`: raw chats (or texts) -> tokenized, loss-masked Arrow shards + a report.
 
-Output (DESIGN's prepared-data contract), under the output dir:
+Output (the prepared-data contract train relies on), under the output dir:
   train/, eval/   `datasets` save_to_disk folders with input_ids, labels, length, source,
                   record, num_trained
   manifest.json   tokenizer fingerprint, template hash, params, counts (train checks it)
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_tokenizer, tokenizer_fingerprint
@@ -25,7 +26,6 @@ from stages.core.params import DataParams, SourceParams, to_dict
 from stages.prepare.records import RawRecord, read_records
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 
-IGNORE = -100  # label of an untrained position (the value torch's cross-entropy skips)
 MAP_BATCH = 256  # chats per datasets.map batch: one batched fast-tokenizer call each
 COLUMNS = ("input_ids", "labels", "length", "source", "record", "num_trained")
 
@@ -50,7 +50,7 @@ class ChatTokenizer:
     def __init__(self, tok: Any, params: DataParams) -> None:
         self.tok, self.params = tok, params
         # The token that closes a reply is trained with it; pad positions never are (they
-        # are masked by the collator), even when pad and EOS share an id (PITFALLS #4).
+        # are masked by the collator), even when pad and EOS share an id: a model that never learns its end of turn never stops.
         eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
         self.end_of_turn_ids = frozenset(tok.all_special_ids) | {i for i in eos if i is not None}
 
@@ -62,8 +62,7 @@ class ChatTokenizer:
         chats = []
         for raw, source, line in zip(batch["messages"], batch["source"], batch["line"]):
             messages = json.loads(raw)
-            if p.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": p.system_prompt}, *messages]
+            messages = with_system_prompt(messages, p.system_prompt)
             try:
                 chats.append(render_chat(self._render, messages, p.train_on))
             except TemplateError as e:
@@ -83,16 +82,16 @@ class ChatTokenizer:
                     path=source,
                     line=line,
                 )
-            labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
+            labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
             drop, truncated = "", False
             if len(ids) > p.max_length:
                 if p.truncation == "drop":
                     drop = "too_long"
                 else:
                     ids, labels, truncated = ids[: p.max_length], labels[: p.max_length], True
-                    if all(lab == IGNORE for lab in labels):
+                    if all(lab == IGNORE_INDEX for lab in labels):
                         drop = "no_trained_tokens_after_truncation"
-            elif all(lab == IGNORE for lab in labels):
+            elif all(lab == IGNORE_INDEX for lab in labels):
                 drop = "no_trained_tokens"
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -198,7 +197,7 @@ def _tokenize_source(
     for row in rows:
         rep.kept += 1
         rep.tokens += len(row["input_ids"])
-        rep.trained_tokens += sum(lab != IGNORE for lab in row["labels"])
+        rep.trained_tokens += sum(lab != IGNORE_INDEX for lab in row["labels"])
     return rows
 
 
@@ -276,7 +275,7 @@ def _to_dataset(rows: list[dict[str, Any]]) -> Any:
             "length": [len(r["input_ids"]) for r in rows],
             "source": [r["source"] for r in rows],
             "record": [r["record"] for r in rows],
-            "num_trained": [sum(lab != IGNORE for lab in r["labels"]) for r in rows],
+            "num_trained": [sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows],
         },
         features=features,
     )
@@ -325,7 +324,7 @@ def _report(
             name: {
                 "samples": len(rows),
                 "tokens": sum(len(r["input_ids"]) for r in rows),
-                "trained_tokens": sum(sum(lab != IGNORE for lab in r["labels"]) for r in rows),
+                "trained_tokens": sum(sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows),
                 "length": _percentiles([len(r["input_ids"]) for r in rows]),
             }
             for name, rows in splits.items()

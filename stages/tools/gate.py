@@ -123,6 +123,8 @@ def check(
     params_path: Path | str = "params.yaml",
 ) -> GateResult:
     """Apply every rule; a rule naming a metric the new run lacks is a params error."""
+    if not params.rules:
+        raise SftflowError("no rules: list the metrics that may not regress", path=params_path, field="gate.rules")
     verdicts = []
     for i, rule in enumerate(params.rules):
         value = _number(current.get(rule.metric))

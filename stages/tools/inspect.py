@@ -11,7 +11,8 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-IGNORE = -100
+from stages.core.chats import IGNORE_INDEX
+
 START, END = "\x1b[1;30;42m", "\x1b[0m"  # trained text: black on green
 PLAIN_START, PLAIN_END = "[[", "]]"  # when stdout is not a terminal
 
@@ -27,7 +28,7 @@ def render_sample(tok: Any, row: dict[str, Any], color: bool) -> str:
     start, end = (START, END) if color else (PLAIN_START, PLAIN_END)
     out = []
     pairs = zip(row["input_ids"], row["labels"], strict=True)
-    for trained, run in groupby(pairs, key=lambda p: p[1] != IGNORE):
+    for trained, run in groupby(pairs, key=lambda p: p[1] != IGNORE_INDEX):
         text = tok.decode([t for t, _ in run])
         out.append(f"{start}{text}{end}" if trained else text)
     return "".join(out)

@@ -4,13 +4,13 @@ DVC runs one command per stage. When `train.distributed` asks for more than one 
 `sftflow train` re-runs itself under torchrun (`relaunch`), so `dvc repro` is unchanged and
 DVC still sees one stage; the launched children know they are children from torchrun's
 LOCAL_RANK/WORLD_SIZE. GPUS_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT in the
-environment override the params (seed 001's launch script), so one params.yaml serves every
+environment override the params (as the usual torchrun launch scripts do), so one params.yaml serves every
 node. `deepspeed: zero2 | zero3` picks a JSON shipped in `stages/train/ds_configs/` whose `auto`
 values Trainer fills from the train params; `offload` moves optimizer states (and weights) to
 CPU RAM. Only rank 0 writes reports, plots and final outputs; every rank takes the same
 resume decision (rank 0 decides and broadcasts). Under ZeRO-3 each rank holds a shard of
 every weight, so the final weights are gathered into one consolidated state dict and checked
-after writing (PITFALLS #6: adapters saved as 0-size tensors).
+after writing (ZeRO-3 can save adapters as 0-size tensors).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def zero_stage(config: dict[str, Any] | None) -> int:
 def init_process_group(config: dict[str, Any] | None) -> None:
     """Join the job's process group (gloo on CPU through DeepSpeed's CPU accelerator, nccl on
     GPUs). Called after TrainingArguments is built and before the model is loaded: ZeRO-3
-    partitions weights while `from_pretrained` creates them, which needs the group (STACK.md)."""
+    partitions weights while `from_pretrained` creates them, which needs the group (measured: without it the model loads unpartitioned)."""
     import torch
 
     if world_size() == 1:
@@ -317,7 +317,7 @@ def check_saved(out: Path, model: Any, gathered: dict[str, Any], is_peft: bool) 
     if not saved or empty or missing or unequal:
         raise SftflowError(
             f"ZeRO-3 save is broken: {len(saved)} tensors, empty {empty[:3]}, not gathered {missing[:3]},"
-            f" differing {unequal[:3]} (PITFALLS #6)",
+            f" differing {unequal[:3]} (ZeRO-3 gathered no weights for them)",
             path=out,
         )
     return {

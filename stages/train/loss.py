@@ -6,13 +6,15 @@ thrown away. Passing `logits_to_keep=<trained positions>` to the model's forward
 head only there (transformers decoder LMs accept an index tensor), and the cross-entropy then
 runs on those rows in fp32. Summed and divided by the number of trained tokens in the whole
 accumulated batch (Trainer's `num_items_in_batch`), so accumulation weighs tokens, not
-micro-batches (PITFALLS #2).
+micro-batches: averaging per micro-batch over-weights short samples.
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
+
+from stages.core.chats import IGNORE_INDEX
 
 
 def trained_positions(labels: Any) -> Any:
@@ -24,7 +26,7 @@ def trained_positions(labels: Any) -> Any:
     """
     import torch
 
-    return torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
+    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(0)).flatten()
 
 
 def trained_logits_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
@@ -42,9 +44,9 @@ def trained_logits_loss(outputs: Any, labels: Any, num_items_in_batch: Any = Non
     else:
         targets = targets[:, trained_positions(labels)]
     total = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / count

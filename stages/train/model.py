@@ -1,7 +1,7 @@
 """The model `train` optimises: base (fp32, bf16 or 4-bit) + LoRA/DoRA adapters, or all weights.
 
 One function per method keeps the knobs readable: `lora` and `qlora` share the adapter
-config (seed 004's regex targets, modules_to_save, layers_to_transform; DoRA, rsLoRA; an
+config (regex targets, modules_to_save, layers_to_transform; DoRA, rsLoRA; an
 adapter to continue from), `qlora` loads the base through bitsandbytes NF4/FP4 first, `full`
 freezes only what `train.full.frozen_modules` names. Trainable weights are always fp32.
 """
@@ -63,7 +63,7 @@ def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.
 
 def count_parameters(model: Any) -> dict[str, Any]:
     """Total and trainable parameters, counting 4-bit packed weights (2 per byte) and ZeRO-3
-    partitioned ones (`ds_numel`) at their real size (seed 004)."""
+    partitioned ones (`ds_numel`) at their real size."""
     total = trainable = 0
     for p in model.parameters():
         n = p.ds_numel if getattr(p, "ds_numel", 0) and p.numel() == 0 else p.numel()
@@ -88,17 +88,10 @@ def _load_4bit(params: TrainParams, base_dir: Path, attn: str) -> Any:
     """The base quantized on load (NF4/FP4, optional double quant), each rank on its own device."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
 
-    from stages.core.loading import torch_dtype
+    from stages.core.loading import bnb_4bit_config
 
-    q = params.qlora
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-    )
+    config = bnb_4bit_config(params.qlora)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(
         base_dir, "float32", quantization_config=config, device_map={"": device}, attn_implementation=attn

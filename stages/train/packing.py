@@ -1,4 +1,4 @@
-"""Padding-free packing that really keeps samples apart (PITFALLS #1).
+"""Padding-free packing that really keeps samples apart: naive concatenation lets each sample attend to the ones before it.
 
 `DataCollatorWithFlattening` concatenates a batch into one row and restarts `position_ids`
 per sample, but in transformers 5.23 the SDPA and eager attention paths on CPU ignore those
@@ -12,6 +12,8 @@ Its size is tokens² per batch: 4 x 1024 tokens -> 67 MB in fp32.
 from __future__ import annotations
 
 from typing import Any
+
+from stages.core.chats import IGNORE_INDEX
 
 
 class PaddingFreeCollator:
@@ -31,7 +33,7 @@ class PaddingFreeCollator:
         from transformers import DataCollatorWithFlattening
 
         # separator -100: a sample's first token is never predicted from the previous sample
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
         self.block_mask = block_mask
         self.mask_dtype = mask_dtype
 

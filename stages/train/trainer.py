@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
@@ -34,7 +35,7 @@ RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps", "repor
 
 
 def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """The train/eval splits and manifest, refused when made with another tokenizer (PITFALLS #5)."""
+    """The train/eval splits and manifest, refused when made with another tokenizer (its token ids would not be this model's)."""
     from datasets import load_from_disk
 
     manifest_path = prepared / "manifest.json"
@@ -63,7 +64,7 @@ def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sd
 
     if packing in ("padding_free", "auto"):
         return PaddingFreeCollator(block_mask=attn_implementation in ("sdpa", "eager", None))
-    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
 def run_fingerprint(params: TrainParams, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def train(
     has_eval = eval_set is not None
     ds_config = distributed.deepspeed_config(params.distributed)
     args = training_arguments(params, checkpoints, has_eval, ds_config)
-    distributed.init_process_group(ds_config)  # after the arguments, before the model (ZeRO-3: STACK.md)
+    distributed.init_process_group(ds_config)  # after the arguments, before the model: ZeRO-3 partitions while loading
     resume = distributed.main_decides(lambda: resume_point(checkpoints, run))  # one decision, all ranks
     model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
     model_params = count_parameters(model)
@@ -168,7 +169,7 @@ def train(
     attention = model.config._attn_implementation  # what trained, before the reset below
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
-    save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (PITFALLS #6)
+    save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (it can save 0-size adapters)
     tok.save_pretrained(out)
     write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
     rows = [
@@ -333,7 +334,7 @@ class _CountingCollator:
         mask = batch.get("attention_mask")
         padded = mask is not None and mask.dim() == 2  # packed rows carry a 4-D mask, no padding
         self.meter.tokens += int(mask.sum()) if padded else batch["input_ids"].numel()
-        self.meter.trained_tokens += int((batch["labels"] != -100).sum())
+        self.meter.trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         self.meter.slots += batch["input_ids"].numel()
         return batch
 
