@@ -66,7 +66,7 @@ PREPARED_OPTION = click.option(
 
 def keys_help(section: str, cls: type) -> str:
     """A params reference for --help, straight from the schema (defaults live only there)."""
-    lines = [f"\b\nparams.yaml keys read ({section}):"]
+    lines = [f"\b\nparams.yaml keys read ({section}), with their schema defaults (params.yaml overrides them):"]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = (
