@@ -17,7 +17,10 @@ for the kept values; gradients equal the plain path's up to summation order):
   `bernoulli_` call as `torch.nn.functional.dropout`, so the masks are the plain path's) and
   recomputes the small rank-r products in backward.
 - `swiglu`: `act(gate) * up` recomputed in backward from gate and up (torch's checkpoint on
-  just that element-wise op: no matmul is recomputed).
+  just that element-wise op), and the down projection's LoRA branch recomputes it too instead
+  of keeping its input: only the rank-r products are recomputed, no base matmul.
+- grouped-query attention (`sdpa_varlen`): SDPA broadcasts the k/v heads itself
+  (`enable_gqa`) instead of receiving copies repeated to every query head.
 - `ChunkedTrainedLoss`: the LM head and cross-entropy over trained positions in chunks of rows,
   the gradient of each chunk computed in the forward pass (the loss is the last op, so its
   gradient is known up to a scalar): no logits tensor of all trained rows, no recompute.
@@ -58,77 +61,83 @@ def _lora_branch_fn() -> Any:
     if _LoraBranch.fn is not None:
         return _LoraBranch.fn
 
+    def branch(x: Any, mask: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
+        dropped = x * mask.to(x.dtype).div_(1 - p) if mask is not None else x
+        return torch.nn.functional.linear(torch.nn.functional.linear(dropped, a), b) * scaling
+
     class LoraBranch(torch.autograd.Function):
+        """inputs: (prefix, p, scaling, a, b, *xs); the branch's input is prefix(*xs) (or xs[0])."""
+
         @staticmethod
-        def forward(ctx: Any, x: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
-            device = x.device.type
+        def forward(ctx: Any, prefix: Any, p: float, scaling: float, a: Any, b: Any, *xs: Any) -> Any:
+            device = xs[0].device.type
             ctx.amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-            ctx.p, ctx.scaling = p, scaling
-            if p > 0:
-                # exactly torch.nn.functional.dropout's CPU path: same RNG draws, same values
-                noise = torch.empty_like(x).bernoulli_(1 - p)
-                mask = noise.bool()
-                dropped = x * noise.div_(1 - p)
-                del noise
-            else:
-                mask, dropped = None, x
-            out = torch.nn.functional.linear(torch.nn.functional.linear(dropped, a), b) * scaling
-            ctx.save_for_backward(x, a, b, mask)
-            return out
+            ctx.prefix, ctx.p, ctx.scaling = prefix, p, scaling
+            x = prefix(*xs) if prefix is not None else xs[0]
+            # exactly torch.nn.functional.dropout's CPU path: the same bernoulli_ draws, and a
+            # 0/1 mask divided by 1-p gives the same noise values
+            mask = torch.empty_like(x).bernoulli_(1 - p).bool() if p > 0 else None
+            ctx.save_for_backward(mask, a, b, *xs)
+            return branch(x, mask, a, b, p, scaling)
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            x, a, b, mask = ctx.saved_tensors
-            wanted = ctx.needs_input_grad[:3]
-            inputs = [t.detach().requires_grad_(w) for t, w in zip((x, a, b), wanted)]
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
-                xi, ai, bi = inputs
-                dropped = xi * mask.to(xi.dtype).div_(1 - ctx.p) if mask is not None else xi
-                out = torch.nn.functional.linear(torch.nn.functional.linear(dropped, ai), bi) * ctx.scaling
+            mask, a, b, *xs = ctx.saved_tensors
+            wanted = ctx.needs_input_grad[3:]
+            inputs = [t.detach().requires_grad_(w) for t, w in zip((a, b, *xs), wanted)]
+            with torch.enable_grad(), torch.autocast(xs[0].device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+                ai, bi, *xi = inputs
+                x = ctx.prefix(*xi) if ctx.prefix is not None else xi[0]
+                out = branch(x, mask, ai, bi, ctx.p, ctx.scaling)
             need = [t for t, w in zip(inputs, wanted) if w]
             grads = iter(torch.autograd.grad(out, need, grad) if need else ())
-            return (*(next(grads) if w else None for w in wanted), None, None)
+            return (None, None, None, *(next(grads) if w else None for w in wanted))
 
     _LoraBranch.fn = LoraBranch
     return LoraBranch
 
 
-def lora_branch(x: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
+def lora_branch(x: Any, a: Any, b: Any, p: float, scaling: float, prefix: Any = None, *more: Any) -> Any:
     """`B(A(dropout(x))) * scaling`, keeping x and a bool mask instead of two fp32 copies.
+    With `prefix`, the branch's input is `prefix(x, *more)`, recomputed in backward rather
+    than kept (the MLP's down projection reads act(gate) * up this way).
 
     >>> import torch
     >>> x, a, b = torch.randn(5, 6, requires_grad=True), torch.randn(2, 6), torch.randn(3, 2)
     >>> torch.allclose(lora_branch(x, a, b, 0.0, 2.0), (x @ a.T @ b.T) * 2)
     True
     """
-    return _lora_branch_fn().apply(x, a, b, p, scaling)
+    return _lora_branch_fn().apply(prefix, p, scaling, a, b, x, *more)
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """peft's `lora.Linear.forward` for the case it covers (one vanilla adapter, unmerged);
     anything else goes to peft's own forward."""
-    if (
-        self.disable_adapters
-        or self.merged
-        or kwargs.get("adapter_names") is not None
-        or len(self.active_adapters) != 1
-        or self.active_adapters[0] in self.lora_variant
-        or self.active_adapters[0] not in self.lora_A
-    ):
+    if args or kwargs or not _lora_ready(self):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
-    result = self.base_layer(x, *args, **kwargs)
+    result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, _torch_nn().Dropout) and self.training else 0.0
-    branch = lora_branch(self._cast_input_dtype(x, a.dtype), a, b, p, self.scaling[name])
+    branch = lora_branch(self._cast_input_dtype(x, a.dtype), a, b, _dropout_p(self, name), self.scaling[name])
     return (result + branch).to(result.dtype)
 
 
-def _torch_nn() -> Any:
+def _lora_ready(layer: Any) -> bool:
+    """One vanilla adapter, active and unmerged: the case the fused forward covers."""
+    return (
+        not layer.disable_adapters
+        and not layer.merged
+        and len(layer.active_adapters) == 1
+        and layer.active_adapters[0] not in layer.lora_variant
+        and layer.active_adapters[0] in layer.lora_A
+    )
+
+
+def _dropout_p(layer: Any, name: str) -> float:
     import torch
 
-    return torch.nn
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
 
 
 def swiglu(gate: Any, up: Any, act: Any) -> Any:
@@ -148,7 +157,19 @@ def swiglu(gate: Any, up: Any, act: Any) -> Any:
 
 
 def _fused_mlp_forward(self: Any, x: Any) -> Any:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.act_fn))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if "forward" not in down.__dict__ or not _lora_ready(down):  # not a (fused) LoRA layer
+        return down(swiglu(gate, up, self.act_fn))
+    name = down.active_adapters[0]
+    a, b = down.lora_A[name].weight, down.lora_B[name].weight
+    hidden = swiglu(gate, up, self.act_fn)
+    result = down.base_layer(hidden)  # frozen: keeps no activation
+    p = _dropout_p(down, name)
+    gate_a, up_a = down._cast_input_dtype(gate, a.dtype), down._cast_input_dtype(up, a.dtype)
+    act = self.act_fn
+    branch = lora_branch(gate_a, a, b, p, down.scaling[name], lambda g, u: act(g) * u, up_a)
+    return (result + branch).to(result.dtype)
 
 
 def _is_lora_linear(module: Any) -> bool:
@@ -180,8 +201,13 @@ def _source(fn: Any) -> str:
 def apply(model: Any) -> dict[str, int]:
     """Swap in the fused forwards on one model instance (its classes stay untouched);
     returns how many modules of each kind were swapped."""
-    counts = {"lora_linear": 0, "swiglu_mlp": 0}
+    from stages.train.attention import GQA_FLAG
+
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
     for module in model.modules():
+        if getattr(module, "num_key_value_groups", 1) > 1:
+            setattr(module, GQA_FLAG, True)
+            counts["gqa_attention"] += 1
         if _is_lora_linear(module):
             module.forward = types.MethodType(_fused_lora_forward, module)
             counts["lora_linear"] += 1
@@ -193,8 +219,11 @@ def apply(model: Any) -> dict[str, int]:
 
 def applied(model: Any) -> dict[str, int]:
     """How many modules of `model` run a fused forward (for the run's report)."""
-    counts = {"lora_linear": 0, "swiglu_mlp": 0}
+    from stages.train.attention import GQA_FLAG
+
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
     for module in model.modules():
+        counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
         if forward is _fused_lora_forward:
             counts["lora_linear"] += 1
