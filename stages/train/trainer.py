@@ -9,6 +9,7 @@ rate, grad norm and tokens/s go to plots/train_loss.csv; reports/train.json sums
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -24,7 +25,7 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
-from stages.train import distributed
+from stages.train import distributed, kernels
 from stages.train.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
 from stages.train.model import build_model, count_parameters
 
@@ -146,6 +147,9 @@ def train(
     trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
     if trained_only:
         collator = KeepTrainedLogits(collator)
+    head = kernels.head_of(model) if trained_only and kernels.resolve(params.kernels) == "fused" else None
+    loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
+    defer = kernels.defer_head(head) if head is not None else contextlib.nullcontext()
     columns = ["input_ids", "labels"]
     trainer = Trainer(
         model=model,
@@ -153,18 +157,19 @@ def train(
         train_dataset=train_set.select_columns([*columns, "length"]),
         eval_dataset=eval_set.select_columns(columns) if has_eval else None,
         data_collator=_CountingCollator(collator, meter),
-        compute_loss_func=trained_logits_loss,
+        compute_loss_func=loss_func,
         callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks],
     )
     started = time.perf_counter()
     meter.start()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - started
-    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
-    tokens, meter.trained_tokens, meter.slots = (
-        distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
-    )
-    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+    with defer:  # the head returns hidden states; the chunked loss applies it
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.perf_counter() - started
+        tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
+        tokens, meter.trained_tokens, meter.slots = (
+            distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
+        )
+        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
     attention = model.config._attn_implementation  # what trained, before the reset below
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
@@ -189,6 +194,7 @@ def train(
         "precision": params.precision,
         "attention": attention,
         "trained_logits_only": trained_only,
+        "kernels": {**kernels.applied(model), "chunked_loss": head is not None},
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,

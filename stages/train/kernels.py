@@ -1,0 +1,330 @@
+"""Leaner training kernels (`train.kernels`): the same computation, fewer bytes kept for backward.
+
+Measured on SmolLM2-135M, LoRA r8 all-linear with dropout 0.05, one packed batch of 2114
+tokens in fp32: autograd kept 5.0 GiB of activations (peak RSS 8.5 GB). Half of it was LoRA
+dropout: peft's `lora_B(lora_A(dropout(x)))` keeps, per adapter, the dropped-out copy of the
+layer input (for lora_A's weight gradient) *and* the dropout noise as an fp32 tensor — two full
+copies of x for each of the 7 adapters of a layer, although q/k/v (and gate/up) read the same x.
+The rest: SwiGLU kept silu(gate) besides gate and up, the logit rows of the loss (trained
+positions x 49k vocabulary, fp32) and their gradient, and grouped-query attention repeated
+k/v to all heads before SDPA saved them.
+
+`fused` replaces those pieces, each an exact rewrite (same float operations in the same order
+for the kept values; gradients equal the plain path's up to summation order):
+
+- `lora_branch`: dropout + A + B + scale as one autograd function that keeps x (shared by the
+  adapters reading it), the dropout mask as bool (1 byte/element, drawn with the same
+  `bernoulli_` call as `torch.nn.functional.dropout`, so the masks are the plain path's) and
+  recomputes the small rank-r products in backward.
+- `swiglu`: `act(gate) * up` recomputed in backward from gate and up (torch's checkpoint on
+  just that element-wise op), and the down projection's LoRA branch recomputes it too instead
+  of keeping its input: only the rank-r products are recomputed, no base matmul.
+- grouped-query attention (`sdpa_varlen`): SDPA broadcasts the k/v heads itself
+  (`enable_gqa`) instead of receiving copies repeated to every query head.
+- `ChunkedTrainedLoss`: the LM head and cross-entropy over trained positions in chunks of rows,
+  the gradient of each chunk computed in the forward pass (the loss is the last op, so its
+  gradient is known up to a scalar): no logits tensor of all trained rows, no recompute.
+
+`plain` is transformers + peft as they are. `auto` is `fused`: measured the same speed and
+2.6-3.4 GB less peak RSS (docs/benchmarks.md). Every piece is plain torch, so it runs on CUDA
+too, where flash-attention already avoids the repeated k/v; only CPU runs were measured.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from stages.core.chats import IGNORE_INDEX
+
+CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
+
+
+def resolve(kernels: str) -> str:
+    """`auto` -> the measured default.
+
+    >>> resolve("auto"), resolve("plain")
+    ('fused', 'plain')
+    """
+    return "fused" if kernels == "auto" else kernels
+
+
+class _LoraBranch:
+    """Namespace for the autograd function (built lazily: importing torch costs seconds)."""
+
+    fn: Any = None
+
+
+def _lora_branch_fn() -> Any:
+    import torch
+
+    if _LoraBranch.fn is not None:
+        return _LoraBranch.fn
+
+    def branch(x: Any, mask: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
+        dropped = x * mask.to(x.dtype).div_(1 - p) if mask is not None else x
+        return torch.nn.functional.linear(torch.nn.functional.linear(dropped, a), b) * scaling
+
+    class LoraBranch(torch.autograd.Function):
+        """inputs: (prefix, p, scaling, a, b, *xs); the branch's input is prefix(*xs) (or xs[0])."""
+
+        @staticmethod
+        def forward(ctx: Any, prefix: Any, p: float, scaling: float, a: Any, b: Any, *xs: Any) -> Any:
+            device = xs[0].device.type
+            ctx.amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            ctx.prefix, ctx.p, ctx.scaling = prefix, p, scaling
+            x = prefix(*xs) if prefix is not None else xs[0]
+            # exactly torch.nn.functional.dropout's CPU path: the same bernoulli_ draws, and a
+            # 0/1 mask divided by 1-p gives the same noise values
+            mask = torch.empty_like(x).bernoulli_(1 - p).bool() if p > 0 else None
+            ctx.save_for_backward(mask, a, b, *xs)
+            return branch(x, mask, a, b, p, scaling)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            mask, a, b, *xs = ctx.saved_tensors
+            wanted = ctx.needs_input_grad[3:]
+            inputs = [t.detach().requires_grad_(w) for t, w in zip((a, b, *xs), wanted)]
+            with torch.enable_grad(), torch.autocast(xs[0].device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+                ai, bi, *xi = inputs
+                x = ctx.prefix(*xi) if ctx.prefix is not None else xi[0]
+                out = branch(x, mask, ai, bi, ctx.p, ctx.scaling)
+            need = [t for t, w in zip(inputs, wanted) if w]
+            grads = iter(torch.autograd.grad(out, need, grad) if need else ())
+            return (None, None, None, *(next(grads) if w else None for w in wanted))
+
+    _LoraBranch.fn = LoraBranch
+    return LoraBranch
+
+
+def lora_branch(x: Any, a: Any, b: Any, p: float, scaling: float, prefix: Any = None, *more: Any) -> Any:
+    """`B(A(dropout(x))) * scaling`, keeping x and a bool mask instead of two fp32 copies.
+    With `prefix`, the branch's input is `prefix(x, *more)`, recomputed in backward rather
+    than kept (the MLP's down projection reads act(gate) * up this way).
+
+    >>> import torch
+    >>> x, a, b = torch.randn(5, 6, requires_grad=True), torch.randn(2, 6), torch.randn(3, 2)
+    >>> torch.allclose(lora_branch(x, a, b, 0.0, 2.0), (x @ a.T @ b.T) * 2)
+    True
+    """
+    return _lora_branch_fn().apply(prefix, p, scaling, a, b, x, *more)
+
+
+def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """peft's `lora.Linear.forward` for the case it covers (one vanilla adapter, unmerged);
+    anything else goes to peft's own forward."""
+    if args or kwargs or not _lora_ready(self):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    result = self.base_layer(x)
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    branch = lora_branch(self._cast_input_dtype(x, a.dtype), a, b, _dropout_p(self, name), self.scaling[name])
+    return (result + branch).to(result.dtype)
+
+
+def _lora_ready(layer: Any) -> bool:
+    """One vanilla adapter, active and unmerged: the case the fused forward covers."""
+    return (
+        not layer.disable_adapters
+        and not layer.merged
+        and len(layer.active_adapters) == 1
+        and layer.active_adapters[0] not in layer.lora_variant
+        and layer.active_adapters[0] in layer.lora_A
+    )
+
+
+def _dropout_p(layer: Any, name: str) -> float:
+    import torch
+
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
+
+
+def swiglu(gate: Any, up: Any, act: Any) -> Any:
+    """`act(gate) * up`, with act's output recomputed in backward instead of kept.
+
+    >>> import torch
+    >>> g, u = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    >>> torch.equal(swiglu(g, u, torch.nn.functional.silu), torch.nn.functional.silu(g) * u)
+    True
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
+        return act(gate) * up
+    return checkpoint(lambda g, u: act(g) * u, gate, up, use_reentrant=False, preserve_rng_state=False)
+
+
+def _fused_mlp_forward(self: Any, x: Any) -> Any:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if "forward" not in down.__dict__ or not _lora_ready(down):  # not a (fused) LoRA layer
+        return down(swiglu(gate, up, self.act_fn))
+    name = down.active_adapters[0]
+    a, b = down.lora_A[name].weight, down.lora_B[name].weight
+    hidden = swiglu(gate, up, self.act_fn)
+    result = down.base_layer(hidden)  # frozen: keeps no activation
+    p = _dropout_p(down, name)
+    gate_a, up_a = down._cast_input_dtype(gate, a.dtype), down._cast_input_dtype(up, a.dtype)
+    act = self.act_fn
+    branch = lora_branch(gate_a, a, b, p, down.scaling[name], lambda g, u: act(g) * u, up_a)
+    return (result + branch).to(result.dtype)
+
+
+def _is_lora_linear(module: Any) -> bool:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return type(module) is Linear and not getattr(module, "lora_bias", {}).get("default", False)
+
+
+def _is_swiglu_mlp(module: Any) -> bool:
+    """Llama-style gated MLP (Llama, Qwen2/3, Mistral, SmolLM2): down(act(gate(x)) * up(x))."""
+    forward = type(module).forward
+    return (
+        all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        and "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))" in _source(forward)
+    )
+
+
+def _source(fn: Any) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def apply(model: Any) -> dict[str, int]:
+    """Swap in the fused forwards on one model instance (its classes stay untouched);
+    returns how many modules of each kind were swapped."""
+    from stages.train.attention import GQA_FLAG
+
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
+    for module in model.modules():
+        if getattr(module, "num_key_value_groups", 1) > 1:
+            setattr(module, GQA_FLAG, True)
+            counts["gqa_attention"] += 1
+        if _is_lora_linear(module):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            counts["lora_linear"] += 1
+        elif _is_swiglu_mlp(module):
+            module.forward = types.MethodType(_fused_mlp_forward, module)
+            counts["swiglu_mlp"] += 1
+    return counts
+
+
+def applied(model: Any) -> dict[str, int]:
+    """How many modules of `model` run a fused forward (for the run's report)."""
+    from stages.train.attention import GQA_FLAG
+
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
+    for module in model.modules():
+        counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
+        forward = getattr(module.__dict__.get("forward"), "__func__", None)
+        if forward is _fused_lora_forward:
+            counts["lora_linear"] += 1
+        elif forward is _fused_mlp_forward:
+            counts["swiglu_mlp"] += 1
+    return counts
+
+
+# ---- loss: LM head + cross-entropy in chunks of trained rows ----------------------------------
+
+
+def head_of(model: Any) -> Any:
+    """The output projection the chunked loss can stand in for, or None (biased heads,
+    soft-capped or scaled logits: their forward does more than `hidden @ W.T`)."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "lm_head", None)
+    config = getattr(inner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or getattr(text, "final_logit_softcapping", None) is not None
+        or getattr(text, "logit_scale", None) not in (None, 1, 1.0)
+    ):
+        return None
+    return head
+
+
+def _chunked_ce_fn() -> Any:
+    import torch
+
+    class ChunkedCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any) -> Any:
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.zeros_like(hidden)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            for s in range(0, hidden.shape[0], CHUNK_ROWS):
+                h, t = hidden[s : s + CHUNK_ROWS], targets[s : s + CHUNK_ROWS]
+                logits = torch.nn.functional.linear(h, weight)
+                logits32 = logits.float()
+                total += torch.nn.functional.cross_entropy(logits32, t, ignore_index=IGNORE_INDEX, reduction="sum")
+                valid = t != IGNORE_INDEX
+                g = torch.softmax(logits32, -1)  # d(sum CE)/d logits = softmax - one_hot, 0 on ignored rows
+                g[valid, t[valid]] -= 1
+                g[~valid] = 0
+                g = g.to(logits.dtype)
+                grad_h[s : s + CHUNK_ROWS] = g @ weight.to(g.dtype)
+                if grad_w is not None:
+                    grad_w += (g.T @ h.to(g.dtype)).float()
+            ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+            ctx.has_w, ctx.w_dtype = grad_w is not None, weight.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            grad_h, grad_w = ctx.saved_tensors
+            gw = (grad_w * grad).to(ctx.w_dtype) if ctx.has_w else None
+            return grad_h * grad.to(grad_h.dtype), gw, None
+
+    return ChunkedCE
+
+
+class ChunkedTrainedLoss:
+    """Trainer's `compute_loss_func` when the model's head is deferred (`defer_head`):
+    `outputs.logits` then holds the hidden states at trained positions, and this computes the
+    same mean cross-entropy as `trained_logits_loss` without materialising all logit rows."""
+
+    def __init__(self, head: Any) -> None:
+        self.head = head
+        self.fn = None
+
+    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        import torch
+
+        from stages.train.loss import trained_positions
+
+        hidden = outputs.logits
+        targets = labels[:, 1:][:, trained_positions(labels)]
+        if self.fn is None:
+            self.fn = _chunked_ce_fn()
+        total = self.fn.apply(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, targets.reshape(-1))
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+        if isinstance(count, torch.Tensor):
+            count = count.to(total.device)
+        return total / count
+
+
+class defer_head:
+    """Context in which the model's head returns its input (hidden states at the kept
+    positions) so `ChunkedTrainedLoss` applies it chunk by chunk. The head module and its
+    weight stay where they are (tied embeddings, state_dict keys and saving are untouched)."""
+
+    def __init__(self, head: Any) -> None:
+        self.head = head
+
+    def __enter__(self) -> Any:
+        self.head.forward = lambda hidden: hidden
+        return self.head
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.head.forward
