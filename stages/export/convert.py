@@ -49,7 +49,9 @@ def installed_converter_dir() -> Path:
 
 
 def gguf_name(gguf_type: str) -> str:
-    """>>> gguf_name("q4_k_m")
+    """The file name of one GGUF type in models/gguf.
+
+    >>> gguf_name("q4_k_m")
     'model-q4_k_m.gguf'
     """
     return f"model-{gguf_type}.gguf"
