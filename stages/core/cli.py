@@ -31,9 +31,11 @@ COMMANDS = {
     "train": "stages.train.command:train_cmd",
     "merge": "stages.merge.command:merge_cmd",
     "eval": "stages.evaluate.command:eval_cmd",
+    "export": "stages.export.command:export_cmd",
     "inspect": "stages.tools.commands:inspect_cmd",
     "gate": "stages.tools.commands:gate_cmd",
     "retrain": "stages.tools.commands:retrain_cmd",
+    "chat": "stages.tools.commands:chat_cmd",
 }
 
 PARAMS_OPTION = click.option(
@@ -133,7 +135,9 @@ def cli() -> None:
       train    LoRA / full fine-tune -> models/adapter/
       merge    base + adapter -> models/merged/, verified against base+adapter logits
       eval     lm-eval on base and merged -> reports/eval.json, reports/samples.jsonl
-    Tools: `sftflow inspect` shows prepared samples with the trained tokens marked.
+      export   (optional: pipelines/export) merged -> models/gguf/ GGUFs + Ollama Modelfile, verified
+    Tools: `sftflow inspect` shows prepared samples with the trained tokens marked;
+    `sftflow chat` talks to the tuned model.
     `sftflow COMMAND --help` lists the params.yaml keys each stage reads.
     """
 

@@ -182,6 +182,8 @@ class MergeParams:
     # rounded through the same quantization, or into the original weights; auto: whichever gives
     # logits closer to the 4-bit model it was trained on (both are measured and reported)
     qlora_base: Literal["auto", "nf4_rounded", "original"] = "auto"
+    # auto: fold the adapter on the GPU when torch sees one (still in fp32), else on the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,32 @@ class EvalParams:
     seed: int = 0  # lm-eval's seeds (sampling, few-shot draws)
     threads: int = 1  # torch threads; 0 = all cores. 1: decoding gains little from a 2nd
     # core and loses 3x when another process shares them (measured on 2 cores)
+    # auto: a GPU when torch sees one (bf16 where supported, else fp16; batch_size "auto"),
+    # else the CPU in fp32 with batch_size above
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (pip install vllm; GPU only)
+
+
+# GGUF types: the first four are written by llama.cpp's converter itself, the others by
+# llama.cpp's quantizer (through llama-cpp-python) from the f16 file.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """merged model -> GGUF files for llama.cpp / Ollama / LM Studio, verified against the HF
+    model; read by `sftflow export gguf` (the optional pipeline in pipelines/export)."""
+
+    types: tuple[str, ...] = ("f16", "q8_0", "q4_k_m")  # any of GGUF_TYPES
+    modelfile: str | None = "q8_0"  # the type the Ollama Modelfile's FROM names; null: no Modelfile
+    check_prompts: int = 8  # held-out prompts (eval.data) whose greedy replies are compared
+    max_new_tokens: int = 32  # tokens per compared reply
+    logit_prompts: int = 4  # prompts whose next-token logits are compared over the whole vocab
+    # f32 / f16 must reproduce the HF model: every compared reply equal, and next-token logits
+    # within this (SmolLM2-135M f16: measured 0.03-0.1 on logits up to ~30); other types are reported
+    max_abs_logit_diff: float = 0.25
+    converter: str | None = None  # a llama.cpp checkout (convert_hf_to_gguf.py); null: setup.sh's copy
+    threads: int = 0  # llama.cpp threads for the checks; 0: all cores
 
 
 @dataclass(frozen=True)
@@ -237,6 +265,7 @@ class Params:
     merge: MergeParams = field(default_factory=MergeParams)
     eval: EvalParams = field(default_factory=EvalParams)
     gate: GateParams = field(default_factory=GateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -327,6 +356,21 @@ def _cross_checks(p: Params) -> list[str]:
     if p.data.num_proc < 1:
         out.append("data.num_proc: must be >= 1")
     out += _train_checks(p.train)
+    out += _export_checks(p.export)
+    return out
+
+
+def _export_checks(x: ExportParams) -> list[str]:
+    out = [f"export.types[{i}]: expected one of {', '.join(GGUF_TYPES)}, got {t!r}"
+           for i, t in enumerate(x.types) if t not in GGUF_TYPES]
+    if not x.types or len(set(x.types)) != len(x.types):
+        out.append("export.types: list each GGUF type once, at least one")
+    if x.modelfile is not None and x.modelfile not in x.types:
+        out.append(f"export.modelfile: {x.modelfile!r} is not one of export.types")
+    if x.check_prompts < 1 or x.max_new_tokens < 1 or x.logit_prompts < 1:
+        out.append("export.check_prompts / max_new_tokens / logit_prompts: must be >= 1")
+    if x.max_abs_logit_diff <= 0 or x.threads < 0:
+        out.append("export.max_abs_logit_diff: must be > 0; export.threads >= 0")
     return out
 
 

@@ -305,19 +305,15 @@ def _run_lm_eval(
 ) -> dict[str, Any]:
     import torch
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, "float32")
-    model.eval()
     stop = end_of_turn(tok)
-    maybe_stop_at(model, tok, stop)
     ours = any(t in SHIPPED_TASKS for t in params.tasks)  # only ours need the template rendered here
     docs = task_docs(chats, tok, system_prompt, params.num_choices) if ours else {}
     spec = task_spec(params, docs, stop, data_dir)
     theirs = user_tasks(params)
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=params.batch_size, device="cpu")
+    lm = eval_model(params, model_dir, tok, stop)
     threads = torch.get_num_threads()
     if params.threads > 0:
         torch.set_num_threads(params.threads)
@@ -356,6 +352,33 @@ def _run_lm_eval(
     finally:
         torch.set_num_threads(threads)
     return run
+
+
+def eval_model(params: EvalParams, model_dir: Path, tok: PreTrainedTokenizerBase, stop: str) -> Any:
+    """lm-eval's model: HF transformers placed by `choose_placement` (GPU in bf16 with
+    batch_size auto when there is one, else the CPU in fp32), or vLLM (`eval.backend: vllm`)."""
+    from stages.core.devices import choose_placement, detect_hardware
+
+    placement = choose_placement("eval", detect_hardware(), params.device, params.batch_size)
+    if params.backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SftflowError("eval.backend vllm needs vLLM: pip install vllm (a CUDA GPU machine)", field="eval.backend")
+        from lm_eval.models.vllm_causallms import VLLM
+
+        from stages.core.loading import model_source
+
+        name, revision = model_source(model_dir)
+        # vLLM loads the weights itself; the stop string ends replies (generation_kwargs.until)
+        return VLLM(pretrained=name, revision=revision, tokenizer=str(model_dir), dtype=placement.dtype,
+                    batch_size="auto", seed=params.seed)
+    from lm_eval.models.huggingface import HFLM
+
+    model = load_causal_lm(model_dir, placement.dtype, **placement.load_kwargs())
+    model.eval()
+    maybe_stop_at(model, tok, stop)
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=placement.batch_size, device=placement.device)
 
 
 def _add(run: dict[str, Any], out: dict[str, Any] | None) -> None:

@@ -56,16 +56,19 @@ def check_batches(prepared: Path, n: int) -> list[Any]:
 
 
 def logits_on(model: Any, batches: list[Any], dtype: str | None = "float32") -> list[Any]:
-    """Logits of `model` cast to `dtype` (None: as it is, e.g. 4-bit), returned in float64.
+    """Logits of `model` cast to `dtype` (None: as it is, e.g. 4-bit), returned in float64 on the CPU.
 
-    The cast is in place, on a model nobody reuses in its old dtype afterwards."""
+    The cast is in place, on a model nobody reuses in its old dtype afterwards. The check's
+    dtype is the same on a GPU: only where the model runs changes."""
     import torch
+
+    from stages.core.devices import input_device
 
     if dtype is not None:
         model.to(torch_dtype(dtype))
     model.eval()
     with torch.no_grad():
-        return [model(input_ids=b).logits.double() for b in batches]
+        return [model(input_ids=b.to(input_device(model))).logits.double().cpu() for b in batches]
 
 
 def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
@@ -84,24 +87,27 @@ def merge(
     params: MergeParams, base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
 ) -> dict[str, Any]:
     """Merge into `out` (an empty temp dir), verify it, return the report; raise if it differs."""
+    from stages.core.devices import choose_placement, detect_hardware
+
+    placement = choose_placement("merge", detect_hardware(), params.device).load_kwargs()
     trained = read_trained(adapter_dir)
     method = trained["method"]
     batches = check_batches(prepared, params.check_samples)
     extra: dict[str, Any] = {}
     if method == "full":  # nothing to fold in: merge only converts dtype/shards
-        merged = load_causal_lm(adapter_dir, "float32")
+        merged = load_causal_lm(adapter_dir, "float32", **placement)
         reference = logits_on(merged, batches, params.check_dtype)
         merged.to(torch_dtype("float32"))
     elif method == "qlora":
         merged, reference, extra = _merge_qlora(params, trained["train"], base_dir, adapter_dir, batches)
     else:
-        merged, reference = _merge_adapter(params, base_dir, adapter_dir, batches)
+        merged, reference = _merge_adapter(params, base_dir, adapter_dir, batches, placement)
     tied = save_merged(merged, load_tokenizer(adapter_dir), out, params)
     del merged
     gc.collect()
 
     # What eval loads, read back from disk.
-    reloaded = load_causal_lm(out, params.dtype)
+    reloaded = load_causal_lm(out, params.dtype, **placement)
     if tied and reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight:
         raise SftflowError("tied embeddings came back untied from disk", path=out)  # tie_word_embeddings lost: lm_head would be saved as a second copy
     saved = logits_on(reloaded, batches, params.check_dtype)
@@ -157,12 +163,13 @@ def read_trained(adapter_dir: Path) -> dict[str, Any]:
 
 
 def _merge_adapter(
-    params: MergeParams, base_dir: Path, adapter_dir: Path, batches: list[Any]
+    params: MergeParams, base_dir: Path, adapter_dir: Path, batches: list[Any], placement: dict[str, Any] | None = None
 ) -> tuple[Any, list[Any]]:
-    """fp32 base + adapter: reference logits in check dtype, then the fp32 merge."""
+    """fp32 base + adapter: reference logits in check dtype, then the fp32 merge (on the GPU
+    when `placement` has a device_map)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_causal_lm(base_dir, "float32"), str(adapter_dir))
+    model = PeftModel.from_pretrained(load_causal_lm(base_dir, "float32", **(placement or {})), str(adapter_dir))
     reference = logits_on(model, batches, params.check_dtype)
     model.to(torch_dtype("float32"))  # merge in fp32, whatever the check dtype
     return model.merge_and_unload(), reference

@@ -1,4 +1,4 @@
-"""The commands that are not pipeline stages: `sftflow inspect`, `gate`, `retrain`."""
+"""The commands that are not pipeline stages: `sftflow inspect`, `gate`, `retrain`, `chat`."""
 
 from __future__ import annotations
 
@@ -100,3 +100,79 @@ def retrain_cmd(params_path: Path, metrics: Path, report: Path | None) -> None:
         return
     click.echo(f"retrain: gate {result.summary()}; kept the accepted model (dvc.lock restored, dvc checkout)")
     sys.exit(1)
+
+
+@click.command("chat")
+@PARAMS_OPTION
+@click.option("--model", "model_dir", default="models/merged", show_default=True, type=click.Path(path_type=Path),
+              help="A merged model folder (what `sftflow merge` wrote).")
+@click.option("--base", "base_dir", default=None, type=click.Path(path_type=Path),
+              help="With --adapter: the base model folder (models/base), the adapter applied unmerged.")
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=Path),
+              help="With --base: the adapter folder (models/adapter).")
+@click.option("--prompt", default=None, help="Answer this one message and exit (no interactive loop).")
+@click.option("--system", default=None, help="System prompt  [default: data.system_prompt]")
+@click.option("--max-new-tokens", type=int, default=None, help="[default: eval.max_new_tokens]")
+@click.option("--sample/--greedy", "do_sample", default=None, help="[default: eval.do_sample]")
+@click.option("--temperature", type=float, default=None, help="Sample at this temperature  [default: eval.temperature]")
+@click.option("--top-p", type=float, default=None, help="Sample from this nucleus  [default: eval.top_p]")
+@click.option("--seed", type=int, default=None, help="Seed the sampler (repeatable sampled replies).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: a GPU when torch sees one (bf16 where supported), else the CPU in fp32.")
+def chat_cmd(
+    params_path: Path,
+    model_dir: Path,
+    base_dir: Path | None,
+    adapter_dir: Path | None,
+    prompt: str | None,
+    system: str | None,
+    max_new_tokens: int | None,
+    do_sample: bool | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    device: str,
+) -> None:
+    """Chat with the tuned model (its chat template, data.system_prompt, eval's generation settings).
+
+    \b
+      sftflow chat                                          # models/merged, interactive
+      sftflow chat --base models/base --adapter models/adapter
+      sftflow chat --prompt "Who are you?"                  # one answer, for scripts
+    Type /reset to forget the conversation, /exit or Ctrl-D to leave.
+    """
+    from stages.core.params import Params
+
+    # Outside a project (no params.yaml) the schema's defaults apply; a --params that was
+    # named but is missing is still an error.
+    params = load(params_path) if params_path.exists() or params_path != Path("params.yaml") else Params()
+    offline_by_default(base_dir or model_dir)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise SftflowError("must be >= 1", field="--max-new-tokens")
+    from stages.tools.chat import ChatSession, GenerationSettings, load_chat_model, repl
+
+    settings = GenerationSettings.from_eval(
+        params.eval, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+    )
+    model, tok = load_chat_model(None if base_dir else model_dir, base_dir, adapter_dir, device)
+    if seed is not None:  # after loading: nothing else draws from the generator before the first reply
+        from transformers import set_seed
+
+        set_seed(seed)
+    system_prompt = system if system is not None else params.data.system_prompt
+    session = ChatSession(model, tok, system_prompt, settings)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # each token as it is decoded
+
+    if prompt is not None:
+        for piece in session.stream(prompt):
+            write(piece)
+        write("\n")
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform; input() works without it
+        pass
+    repl(session, input, write)
