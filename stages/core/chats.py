@@ -156,12 +156,14 @@ def _check_order(messages: list[dict[str, Any]], path: Path, line: int, shape: C
         elif previous["role"] == "user":
             expected = ("assistant",)
         elif previous["role"] == "assistant":
-            expected = ("tool",) if previous.get("tool_calls") else ("user",)
+            # a structured call waits for its results; a call written as text may get them too
+            expected = ("tool",) if previous.get("tool_calls") else ("user", "tool")
         else:  # tool: more results, or the assistant again
             expected = ("tool", "assistant")
         if role not in expected:
             if all(x["role"] != "tool" and not x.get("tool_calls") for x in order):
                 hint = "user and assistant alternate, starting with user"
+                expected = tuple(r for r in expected if r != "tool")
             else:
                 hint = "an assistant tool call is answered by tool messages, then the assistant speaks"
             raise SftflowError(

@@ -123,7 +123,9 @@ def _prepare(
         shard = everything.select(index).select_columns(list(COLUMNS))
         shard.save_to_disk(str(out / name))
         lengths = everything.data.column("length").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
-        trained = everything.data.column("num_trained").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
+        trained = (
+            everything.data.column("num_trained").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
+        )
         stats[name] = (lengths.astype(np.int64), trained.astype(np.int64))
     report = build_report(reports, stats, rejects, duplicates)
     manifest = {
@@ -252,9 +254,19 @@ def _pack_texts(
         _, record, line = starts[0]
         pending.append(
             {
-                "input_ids": ids, "labels": ids, "length": len(ids), "source": label, "record": record,
-                "num_trained": len(ids), "line": line, "kind": "text", "status": "", "skipped": False,
-                "detail": "", "truncated": False, "hash": sample_hash(ids, ids) if with_hash else 0,
+                "input_ids": ids,
+                "labels": ids,
+                "length": len(ids),
+                "source": label,
+                "record": record,
+                "num_trained": len(ids),
+                "line": line,
+                "kind": "text",
+                "status": "",
+                "skipped": False,
+                "detail": "",
+                "truncated": False,
+                "hash": sample_hash(ids, ids) if with_hash else 0,
             }
         )
         rep.kept += 1

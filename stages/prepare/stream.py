@@ -76,7 +76,14 @@ class RecordMapper:
         tools: list[dict[str, Any]] | None,
         model_dir: Path | None = None,
     ) -> None:
-        self.tok, self.params, self.src, self.label, self.kind, self.tools = tok, params, src, label, kind, tools
+        self.tok, self.params, self.src, self.label, self.kind, self.tools = (
+            tok,
+            params,
+            src,
+            label,
+            kind,
+            tools,
+        )
         # The token that closes a reply is trained with it, and it must be one the tokenizer
         # treats as special (else the tuned model could not emit it as one token and never
         # stops). Pad positions are never trained (the collator masks them), even when pad and
@@ -140,17 +147,30 @@ class RecordMapper:
             rendered[id(r)] = chat
         # The template already holds BOS and the specials: no add_special_tokens, exactly as
         # apply_chat_template(tokenize=True) does.
-        enc = self.tok(
-            [rendered[id(r)].text for r in chats], add_special_tokens=False, return_offsets_mapping=True
-        ) if chats else {"input_ids": [], "offset_mapping": []}
+        enc = (
+            self.tok(
+                [rendered[id(r)].text for r in chats], add_special_tokens=False, return_offsets_mapping=True
+            )
+            if chats
+            else {"input_ids": [], "offset_mapping": []}
+        )
         by_chat = {id(r): (ids, offs) for r, ids, offs in zip(chats, enc["input_ids"], enc["offset_mapping"])}
         texts = [r for r in records if isinstance(r, RawRecord) and r.text is not None]
         text_ids = self.tok([r.text for r in texts], add_special_tokens=False)["input_ids"] if texts else []
         by_text = {id(r): ids for r, ids in zip(texts, text_ids)}
 
         for r in records:
-            row = {"source": self.label, "input_ids": [], "labels": [], "truncated": False, "detail": "",
-                   "status": "", "skipped": False, "kind": "chat", "hash": 0}
+            row = {
+                "source": self.label,
+                "input_ids": [],
+                "labels": [],
+                "truncated": False,
+                "detail": "",
+                "status": "",
+                "skipped": False,
+                "kind": "chat",
+                "hash": 0,
+            }
             if isinstance(r, SftflowError):
                 row.update(record=-1, line=r.line, status=_reason_key(r), skipped=True, detail=str(r))
             elif r.text is not None:
@@ -167,7 +187,9 @@ class RecordMapper:
                 out[name].append(value)
         return out
 
-    def _label(self, r: RawRecord, chat: Any, ids: list[int], offsets: list[tuple[int, int]]) -> dict[str, Any]:
+    def _label(
+        self, r: RawRecord, chat: Any, ids: list[int], offsets: list[tuple[int, int]]
+    ) -> dict[str, Any]:
         """input_ids/labels of one chat, with the drop reason and truncation applied."""
         p = self.params
         trained, closed = label_tokens(offsets, ids, chat, self.end_of_turn_ids)
