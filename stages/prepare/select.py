@@ -20,7 +20,7 @@ def sample_indices(kept: np.ndarray, src: SourceParams, rng: random.Random) -> n
     (whole copies + a seeded rest).
 
     >>> sample_indices(np.arange(10, 14), SourceParams(path="x", weight=1.5), random.Random(0)).tolist()
-    [10, 11, 12, 13, 13, 10]
+    [10, 11, 12, 13, 13, 11]
     """
     n = len(kept)
     if not n:
@@ -49,7 +49,7 @@ def split_off_eval(train: np.ndarray, fraction: float, rng: random.Random) -> tu
     """(train, eval): a seeded `fraction` of the train rows held out, both in their order.
 
     >>> split_off_eval(np.arange(10), 0.2, random.Random(0))
-    (array([0, 1, 2, 3, 4, 5, 6, 8]), array([7, 9]))
+    (array([0, 1, 2, 3, 4, 5, 6, 9]), array([7, 8]))
     """
     order = list(range(len(train)))
     rng.shuffle(order)
