@@ -51,9 +51,10 @@ def prepare(
         raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Scratch Arrow files (raw rows, map outputs) live next to the output, on the same disk,
-    # and go when prepare ends; only the chosen rows are copied into the shards.
-    work = Path(tempfile.mkdtemp(prefix=".prepare-work-", dir=out.parent))
+    # Scratch Arrow files (raw rows, map outputs) live inside the output folder, on its disk,
+    # and go when prepare ends (a killed run's go with the stage's temp output folder); only
+    # the chosen rows are copied into the shards.
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
         return _prepare(params, Path(model_dir), tok, out, work, rejects_path)
     finally:
