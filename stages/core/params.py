@@ -38,15 +38,52 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
-class SourceParams:
-    """One raw data file."""
+class ColumnsParams:
+    """A data set's own field names for the fields prepare reads (null: the usual name), like
+    the `columns` of LLaMA-Factory's dataset_info.json: `{messages: chat}` reads the turns
+    from a `chat` column."""
 
-    path: str
+    messages: str | None = None  # the turn list of a messages record
+    conversations: str | None = None  # the turn list of a ShareGPT record
+    instruction: str | None = None  # Alpaca
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+    text: str | None = None  # continued pre-training
+    tools: str | None = None  # the record's tools list (JSON schemas, or their JSON text)
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One raw data set: a local file or folder (`path`) or a `datasets` hub id (`hub`)."""
+
+    # .jsonl / .json, .parquet, .csv, a save_to_disk folder, or hf://org/name (= hub: org/name)
+    path: str | None = None
+    hub: str | None = None  # a datasets hub id, loaded with `datasets.load_dataset` (its local cache offline)
+    name: str | None = None  # the hub data set's config name
+    split: str = "train"  # hub data sets and save_to_disk folders holding several splits
+    revision: str = "main"  # hub only: branch, tag or commit; the resolved commit goes in the manifest
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = (
         "auto"  # auto: from each record's keys
     )
+    columns: ColumnsParams = field(default_factory=ColumnsParams)
+    tools: str | None = None  # a JSON file with a tools list for records that carry none
     weight: float = 1.0  # 1.0 = every record once, 0.5 = a seeded half, 2.5 = twice and a seeded half
     num_samples: int | None = None  # an absolute count instead of weight (seeded up/down-sampling)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub id this source names (`hub`, or a `path` written hf://org/name)."""
+        if self.hub:
+            return self.hub
+        if self.path and self.path.startswith("hf://"):
+            return self.path.removeprefix("hf://").removeprefix("datasets/")
+        return None
+
+    @property
+    def label(self) -> str:
+        """What reports and errors call this source: its path, or hf://org/name."""
+        return self.path if self.path else f"hf://{self.hub}"
 
 
 @dataclass(frozen=True)
@@ -336,6 +373,10 @@ def _cross_checks(p: Params) -> list[str]:
                 out.append(f"data.{name}[{i}].weight: must be > 0")
             if src.num_samples is not None and src.num_samples < 1:
                 out.append(f"data.{name}[{i}].num_samples: must be >= 1")
+            if not src.path and not src.hub:
+                out.append(f"data.{name}[{i}].path: required key is missing (a file, folder or hf://org/name; or hub)")
+            elif src.path and src.hub:
+                out.append(f"data.{name}[{i}].hub: give path or hub, not both")
     out += _merge_checks(p.merge)
     if p.eval.limit is not None and p.eval.limit < 1:
         out.append("eval.limit: must be >= 1 (docs per task) or null for all")

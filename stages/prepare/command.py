@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -21,7 +22,12 @@ from stages.core.params import DataParams
 def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rejects: Path) -> None:
     """Render raw chats with the tokenizer's template, mask all but the trained replies, save shards."""
     params = load(params_path)
-    offline_by_default(model_dir)
+    if any(src.hub_id for src in (*params.data.sources, *params.data.eval_sources)):
+        # A hub data source needs the hub (offline, datasets falls back to its local cache by
+        # itself); the tokenizer is local and needs none. Set before datasets is imported.
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    else:
+        offline_by_default(model_dir)
     from stages.core.io import atomic_dir, write_json
     from stages.prepare.shards import prepare
 

@@ -7,18 +7,25 @@ Record formats (`format: auto` detects from each record's keys):
 - sharegpt: `{"conversations": [{"from": "human|gpt|system", "value"}, ...]}`;
 - alpaca: `{"instruction", "input"?, "output", "system"?}`;
 - text: `{"text"}` for continued pre-training (no template; every token trained).
+Tool calling: a record's `tools` (a JSON-schema list, or its JSON text) goes to the template
+with its chat; `tool` messages and assistant `tool_calls` (ShareGPT: `function_call` /
+`observation` turns) are validated by the shared chat validator.
+Tables (parquet, CSV, Arrow, hub data sets) give one record per row; a turn list or tools list
+stored as JSON text (CSV cells) is decoded. `columns` maps a data set's own field names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.core.chats import CHAT_SHAPES, validate_messages
+from stages.core.chats import CHAT_SHAPES, validate_messages, validate_tools
 from stages.core.errors import SftflowError
+from stages.core.params import ColumnsParams
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
 
@@ -32,6 +39,7 @@ class RawRecord:
     record: int
     messages: list[dict[str, Any]]
     text: str | None = None  # set for the text format instead of messages
+    tools: list[dict[str, Any]] | None = None  # the tools the template is given with this chat
 
 
 def detect_format(obj: Any) -> str | None:
@@ -93,8 +101,19 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
 
 
-def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRecord:
-    """One validated record in `fmt` ('auto' detects it)."""
+def parse_record(
+    obj: Any,
+    fmt: str,
+    path: Path,
+    line: int,
+    index: int,
+    columns: ColumnsParams | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> RawRecord:
+    """One validated record in `fmt` ('auto' detects it); `columns` names the data set's own
+    fields, `tools` is the source's tools list for records that carry none."""
+    if columns is not None and isinstance(obj, dict):
+        obj = _renamed(obj, columns, path, line)
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(
@@ -112,8 +131,43 @@ def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRe
         return RawRecord(source=str(path), line=line, record=index, messages=[], text=text)
     if chosen == "alpaca":
         obj, chosen = alpaca_to_messages(obj, path, line), "messages"
-    messages = validate_messages(obj, path, line, CHAT_SHAPES[chosen])
-    return RawRecord(source=str(path), line=line, record=index, messages=messages)
+    shape = CHAT_SHAPES[chosen]
+    their_turns = getattr(columns, shape.turns, None) if columns is not None else None
+    if isinstance(obj, dict):
+        if their_turns:  # errors name the data set's own column
+            shape = dataclasses.replace(shape, turns=their_turns)
+        turns = obj.get(shape.turns)
+        if isinstance(turns, str) and turns.lstrip().startswith("["):  # a CSV cell holds JSON text
+            try:
+                obj = {**obj, shape.turns: json.loads(turns)}
+            except json.JSONDecodeError as e:
+                raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=line, field=shape.turns) from e
+    messages = validate_messages(obj, path, line, shape)
+    own_tools = validate_tools(obj.get("tools"), path, line) if isinstance(obj, dict) else None
+    return RawRecord(
+        source=str(path), line=line, record=index, messages=messages, tools=own_tools or tools
+    )
+
+
+def _renamed(obj: dict[str, Any], columns: ColumnsParams, path: Path, line: int) -> dict[str, Any]:
+    """The record with the data set's own field names (`columns`) read as ours.
+
+    A turn list stays under the user's name too, so errors name it; the other fields are
+    renamed to ours."""
+    out = dict(obj)
+    for ours, theirs in dataclasses.asdict(columns).items():
+        if not theirs:
+            continue
+        if theirs not in obj:
+            raise SftflowError(
+                f"column {theirs!r} (columns.{ours}) is not in this record (it has: {', '.join(map(str, obj))})",
+                path=path,
+                line=line,
+                field=theirs,
+            )
+        value = out[theirs] if ours in ("messages", "conversations") else out.pop(theirs)
+        out[ours] = value  # the format detector reads our names
+    return out
 
 
 def read_records(

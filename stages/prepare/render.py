@@ -1,7 +1,8 @@
 """Render chats with the tokenizer's own template and find, exactly, which tokens to train.
 
 Why not character guesses: templates trim, reorder, inject default system prompts and render
-earlier assistant turns differently from the last one (Qwen3 drops `<think>` blocks), so
+earlier assistant turns differently from the last one (Qwen3 drops `<think>` blocks), and
+render tool calls in their own syntax (Qwen3's `<tool_call>` JSON), so
 searching for the reply text in the rendered chat is wrong in general. Instead each trained
 reply is located by *differential rendering*: render the chat once as is and once with that
 reply's content replaced by a sentinel; the region where the two renderings differ is exactly
@@ -61,11 +62,21 @@ def render_chat(
     for i in trained_turns(msgs, train_on):
         alt = [dict(m) for m in msgs]
         alt[i]["content"] = SENTINEL
+        # A tool call is part of the reply: the sentinel stands for content and calls together,
+        # so the differing region is the reply text plus the call text the template wrote.
+        calls = alt[i].pop("tool_calls", None)
         alt_text = render(alt)
         start = _common_prefix(text, alt_text)
         end_cut = _common_suffix(text, alt_text, limit=min(len(text), len(alt_text)) - start)
         if SENTINEL not in alt_text[start : len(alt_text) - end_cut]:
             raise TemplateError(f"the chat template does not render message {i}'s content where expected")
+        reply = text[start : len(text) - end_cut]
+        for call in calls or ():
+            if call["function"]["name"] not in reply:
+                raise TemplateError(
+                    f"the chat template does not render tool calls (assistant message {i} calls"
+                    f" {call['function']['name']!r}): use a template with tool support"
+                )
         if start >= len(text) - end_cut:
             raise TemplateError(f"the chat template renders assistant message {i} as empty text")
         spans.append((start, len(text) - end_cut))
