@@ -19,6 +19,7 @@ from typing import Any
 
 from stages.core.chats import CHAT_SHAPES, validate_messages
 from stages.core.errors import SftflowError
+from stages.prepare.images import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
 
@@ -32,6 +33,7 @@ class RawRecord:
     record: int
     messages: list[dict[str, Any]]
     text: str | None = None  # set for the text format instead of messages
+    images: tuple[Any, ...] = ()  # chats with images: stages.prepare.images.ImageRef, in order
 
 
 def detect_format(obj: Any) -> str | None:
@@ -93,8 +95,23 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
 
 
-def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRecord:
-    """One validated record in `fmt` ('auto' detects it)."""
+def parse_record(
+    obj: Any, fmt: str, path: Path, line: int, index: int, images: ImageReader | None = None
+) -> RawRecord:
+    """One validated record in `fmt` ('auto' detects it). `images`: the reader for chats with
+    images (vision-language models); without it such a chat is refused."""
+    # --- chats with images (stages/prepare/images.py) ---
+    if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
+        if images is None:
+            raise SftflowError(
+                "this chat holds images, but models/base is a text-only model: use a vision-language model"
+                " (model.name_or_path) or drop the images",
+                path=path,
+                line=line,
+            )
+        messages, refs = parse_image_record(obj, path, line, images)
+        return RawRecord(source=str(path), line=line, record=index, messages=messages, images=tuple(refs))
+    # --- end chats with images ---
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(
@@ -117,9 +134,14 @@ def parse_record(obj: Any, fmt: str, path: Path, line: int, index: int) -> RawRe
 
 
 def read_records(
-    path: Path, on_bad_record: str, rejects: list[dict[str, Any]], fmt: str = "auto"
+    path: Path,
+    on_bad_record: str,
+    rejects: list[dict[str, Any]],
+    fmt: str = "auto",
+    images: ImageReader | None = None,
 ) -> Iterator[RawRecord]:
-    """Validated records of one file; with on_bad_record=skip, bad ones go to `rejects`."""
+    """Validated records of one file; with on_bad_record=skip, bad ones go to `rejects`.
+    `images`: read chats with images too (vision-language models)."""
     path = Path(path)
     if not path.is_file():
         raise SftflowError("raw data file not found", path=path)
@@ -127,7 +149,7 @@ def read_records(
         try:
             if isinstance(obj, SftflowError):
                 raise obj
-            yield parse_record(obj, fmt, path, line, index)
+            yield parse_record(obj, fmt, path, line, index, images)
         except SftflowError as e:
             if on_bad_record != "skip":
                 raise
@@ -138,6 +160,8 @@ def _reason_key(e: SftflowError) -> str:
     """A stable, countable reason name for the prepare report."""
     msg = e.reason
     for key, needle in (
+        *IMAGE_REASONS.items(),
+        ("images_need_vision_model", "text-only model"),
         ("unknown_role", "unknown role"),
         ("missing_role", "missing role"),
         ("empty_content", "content is empty"),
