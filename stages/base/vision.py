@@ -17,9 +17,7 @@ from typing import Any
 
 from stages.core.loading import torch_dtype
 from stages.core.params import ModelParams
-
-# processor files copied verbatim from a source folder when present (they need no torchvision to copy)
-PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json")
+from stages.core.vision import PROCESSOR_FILES
 
 
 def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:

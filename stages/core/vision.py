@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 # model_type of the config -> the family's conventions. Qwen2-VL and Qwen2.5-VL share them.
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here"
+IMAGE_PLACEHOLDER = "<image>"
+# processor files copied verbatim from a source folder when present (they need no torchvision to copy)
+PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json")  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here"
 
 
 @dataclass(frozen=True)
@@ -237,3 +240,59 @@ def vision_tower_prefix(model: Any) -> str:
         if name.endswith("visual"):
             return name
     raise SftflowError("cannot find the vision tower inside this vision-language model")
+
+
+class VisionCollator:
+    """Token rows + their images -> the VLM's inputs (padded or one padding-free row).
+
+    Picklable (a plain object holding the image processor), so `train.dataloader_workers`
+    worker processes decode and resize the next batches' images while a step runs."""
+
+    def __init__(self, processor: Any, tokens: VisionTokens, pad_id: int, packing: bool) -> None:
+        self.processor, self.tokens, self.pad_id, self.packing = processor, tokens, pad_id, packing
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [im for f in features for im in f.get("images") or []]
+        batch: dict[str, Any] = {}
+        if images:
+            batch |= pixel_inputs([im["path"] for im in images], self.processor, [im["grid"] for im in images])
+        if self.packing:
+            batch |= self._packed(features)
+        else:
+            batch |= self._padded(features)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.tokens.image_pad).int()
+        return batch
+
+    def _padded(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, labels, text_pos, rope = [], [], [], []
+        merge = self.processor.merge_size
+        for f in features:
+            row = list(f["input_ids"])
+            ids += row
+            # a sample's first token is never predicted from the previous sample's last
+            labels += [IGNORE_INDEX, *list(f["labels"])[1:]]
+            text_pos.append(torch.arange(len(row)))
+            grids = [tuple(im["grid"]) for im in f.get("images") or []]
+            rope.append(rope_positions(row, grids, merge, self.tokens.image_pad))
+        positions = torch.cat([torch.cat(text_pos)[None], torch.cat(rope, dim=1)], dim=0)  # (4, N)
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": positions[:, None, :],  # (4, 1, N): text positions first (sample bounds)
+        }

@@ -19,7 +19,7 @@ from typing import Any
 
 from stages.core.chats import CHAT_SHAPES, validate_messages
 from stages.core.errors import SftflowError
-from stages.prepare.images import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
+from stages.core.image_chats import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
 
@@ -33,7 +33,7 @@ class RawRecord:
     record: int
     messages: list[dict[str, Any]]
     text: str | None = None  # set for the text format instead of messages
-    images: tuple[Any, ...] = ()  # chats with images: stages.prepare.images.ImageRef, in order
+    images: tuple[Any, ...] = ()  # chats with images: stages.core.image_chats.ImageRef, in order
 
 
 def detect_format(obj: Any) -> str | None:
@@ -100,7 +100,7 @@ def parse_record(
 ) -> RawRecord:
     """One validated record in `fmt` ('auto' detects it). `images`: the reader for chats with
     images (vision-language models); without it such a chat is refused."""
-    # --- chats with images (stages/prepare/images.py) ---
+    # --- chats with images (stages/core/image_chats.py) ---
     if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
         if images is None:
             raise SftflowError(

@@ -30,6 +30,7 @@ from typing import Any
 
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
+from stages.core.image_chats import ImageReader
 from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_tokenizer, tokenizer_fingerprint
 from stages.core.params import DataParams, SourceParams, to_dict
@@ -42,7 +43,6 @@ from stages.core.vision import (
     model_config,
     vision_tokens,
 )
-from stages.prepare.images import ImageReader
 from stages.prepare.records import RawRecord, read_records
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 from stages.prepare.shards import SourceReport, _report, _sample

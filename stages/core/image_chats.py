@@ -31,7 +31,7 @@ from stages.core.vision import IMAGE_PLACEHOLDER
 # MiniCPM-V's conversations: role/content words like the messages format, under "conversations".
 MINICPMV_SHAPE = ChatShape("conversations", "role", "content", CHAT_SHAPES["messages"].roles)
 
-# reason key for the prepare report -> the message text that identifies it (see records._reason_key)
+# reason key for the prepare report -> the message text that identifies it (prepare counts skips by these)
 IMAGE_REASONS = {
     "image_not_found": "image file not found",
     "unreadable_image": "not a readable image",
