@@ -348,3 +348,29 @@ def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(AutoImageProcessor.from_pretrained(tmp_path / "merged")).__name__.startswith("Qwen2VLImageProcessor")
+
+
+@pytest.mark.slow
+def test_interrupted_vlm_run_resumes_on_the_same_curve(tmp_path: Path, vlm_base: Path, images: Path) -> None:
+    """A VLM run stopped after step 3 (a callback raises: a crash, not kill -9) resumes from its
+    checkpoint-2 and ends with the same losses as an uninterrupted run."""
+    from transformers import TrainerCallback
+
+    from stages.train.trainer import train
+
+    record = chats_in_each_shape(str(images))
+    prepare_rows(tmp_path / "p", vlm_base, [record["llamafactory"], record["hf_parts"], record["minicpmv"]] * 4)
+    prepared = tmp_path / "p" / "out"
+    params = _train_params(max_steps=5, batch_size=4, save_steps=2, report_to=[])
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("crash")
+
+    whole = train(params, vlm_base, prepared, tmp_path / "a1", tmp_path / "c1", tmp_path / "l1.csv")
+    with pytest.raises(RuntimeError, match="crash"):
+        train(params, vlm_base, prepared, tmp_path / "a2", tmp_path / "c2", tmp_path / "l2.csv", callbacks=(Crash(),))
+    resumed = train(params, vlm_base, prepared, tmp_path / "a3", tmp_path / "c2", tmp_path / "l3.csv")
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
