@@ -40,3 +40,35 @@ def test_vlm_two_processes_equal_one_process(
     assert len(two["losses"]) == STEPS
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) <= 1e-4, (two["losses"], one["losses"])
     assert two["tokens"] == one["tokens"] and two["parameters"] == one["parameters"]
+
+
+@pytest.mark.slow
+def test_vlm_train_killed_with_sigkill_resumes(vlm_base: Path, vlm_prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`sftflow train` on image chats killed with SIGKILL after checkpoint-2: the re-run resumes
+    from a checkpoint and ends on the curve of the run that was never killed."""
+    import json
+    import os
+    import signal
+    import time
+
+    section = train_section("lora", 1, vision={"tune_projector": True}, save_steps=2)
+    whole = cli_train(tmp_path / "whole", vlm_base, vlm_prepared, section)
+    run = tmp_path / "killed"
+    proc = cli_train(run, vlm_base, vlm_prepared, section, wait=False)
+    state = run / "ckpt" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while True:
+        try:
+            if "global_step" in json.loads(state.read_text()):
+                break
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "out").exists()
+    resumed = cli_train(run, vlm_base, vlm_prepared, section)
+    assert resumed["resumed_from"] is not None and "train: resuming from" in resumed["log"]
+    assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-4)
