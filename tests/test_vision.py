@@ -374,3 +374,26 @@ def test_interrupted_vlm_run_resumes_on_the_same_curve(tmp_path: Path, vlm_base:
     resumed = train(params, vlm_base, prepared, tmp_path / "a3", tmp_path / "c2", tmp_path / "l3.csv")
     assert resumed["resumed_from"].endswith("checkpoint-2")
     assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+def test_qlora_quantizes_only_the_language_model_and_trains(tmp_path: Path, vlm_base: Path, images: Path) -> None:
+    """QLoRA of a VLM: the language model's linear layers in NF4, the ViT and lm_head in full
+    precision; LoRA adapters train (loss falls over 3 steps on a packed row with images)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from stages.train.model import build_model
+
+    model = build_model(_train_params(method="qlora"), vlm_base)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7 and not any("visual" in n or "lm_head" in n for n in quantized)
+    batch = _batch(vlm_base, images, tmp_path, packing=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    assert losses[2] < losses[0]

@@ -202,6 +202,12 @@ def pixel_inputs(paths: list[str], processor: Any, grids: list[Any] | None = Non
 
     images = []
     for p in paths:
+        if not Path(p).is_file():  # shards keep paths as prepare saw them: relative to where it ran
+            raise SftflowError(
+                f"image not found from {Path.cwd()}: run train/merge/eval in the folder prepare ran in"
+                " (the pipeline's folder), or re-run prepare",
+                path=p,
+            )
         with Image.open(p) as im:
             images.append(im.convert("RGB"))
     out = processor(images=images, return_tensors="pt")

@@ -136,7 +136,9 @@ def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any) -> Any:
     from stages.core.loading import bnb_4bit_config
 
     config = bnb_4bit_config(params.qlora)
-    config.llm_int8_skip_modules = ["visual", "lm_head"]
+    # transformers matches these from the start of a module's name (or as its suffix):
+    # "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout
+    config.llm_int8_skip_modules = ["model.visual", "visual", "lm_head"]
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
                      attn_implementation=attention)
