@@ -19,7 +19,7 @@ def vlm_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     out = tmp_path_factory.mktemp("vlm_prepared") / "out"
     data = DataParams(
-        sources=(SourceParams(path=str(REPO / "pipelines" / "tiny-vlm" / "data" / "train.jsonl"),
+        sources=(SourceParams(path=str(REPO / "pipelines" / "tiny-vlm" / "raw" / "train.jsonl"),
                               num_samples=STEPS * GLOBAL_BATCH),),
         image=ImageParams(min_pixels=3136, max_pixels=3136),
     )

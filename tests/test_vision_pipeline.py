@@ -50,7 +50,7 @@ def test_tiny_vlm_pipeline(vlm_project: Path) -> None:
     # a changed image (same path, other pixels) re-runs prepare, and everything after it is stale
     from PIL import Image
 
-    Image.new("RGB", (56, 56), (0, 0, 0)).save(vlm_project / "data" / "shapes" / "red_circle.png")
+    Image.new("RGB", (56, 56), (0, 0, 0)).save(vlm_project / "raw" / "shapes" / "red_circle.png")
     before = json.loads((vlm_project / "data" / "prepared" / "manifest.json").read_text())
     run([bin_path("dvc"), "repro", "--single-item", "prepare"], vlm_project)
     after = json.loads((vlm_project / "data" / "prepared" / "manifest.json").read_text())

@@ -7,7 +7,7 @@ reads (LLaMA-Factory ShareGPT + "images", HF/Qwen content parts, MiniCPM-V "imag
 one file, and a few chats hold two images. Deterministic (seeded): re-running rewrites the
 same bytes.
 
-    python make_data.py   # writes data/shapes/*.png, data/train.jsonl, data/eval.jsonl
+    python make_data.py   # writes raw/shapes/*.png, raw/train.jsonl, raw/eval.jsonl
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
 SIZE = 56  # 56 x 56 px = one 4 x 4 patch grid = 4 image tokens after Qwen2-VL's 2 x 2 merge
-HERE = Path(__file__).resolve().parent / "data"
+HERE = Path(__file__).resolve().parent / "raw"  # raw, not data/: pipelines/*/data/ holds outputs (git-ignored)
 
 
 def draw(colour: str, shape: str) -> Image.Image:
