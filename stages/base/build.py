@@ -46,8 +46,13 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"params": to_dict(params)}
     if local is None:
         record |= _pin_hub_model(params, out)
+        record |= _maybe_hub_processor(params, out, record["revision"])
     elif local.suffix == ".gguf":
         record |= _convert_gguf(params, local, out)
+    elif local.is_dir() and _is_vision_folder(local):
+        from stages.base.vision import save_vision_folder
+
+        record |= save_vision_folder(params, local, out)
     elif local.is_dir():
         record |= _resave_folder(params, local, out)
     else:
@@ -63,6 +68,31 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     # or every re-run of this stage would re-run train, merge and eval.
     write_json(out / POINTER_FILE, record)
     return record | {"seconds": round(time.perf_counter() - started, 1)}
+
+
+def _is_vision_folder(folder: Path) -> bool:
+    """A folder whose config.json is a vision-language model (stages/base/vision.py saves those)."""
+    import json
+
+    from stages.core.vision import is_vision_config
+
+    config = folder / "config.json"
+    return config.is_file() and is_vision_config(json.loads(config.read_text()))
+
+
+def _maybe_hub_processor(params: ModelParams, out: Path, revision: str) -> dict[str, Any]:
+    """A hub VLM: its image processor saved next to the pointer, so prepare needs no hub access."""
+    from transformers import AutoConfig
+
+    from stages.core.vision import is_vision_config
+
+    config = AutoConfig.from_pretrained(params.name_or_path, revision=revision).to_dict()
+    if not is_vision_config(config):
+        return {}
+    from stages.base.vision import save_processor_files
+
+    save_processor_files(params.name_or_path, out, revision=revision)
+    return {"vision_language": config["model_type"]}
 
 
 def _load_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:

@@ -87,6 +87,17 @@ class SourceParams:
 
 
 @dataclass(frozen=True)
+class ImageParams:
+    """How images in vision-language chats are resized; read by `prepare` (token counts) and
+    `train` (pixels). Qwen2-VL/2.5-VL: each image is resized to a multiple of 28 px within
+    [min_pixels, max_pixels] and takes (h/28)*(w/28) image tokens, so these two bound both the
+    sequence length and the detail the model sees. None: the model's image processor's own."""
+
+    min_pixels: int | None = None  # Qwen2.5-VL's own: 3136 (56x56, 4 tokens)
+    max_pixels: int | None = None  # Qwen2.5-VL's own: 12845056; LLaMA-Factory users often set 589824 (768x768, 752 tokens)
+
+
+@dataclass(frozen=True)
 class DataParams:
     """Raw chats -> masked shards; read by `prepare`."""
 
@@ -101,6 +112,7 @@ class DataParams:
     dedupe: bool = False  # drop exact duplicate samples (same tokens), counted in the report
     num_proc: int = 1  # worker processes for rendering + tokenization (datasets.map)
     seed: int = 0  # sampling and the eval split
+    image: ImageParams = field(default_factory=ImageParams)  # vision-language chats only
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,21 @@ class DistributedParams:
 
 
 @dataclass(frozen=True)
+class VisionParams:
+    """Which parts of a vision-language model train (MiniCPM-V's tune_vision / tune_llm,
+    LLaMA-Factory's freeze_vision_tower / freeze_multi_modal_projector / freeze_language_model).
+
+    With lora/qlora: tune_llm puts adapters on the language model's linear layers (the default
+    `target_modules: all-linear` means those only), tune_vision adds adapters to the vision
+    tower's linear layers, tune_projector trains the projector (the patch merger) in full and
+    saves it with the adapter. With full: each switch decides whether that part's weights train."""
+
+    tune_vision: bool = False  # the vision tower (ViT): frozen by default, as the seed recipes do
+    tune_projector: bool = False  # the projector from vision features to the language model
+    tune_llm: bool = True  # the language model (and, for full SFT, its embeddings and lm_head)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """Fine-tuning; read by `train`."""
 
@@ -199,6 +226,8 @@ class TrainParams:
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)
     report_to: tuple[Literal["tensorboard", "wandb", "swanlab", "mlflow"], ...] = ("tensorboard",)
     distributed: DistributedParams = field(default_factory=DistributedParams)
+    vision: VisionParams = field(default_factory=VisionParams)  # vision-language models only
+    dataloader_workers: int = 0  # processes that load and resize a batch's images while the step runs
 
 
 @dataclass(frozen=True)
@@ -396,6 +425,14 @@ def _cross_checks(p: Params) -> list[str]:
         out.append("train.threads / eval.threads: must be >= 0 (0 = all cores)")
     if p.data.num_proc < 1:
         out.append("data.num_proc: must be >= 1")
+    img = p.data.image
+    if img.min_pixels is not None and img.max_pixels is not None and not 0 < img.min_pixels <= img.max_pixels:
+        out.append("data.image.min_pixels / max_pixels: need 0 < min_pixels <= max_pixels")
+    v = p.train.vision
+    if not (v.tune_vision or v.tune_projector or v.tune_llm):
+        out.append("train.vision: every part is frozen (set tune_llm, tune_projector or tune_vision)")
+    if p.train.dataloader_workers < 0:
+        out.append("train.dataloader_workers: must be >= 0")
     out += _train_checks(p.train)
     out += _export_checks(p.export)
     return out

@@ -21,7 +21,10 @@ from stages.core.params import EvalParams
 PATH = click.Path(path_type=Path)
 
 
-@click.command("eval", epilog=keys_help("eval", EvalParams) + "\n  data.system_prompt (shared with prepare)")
+@click.command(
+    "eval",
+    epilog=keys_help("eval", EvalParams) + "\n  data.system_prompt, data.image (shared with prepare)",
+)
 @PARAMS_OPTION
 @click.option("--model", "model_dir", default="models/merged", show_default=True, type=PATH,
               help="The model to score: models/merged (tuned) or models/base.")
@@ -35,6 +38,8 @@ PATH = click.Path(path_type=Path)
               help="The base and tuned reply to each held-out prompt (with --baseline).")
 @click.option("--plot", default=None, type=PATH,
               help="Also write the metrics as rows (metric, model, value) for `dvc plots` (plots/eval.json).")
+@click.option("--shuffled-images", is_flag=True,
+              help="Vision-language models: give each chat another chat's images (the control showing the pixels matter).")
 def eval_cmd(
     params_path: Path,
     model_dir: Path,
@@ -43,6 +48,7 @@ def eval_cmd(
     metrics: Path,
     samples: Path,
     plot: Path | None,
+    shuffled_images: bool = False,
 ) -> None:
     """Score a model with lm-eval (our shipped tasks + yours); against --baseline, write base/tuned/delta."""
     if scores is None and baseline is None:
@@ -56,7 +62,8 @@ def eval_cmd(
         raise SftflowError("base scores not found: run `sftflow eval --model models/base --scores` first"
                            " (dvc.yaml's eval_base stage)", path=baseline)
     base = read_json(baseline) if baseline is not None else None
-    result = score_model(params.eval, model_dir, system_prompt=params.data.system_prompt)
+    result = score_model(params.eval, model_dir, system_prompt=params.data.system_prompt, image=params.data.image,
+                         shuffle_images=shuffled_images)
     if scores is not None:
         write_json(scores, result)
         for task, values in result["metrics"].items():

@@ -31,7 +31,7 @@ from stages.core.chats import validate_messages, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_causal_lm, load_tokenizer
-from stages.core.params import EvalParams, to_dict
+from stages.core.params import EvalParams, ImageParams, to_dict
 from stages.core.turns import end_of_turn, maybe_stop_at
 
 if TYPE_CHECKING:
@@ -74,14 +74,25 @@ def score_model(
     *,
     task_manager: TaskManager | None = None,
     chats: list[dict[str, Any]] | None = None,
+    image: ImageParams | None = None,
+    shuffle_images: bool = False,
 ) -> dict[str, Any]:
     """One model's scores: `{"model", "inputs", "metrics": {task: {metric: value}}, "replies": {task: [...]}}`.
 
     `inputs` records what the scores depend on besides the model (the eval params, the
     system prompt, a hash of the eval data), so `compare` can refuse a base scored on other
     inputs than the tuned model. `system_prompt` is data.system_prompt: the prompts get it
-    exactly as prepare gave it to the training chats.
+    exactly as prepare gave it to the training chats. `image` (data.image) and
+    `shuffle_images` apply to vision-language models only.
     """
+    # --- vision-language models: scored with their images (stages/evaluate/vision.py) ---
+    from stages.core.vision import is_vision_model
+
+    if is_vision_model(Path(model_dir)):
+        from stages.evaluate.vision import score_vision_model
+
+        return score_vision_model(params, Path(model_dir), system_prompt, image, shuffle_images)
+    # --- end vision-language models ---
     task_manager = task_manager or task_manager_for(params)
     chats = read_eval_chats(Path(params.data)) if chats is None else chats
     if "sftflow_choice" in params.tasks and len(chats) < 2:

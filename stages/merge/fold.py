@@ -92,6 +92,14 @@ def merge(
     placement = choose_placement("merge", detect_hardware(), params.device).load_kwargs()
     trained = read_trained(adapter_dir)
     method = trained["method"]
+    # --- vision-language models (stages/merge/vision.py) ---
+    from stages.core.vision import is_vision_model
+
+    if is_vision_model(base_dir):
+        from stages.merge.vision import merge_vision
+
+        return merge_vision(params, trained, base_dir, adapter_dir, prepared, out)
+    # --- end vision-language models ---
     batches = check_batches(prepared, params.check_samples)
     extra: dict[str, Any] = {}
     if method == "full":  # nothing to fold in: merge only converts dtype/shards

@@ -25,6 +25,7 @@ from typing import Any
 
 from stages.core.chats import CHAT_SHAPES, validate_messages, validate_tools
 from stages.core.errors import SftflowError
+from stages.core.image_chats import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
 from stages.core.params import ColumnsParams
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
@@ -40,6 +41,7 @@ class RawRecord:
     messages: list[dict[str, Any]]
     text: str | None = None  # set for the text format instead of messages
     tools: list[dict[str, Any]] | None = None  # the tools the template is given with this chat
+    images: tuple[Any, ...] = ()  # chats with images: stages.core.image_chats.ImageRef, in order
 
 
 def detect_format(obj: Any) -> str | None:
@@ -109,11 +111,25 @@ def parse_record(
     index: int,
     columns: ColumnsParams | None = None,
     tools: list[dict[str, Any]] | None = None,
+    images: ImageReader | None = None,
 ) -> RawRecord:
     """One validated record in `fmt` ('auto' detects it); `columns` names the data set's own
-    fields, `tools` is the source's tools list for records that carry none."""
+    fields, `tools` is the source's tools list for records that carry none, `images` the reader
+    for chats with images (vision-language models; without it such a chat is refused)."""
     if columns is not None and isinstance(obj, dict):
         obj = _renamed(obj, columns, path, line)
+    # --- chats with images (stages/core/image_chats.py) ---
+    if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
+        if images is None:
+            raise SftflowError(
+                "this chat holds images, but models/base is a text-only model: use a vision-language model"
+                " (model.name_or_path) or drop the images",
+                path=path,
+                line=line,
+            )
+        messages, refs = parse_image_record(obj, path, line, images)
+        return RawRecord(source=str(path), line=line, record=index, messages=messages, images=tuple(refs))
+    # --- end chats with images ---
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(
@@ -171,9 +187,14 @@ def _renamed(obj: dict[str, Any], columns: ColumnsParams, path: Path, line: int)
 
 
 def read_records(
-    path: Path, on_bad_record: str, rejects: list[dict[str, Any]], fmt: str = "auto"
+    path: Path,
+    on_bad_record: str,
+    rejects: list[dict[str, Any]],
+    fmt: str = "auto",
+    images: ImageReader | None = None,
 ) -> Iterator[RawRecord]:
-    """Validated records of one file; with on_bad_record=skip, bad ones go to `rejects`."""
+    """Validated records of one file; with on_bad_record=skip, bad ones go to `rejects`.
+    `images`: read chats with images too (vision-language models)."""
     path = Path(path)
     if not path.is_file():
         raise SftflowError("raw data file not found", path=path)
@@ -181,7 +202,7 @@ def read_records(
         try:
             if isinstance(obj, SftflowError):
                 raise obj
-            yield parse_record(obj, fmt, path, line, index)
+            yield parse_record(obj, fmt, path, line, index, images)
         except SftflowError as e:
             if on_bad_record != "skip":
                 raise
@@ -192,6 +213,8 @@ def _reason_key(e: SftflowError) -> str:
     """A stable, countable reason name for the prepare report."""
     msg = e.reason
     for key, needle in (
+        *IMAGE_REASONS.items(),
+        ("images_need_vision_model", "text-only model"),
         ("unknown_role", "unknown role"),
         ("missing_role", "missing role"),
         ("empty_content", "content is empty"),

@@ -46,6 +46,14 @@ def prepare(
     params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None
 ) -> dict[str, Any]:
     """Prepare train/eval shards into `out` (an empty temp dir); return the report."""
+    # --- vision-language models: image chats (stages/prepare/vision_shards.py) ---
+    from stages.core.vision import is_vision_model
+
+    if is_vision_model(model_dir):
+        from stages.prepare.vision_shards import prepare_vision
+
+        return prepare_vision(params, model_dir, out, rejects_path)
+    # --- end vision-language models ---
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):
         raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)

@@ -43,6 +43,14 @@ def base_dtype(params: TrainParams) -> str:
 def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.yaml") -> Any:
     """The model to hand to Trainer, with exactly the intended weights trainable."""
     attn = attention_for(params.packing)
+    # --- vision-language models (stages/train/vision.py) ---
+    from stages.core.vision import is_vision_model
+
+    if is_vision_model(base_dir):
+        from stages.train.vision import build_vision_model
+
+        return build_vision_model(params, base_dir, attn, base_dtype(params), params_file)
+    # --- end vision-language models ---
     if params.method == "qlora":
         model = _load_4bit(params, base_dir, attn)
     else:

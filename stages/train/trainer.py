@@ -32,7 +32,7 @@ from stages.train.model import build_model, count_parameters
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
 # Keys that do not change what a step computes: a checkpoint stays resumable across them.
-RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps", "report_to")
+RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps", "report_to", "dataloader_workers")
 
 
 def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -144,13 +144,18 @@ def train(
                 state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
 
     collator = build_collator(tok, params.packing, model.config._attn_implementation)
+    vision = "images" in train_set.column_names  # image chats (stages/train/vision.py)
+    if vision:
+        from stages.train.vision import build_vision_collator
+
+        collator = build_vision_collator(base_dir, tok, params.packing, manifest)
     trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
     if trained_only:
         collator = KeepTrainedLogits(collator)
     head = kernels.head_of(model) if trained_only and kernels.resolve(params.kernels) == "fused" else None
     loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
     defer = kernels.defer_head(head) if head is not None else contextlib.nullcontext()
-    columns = ["input_ids", "labels"]
+    columns = ["input_ids", "labels", *(["images"] if vision else [])]
     trainer = Trainer(
         model=model,
         args=args,
@@ -176,6 +181,8 @@ def train(
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
     save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (it can save 0-size adapters)
     tok.save_pretrained(out)
+    if vision:  # the processor travels with the weights (merge and eval load it from there)
+        collator_processor(collator).save_pretrained(out)
     write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
@@ -255,7 +262,7 @@ def training_arguments(
         train_sampling_strategy="group_by_length" if padded else "random",
         length_column_name="length",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=params.dataloader_workers,  # image chats: decode + resize overlap the step
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
     )
@@ -334,7 +341,7 @@ class _CountingCollator:
         self.inner, self.meter = inner, meter
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner([{k: f[k] for k in ("input_ids", "labels")} for f in features])
+        batch = self.inner([{k: f[k] for k in ("input_ids", "labels", "images") if k in f} for f in features])
         if "length" not in features[0]:
             return batch
         mask = batch.get("attention_mask")
@@ -343,6 +350,13 @@ class _CountingCollator:
         self.meter.trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         self.meter.slots += batch["input_ids"].numel()
         return batch
+
+
+def collator_processor(collator: Any) -> Any:
+    """The image processor inside a (possibly wrapped) vision collator."""
+    while not hasattr(collator, "processor"):
+        collator = collator.inner
+    return collator.processor
 
 
 def _write_loss_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,84 @@
+"""`base` for vision-language models: weights + the processor files, in the standard layout.
+
+`models/base/` gets the model (AutoModelForImageTextToText), the tokenizer with its chat
+template, and the image processor's `preprocessor_config.json` (plus the source's own video /
+processor configs when it has them), so `AutoProcessor.from_pretrained("models/base")` works
+wherever torchvision is installed. sftflow itself never needs AutoProcessor: Qwen2.5-VL's
+processor class cannot be built without torchvision (it insists on a video processor), so
+prepare/train/merge/eval load the image processor alone (AutoImageProcessor falls back to its
+PIL backend) and expand image tokens themselves (stages/core/vision.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages.core.loading import torch_dtype
+from stages.core.params import ModelParams
+from stages.core.vision import PROCESSOR_FILES
+
+
+def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:
+    """An HF VLM folder re-saved in model.dtype (or, with model.init: random, built from its config)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if params.init == "random":
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
+        torch.manual_seed(params.seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype(params.dtype))
+        source = "random-init"
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code
+        )
+        source = "folder"
+    model.save_pretrained(out, safe_serialization=True)
+    from stages.base.build import _load_tokenizer
+
+    tok = _load_tokenizer(params, str(folder))
+    if not tok.chat_template:
+        tok.chat_template = chat_template_from_processor(str(folder))
+    tok.save_pretrained(out)
+    save_processor_files(str(folder), out)
+    return {
+        "weights": "local",
+        "source": source,
+        "folder": str(folder),
+        "parameters": model.num_parameters(),
+        "vision_language": model.config.model_type,
+    }
+
+
+def save_processor_files(source: str, out: Path, revision: str | None = None) -> None:
+    """The image processor of `source` (a folder or hub id) into `out`; for a folder with only a
+    config.json (a model built from a config), the family's default image processor."""
+    from transformers import AutoImageProcessor
+
+    local = Path(source)
+    if local.is_dir() and not (local / "preprocessor_config.json").is_file():
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = Qwen2VLImageProcessorPil()  # Qwen2-VL/2.5-VL defaults: patch 14, merge 2, 3136..12845056 px
+    else:
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    processor.save_pretrained(out)
+    if local.is_dir():
+        for name in PROCESSOR_FILES:
+            if (local / name).is_file():
+                shutil.copy(local / name, out / name)
+
+
+def chat_template_from_processor(source: str) -> str | None:
+    """The chat template a VLM ships in its processor files (chat_template.json / .jinja), if any:
+    some checkpoints keep it there rather than in tokenizer_config.json."""
+    import json
+
+    local = Path(source)
+    if (local / "chat_template.jinja").is_file():
+        return (local / "chat_template.jinja").read_text()
+    if (local / "chat_template.json").is_file():
+        return json.loads((local / "chat_template.json").read_text()).get("chat_template")
+    return None

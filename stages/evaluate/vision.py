@@ -1,0 +1,213 @@
+"""`eval` for vision-language models: replies to held-out image chats, scored with their images.
+
+lm-eval's HF model wrapper feeds text only (its multimodal wrapper needs the model's
+AutoProcessor, which Qwen2.5-VL cannot build without torchvision), so for VLMs this module
+scores the same held-out chats itself, with the same metric names and the same
+`{"model", "inputs", "metrics", "replies"}` scores that `harness.compare` turns into the flat
+base/tuned/delta `reports/eval.json` — gate and `dvc metrics diff` work unchanged:
+- `sftflow_replies`: greedy replies to each chat's prompt (its images included), scored
+  against the last assistant message: `contains` (its expect_contains keywords), `exact_match`,
+  `rougeL` (the shipped task's own scoring function);
+- `sftflow_perplexity`: the per-token likelihood of the reference reply (and its end-of-turn)
+  given the prompt and images: `reply_nll` (mean negative log-likelihood per token, nats) and
+  `reply_perplexity`.
+
+`shuffle_images` is the control that shows the pixels matter: each chat gets another chat's
+images (a rotation among chats with the same number of images), so a model that learnt
+from the images loses accuracy while one that guesses from text alone does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+from stages.core.chats import validate_messages, with_system_prompt
+from stages.core.errors import SftflowError
+from stages.core.image_chats import ImageReader, is_image_record, parse_image_record
+from stages.core.loading import load_tokenizer
+from stages.core.params import EvalParams, ImageParams, to_dict
+from stages.core.turns import end_of_turn
+from stages.core.vision import (
+    VisionCollator,
+    image_grid,
+    image_token_count,
+    load_image_processor,
+    load_vlm,
+    model_config,
+    vision_tokens,
+)
+
+VISION_TASKS = ("sftflow_replies", "sftflow_perplexity")
+METRICS_FILE = Path(__file__).resolve().parent / "tasks" / "metrics.py"
+
+
+def read_image_chats(path: Path) -> list[dict[str, Any]]:
+    """Held-out chats (any of the three image record shapes, or text-only), each ending with
+    the reference reply: `{"messages", "images": [ImageRef], "expect_contains"}`."""
+    import json
+
+    if not path.exists():
+        raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
+    reader, chats = ImageReader(), []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=n) from e
+        if is_image_record(obj):
+            messages, images = parse_image_record(obj, path, n, reader)
+        else:
+            messages, images = validate_messages(obj, path, n), []
+        if messages[-1]["role"] != "assistant":
+            raise SftflowError("the last message must be the assistant's reference reply", path=path, line=n)
+        keywords = obj.get("expect_contains")
+        if keywords is not None and not (isinstance(keywords, list) and all(isinstance(k, str) and k for k in keywords)):
+            raise SftflowError("must be a list of non-empty strings", path=path, line=n, field="expect_contains")
+        chats.append({"messages": messages, "images": images, "expect_contains": keywords})
+    if not chats:
+        raise SftflowError("no chats in the eval data file", path=path, field="eval.data")
+    return chats
+
+
+def shuffled(chats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chats with images rotated: chat i gets the images of the next chat holding as many
+    (a chat alone in its group keeps its own).
+
+    >>> [c["images"] for c in shuffled([{"images": ["a"]}, {"images": ["b"]}, {"images": ["c", "d"]}])]
+    [['b'], ['a'], ['c', 'd']]
+    """
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(chats):
+        groups.setdefault(len(c["images"]), []).append(i)
+    out = [dict(c) for c in chats]
+    for members in groups.values():
+        for j, i in enumerate(members):
+            out[i]["images"] = chats[members[(j + 1) % len(members)]]["images"]
+    return out
+
+
+def score_vision_model(
+    params: EvalParams,
+    model_dir: Path,
+    system_prompt: str | None = None,
+    image: ImageParams | None = None,
+    shuffle_images: bool = False,
+) -> dict[str, Any]:
+    """One VLM's scores on eval.data, in the shape `harness.compare` reads."""
+    import torch
+
+    unknown = [t for t in params.tasks if t not in VISION_TASKS]
+    if unknown:
+        raise SftflowError(
+            f"{unknown}: for vision-language models eval runs {', '.join(VISION_TASKS)} (lm-eval's text"
+            " harness cannot feed images)",
+            path="params.yaml",
+            field="eval.tasks",
+        )
+    image = image or ImageParams()
+    chats = read_image_chats(Path(params.data))
+    if shuffle_images:
+        chats = shuffled(chats)
+    if params.limit is not None:
+        chats = chats[: params.limit]
+    tok = load_tokenizer(model_dir)
+    tokens = vision_tokens(model_config(model_dir))
+    processor = load_image_processor(model_dir, image.min_pixels, image.max_pixels)
+    collate = VisionCollator(processor, tokens, tok.pad_token_id, packing=False)
+    model = load_vlm(model_dir, "float32")
+    model.eval()
+    stop = end_of_turn(tok)
+    stop_id = tok.convert_tokens_to_ids(stop)
+    metrics_fn = _replies_metrics()
+    threads = torch.get_num_threads()
+    if params.threads > 0:
+        torch.set_num_threads(params.threads)
+    replies, scores, nll, counted = [], [], 0.0, 0
+    try:
+        for record, chat in enumerate(chats):
+            messages = with_system_prompt(chat["messages"], system_prompt)
+            prompt_text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            full_text = tok.apply_chat_template(messages, tokenize=False)
+            images = [{"path": im.path, "grid": list(image_grid(im.width, im.height, processor))} for im in chat["images"]]
+            counts = [image_token_count(im["grid"], processor.merge_size) for im in images]
+            prompt_ids = _expand(tok(prompt_text, add_special_tokens=False)["input_ids"], counts, tokens.image_pad)
+            full_ids = _expand(tok(full_text, add_special_tokens=False)["input_ids"], counts, tokens.image_pad)
+            reference = messages[-1]["content"]
+            with torch.no_grad():
+                if "sftflow_replies" in params.tasks:
+                    batch = collate([{"input_ids": prompt_ids, "labels": prompt_ids, "images": images}])
+                    batch.pop("labels")
+                    out = model.generate(**batch, max_new_tokens=params.max_new_tokens, do_sample=False,
+                                         eos_token_id=[stop_id, tok.eos_token_id], pad_token_id=tok.pad_token_id)
+                    reply = tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+                    doc = {"reference": reference, "expect_contains": chat["expect_contains"] or [reference.strip()]}
+                    score = metrics_fn(doc, [reply])
+                    scores.append(score)
+                    replies.append({"record": record, "prompt": prompt_text, "reference": reference, "reply": reply,
+                                    "correct": bool(score["contains"])})
+                if "sftflow_perplexity" in params.tasks and full_ids[: len(prompt_ids)] == prompt_ids:
+                    batch = collate([{"input_ids": full_ids, "labels": full_ids, "images": images}])
+                    batch.pop("labels")
+                    logits = model(**batch).logits[0, len(prompt_ids) - 1 : -1].float()
+                    target = batch["input_ids"][0, len(prompt_ids) :]
+                    # up to and including the end-of-turn token: what training scores
+                    keep = _through_end(target.tolist(), stop_id)
+                    loss = torch.nn.functional.cross_entropy(logits[:keep], target[:keep], reduction="sum")
+                    nll, counted = nll + float(loss), counted + keep
+    finally:
+        torch.set_num_threads(threads)
+    metrics: dict[str, dict[str, float]] = {}
+    if scores:
+        metrics["sftflow_replies"] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+    if "sftflow_perplexity" in params.tasks:
+        if not counted:
+            raise SftflowError("no reference reply could be scored (the template renders the prompt differently"
+                               " with and without the reply)", path=params.data, field="eval.tasks")
+        metrics["sftflow_perplexity"] = {"reply_nll": nll / counted, "reply_perplexity": math.exp(nll / counted)}
+    return {
+        "model": str(model_dir),
+        "inputs": vision_inputs(params, system_prompt, image, shuffle_images),
+        "metrics": metrics,
+        "replies": {"sftflow_replies": replies} if scores else {},
+    }
+
+
+def vision_inputs(params: EvalParams, system_prompt: str | None, image: ImageParams, shuffle: bool) -> dict[str, Any]:
+    """What the scores depend on besides the model: eval params, prompt, eval data and its images."""
+    data = Path(params.data)
+    h = hashlib.sha256(data.read_bytes())
+    for chat in read_image_chats(data):
+        for im in chat["images"]:
+            h.update(im.sha256.encode())
+    return {"eval": to_dict(params), "system_prompt": system_prompt, "data_sha256": h.hexdigest()[:16],
+            "image": to_dict(image), "shuffled_images": shuffle}
+
+
+def _expand(ids: list[int], counts: list[int], pad: int) -> list[int]:
+    out, k = [], 0
+    for t in ids:
+        if t == pad:
+            out += [pad] * counts[k]
+            k += 1
+        else:
+            out.append(t)
+    return out
+
+
+def _through_end(ids: list[int], stop_id: int) -> int:
+    return ids.index(stop_id) + 1 if stop_id in ids else len(ids)
+
+
+def _replies_metrics() -> Any:
+    """The shipped sftflow_replies task's scoring function (a file lm-eval imports by path)."""
+    spec = importlib.util.spec_from_file_location("sftflow_task_metrics", METRICS_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.process_replies

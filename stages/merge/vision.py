@@ -1,0 +1,141 @@
+"""`merge` for vision-language models: the adapter folded into the VLM, saved with its processor,
+and the max |Δlogits| check run on prepared eval samples *with their images*.
+
+Same rules as text models (stages/merge/fold.py): merge in fp32, save in `merge.dtype`, reload
+from disk and compare with base+adapter in `merge.check_dtype`. The check feeds the
+pixels: a merge that broke the projector or the vision tower (both can carry trained weights
+here: `modules_to_save`, or LoRA on the ViT) would pass a text-only check.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import SftflowError
+from stages.core.io import read_json, write_json
+from stages.core.loading import load_tokenizer, torch_dtype
+from stages.core.params import MergeParams, to_dict
+from stages.core.vision import (
+    PROCESSOR_FILES,
+    VisionCollator,
+    load_image_processor,
+    load_vlm,
+    model_config,
+    vision_tokens,
+)
+
+
+def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> list[dict[str, Any]]:
+    """Up to n prepared samples (eval split first, else train), each a 1-row batch with its pixels."""
+    from datasets import load_from_disk
+
+    manifest = read_json(prepared / "manifest.json")
+    sizes = manifest["vision"]["image_processor"]
+    processor = load_image_processor(base_dir, sizes["min_pixels"], sizes["max_pixels"])
+    collate = VisionCollator(processor, vision_tokens(model_config(base_dir)), tok.pad_token_id, packing=False)
+    rows: list[dict[str, Any]] = []
+    for split in ("eval", "train"):
+        if manifest["counts"].get(split) and len(rows) < n:
+            ds = load_from_disk(str(prepared / split))
+            rows += [ds[i] for i in range(min(n - len(rows), len(ds)))]
+    if not rows:
+        raise SftflowError("no prepared samples to check the merge on", path=prepared)
+    batches = []
+    for r in rows:
+        b = collate([{"input_ids": r["input_ids"], "labels": r["labels"], "images": r["images"]}])
+        b.pop("labels")
+        batches.append(b)
+    return batches
+
+
+def vision_logits(model: Any, batches: list[dict[str, Any]], dtype: str) -> list[Any]:
+    """Logits of `model` cast to `dtype` (in place), on batches with pixels, returned in float64."""
+    import torch
+
+    model.to(torch_dtype(dtype))
+    model.eval()
+    with torch.no_grad():
+        out = []
+        for b in batches:
+            b = {k: v.to(torch_dtype(dtype)) if k == "pixel_values" else v for k, v in b.items()}
+            out.append(model(**b).logits.double())
+        return out
+
+
+def merge_vision(
+    params: MergeParams, trained: dict[str, Any], base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
+) -> dict[str, Any]:
+    """Merge a VLM run into `out`, verify it with images, return the report; raise if it differs."""
+    from stages.merge.fold import compare, save_merged
+
+    method = trained["method"]
+    tok = load_tokenizer(adapter_dir)
+    batches = vision_check_batches(prepared, params.check_samples, base_dir, tok)
+    if method == "qlora":
+        raise SftflowError(
+            "merging a qlora run of a vision-language model is not supported yet: train with method lora"
+            " (or merge the adapter into the original weights with peft yourself)",
+            path=adapter_dir,
+            field="method",
+        )
+    if method == "full":
+        merged = load_vlm(adapter_dir, "float32")
+        reference = vision_logits(merged, batches, params.check_dtype)
+        merged.to(torch_dtype("float32"))
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_vlm(base_dir, "float32"), str(adapter_dir))
+        reference = vision_logits(model, batches, params.check_dtype)
+        model.to(torch_dtype("float32"))
+        merged = model.merge_and_unload()
+    tied = save_merged(merged, tok, out, params)
+    save_processor(adapter_dir, base_dir, out)
+    del merged
+    gc.collect()
+
+    reloaded = load_vlm(out, params.dtype)
+    saved = vision_logits(reloaded, batches, params.check_dtype)
+    del reloaded
+    check = compare(reference, saved)
+    shards = sorted(out.glob("*.safetensors"))
+    report = {
+        "method": method,
+        "vision_language": True,
+        "use_dora": trained["train"].lora.use_dora if method != "full" else False,
+        "dtype": params.dtype,
+        "check_dtype": params.check_dtype,
+        "max_abs_logit": max(float(r.abs().max()) for r in reference),
+        "samples_checked": len(batches),
+        "tokens_checked": sum(int(b["input_ids"].numel()) for b in batches),
+        "images_checked": sum(int(b["image_grid_thw"].shape[0]) for b in batches if "image_grid_thw" in b),
+        **check,
+        "threshold": params.max_abs_diff,
+        "tied_embeddings": tied,
+        "size_bytes": sum(f.stat().st_size for f in shards),
+        "shards": len(shards),
+        "adapter_size_bytes": sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")),
+        "params": to_dict(params),
+    }
+    write_json(out / "sftflow_merge.json", report)
+    if check["max_abs_diff"] > params.max_abs_diff:
+        raise SftflowError(
+            f"merged logits differ from base+adapter by {check['max_abs_diff']:.3g}"
+            f" > merge.max_abs_diff {params.max_abs_diff:g}",
+            path=adapter_dir,
+            field="merge.max_abs_diff",
+        )
+    return report
+
+
+def save_processor(adapter_dir: Path, base_dir: Path, out: Path) -> None:
+    """The image processor the model trained with (saved by train next to the adapter), and the
+    base's other processor files, so AutoProcessor loads models/merged where torchvision exists."""
+    source = adapter_dir if (Path(adapter_dir) / "preprocessor_config.json").is_file() else base_dir
+    load_image_processor(source).save_pretrained(out)
+    for name in PROCESSOR_FILES:
+        if (Path(base_dir) / name).is_file():
+            shutil.copy(Path(base_dir) / name, out / name)

@@ -1,0 +1,271 @@
+"""`prepare` for vision-language models: image chats -> token ids, labels and image references.
+
+The same contract as text chats (`stages/prepare/shards.py`), plus an `images` column: per
+image its path, sha256 and patch grid (t, h, w). Pixels are not stored: train's collator loads
+and resizes each batch's images (its grids are checked against these).
+
+How a chat becomes tokens:
+1. render it with the model's chat template (each image as one `<|image_pad|>` between
+   `<|vision_start|>` / `<|vision_end|>`) and find the trained replies by differential
+   rendering, exactly as for text chats;
+2. tokenize, label, then expand each image's single pad *token* to the number the model will
+   see, from the image's resized size (`data.image.min_pixels` / `max_pixels`): expanding
+   tokens rather than text leaves the character offsets of step 1 valid;
+3. image pads and vision markers never carry loss, whatever `train_on` says (even `all`);
+4. a sample over `max_length` is dropped, or under `truncation: truncate` cut — never inside an
+   image: the cut moves to before that image's `<|vision_start|>` (counted as
+   `truncated_before_image`), since half an image's tokens cannot be matched to its features.
+
+Runs in one process (`data.num_proc` applies to text chats): image chats are read and hashed
+once each, and token counting needs only the image header (size), not the pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from stages.core.chats import IGNORE_INDEX, with_system_prompt
+from stages.core.errors import SftflowError
+from stages.core.image_chats import ImageReader
+from stages.core.io import write_json, write_jsonl
+from stages.core.loading import load_tokenizer, tokenizer_fingerprint
+from stages.core.params import DataParams, SourceParams, to_dict
+from stages.core.vision import (
+    VisionTokens,
+    check_tokenizer,
+    image_grid,
+    image_token_count,
+    load_image_processor,
+    model_config,
+    vision_tokens,
+)
+from stages.prepare.records import RawRecord, read_records
+from stages.prepare.render import TemplateError, label_tokens, render_chat
+from stages.prepare.shards import SourceReport, _report, _sample
+
+
+class ImageChatTokenizer:
+    """Renders, tokenizes, masks and expands one image chat at a time."""
+
+    def __init__(self, tok: Any, processor: Any, tokens: VisionTokens, params: DataParams) -> None:
+        self.tok, self.processor, self.tokens, self.params = tok, processor, tokens, params
+        eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
+        # replies are closed by a special token (trained); the vision tokens never close one
+        self.end_of_turn_ids = (frozenset(tok.all_special_ids) | {i for i in eos if i is not None}) - tokens.never_trained
+
+    def __call__(self, r: RawRecord) -> dict[str, Any]:
+        """{"input_ids", "labels", "images", "drop", "truncated", "before_image"} of one chat."""
+        p, t = self.params, self.tokens
+        messages = with_system_prompt(r.messages, p.system_prompt)
+        try:
+            chat = render_chat(lambda ms: self.tok.apply_chat_template(ms, tokenize=False), messages, p.train_on)
+        except TemplateError as e:
+            raise SftflowError(f"{e} (set model.chat_template)", path=r.source, line=r.line) from e
+        enc = self.tok(chat.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        trained, closed = label_tokens(offsets, ids, chat, self.end_of_turn_ids)
+        if not closed:
+            raise SftflowError(
+                "a reply is not followed by a special end-of-turn token: use a chat template whose turns end"
+                " with one (model.chat_template)",
+                path=r.source,
+                line=r.line,
+            )
+        slots = ids.count(t.image_pad)
+        if slots != len(r.images):
+            raise SftflowError(
+                f"the chat template rendered {slots} image slot(s) for {len(r.images)} image(s): use a template"
+                " that renders image parts (model.chat_template: qwen2_vl)",
+                path=r.source,
+                line=r.line,
+            )
+        grids = [image_grid(im.width, im.height, self.processor) for im in r.images]
+        counts = [image_token_count(g, self.processor.merge_size) for g in grids]
+        out_ids, out_labels, k = [], [], 0
+        for tid, keep in zip(ids, trained):
+            if tid == t.image_pad:
+                out_ids += [tid] * counts[k]
+                out_labels += [IGNORE_INDEX] * counts[k]
+                k += 1
+            else:
+                out_ids.append(tid)
+                out_labels.append(tid if keep and tid not in t.never_trained else IGNORE_INDEX)
+        images = [{"path": im.path, "sha256": im.sha256, "grid": list(g)} for im, g in zip(r.images, grids)]
+        row = {"input_ids": out_ids, "labels": out_labels, "images": images, "drop": "", "truncated": False,
+               "before_image": False}
+        if len(out_ids) > p.max_length:
+            if p.truncation == "drop":
+                row["drop"] = "too_long"
+                return row
+            cut, row["before_image"] = truncation_point(out_ids, p.max_length, t)
+            row["input_ids"], row["labels"], row["truncated"] = out_ids[:cut], out_labels[:cut], True
+            row["images"] = images[: out_ids[:cut].count(t.vision_start)]
+            if all(lab == IGNORE_INDEX for lab in row["labels"]):
+                row["drop"] = "no_trained_tokens_after_truncation"
+        elif all(lab == IGNORE_INDEX for lab in out_labels):
+            row["drop"] = "no_trained_tokens"
+        return row
+
+
+def truncation_point(ids: list[int], max_length: int, t: VisionTokens) -> tuple[int, bool]:
+    """Where to cut a too-long sample: at max_length, or before the image that cut would split.
+
+    >>> t = VisionTokens(image_pad=9, vision_start=8, vision_end=7)
+    >>> truncation_point([1, 8, 9, 9, 7, 2, 3], 3, t), truncation_point([1, 8, 9, 9, 7, 2, 3], 6, t)
+    ((1, True), (6, False))
+    """
+    cut = max_length
+    opened = max((i for i in range(cut) if ids[i] == t.vision_start), default=-1)
+    closed = max((i for i in range(cut) if ids[i] == t.vision_end), default=-1)
+    if opened > closed:  # the last image begun before the cut ends after it
+        return opened, True
+    return cut, False
+
+
+def prepare_vision(
+    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None
+) -> dict[str, Any]:
+    """Prepare image chats into `out` (an empty temp dir); return the report (text prepare's
+    shape, plus image counts)."""
+    tok = load_tokenizer(model_dir)
+    config = model_config(model_dir)
+    tokens = vision_tokens(config)
+    check_tokenizer(tok, tokens, model_dir)
+    processor = load_image_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
+    chat_tokenizer = ImageChatTokenizer(tok, processor, tokens, params)
+    reader = ImageReader()
+    reports: dict[str, SourceReport] = {}
+    rejects: list[dict[str, Any]] = []
+    before_image = 0
+    rng = random.Random(params.seed)
+
+    def load(sources: tuple[SourceParams, ...]) -> list[dict[str, Any]]:
+        nonlocal before_image
+        rows: list[dict[str, Any]] = []
+        for src in sources:
+            rep = reports.setdefault(src.path, SourceReport())
+            start = len(rejects)
+            records = list(read_records(Path(src.path), params.on_bad_record, rejects, src.format, images=reader))
+            rep.skipped.update(r["reason"] for r in rejects[start:])
+            rep.read += len(records) + len(rejects) - start
+            kept = []
+            for r in records:
+                if r.text is not None:
+                    raise SftflowError(
+                        "a text record (continued pre-training) in a vision-language data set: give chats",
+                        path=r.source, line=r.line, field="text",
+                    )
+                row = chat_tokenizer(r)
+                if row["drop"]:
+                    rep.dropped[row["drop"]] += 1
+                    rejects.append({"file": r.source, "line": r.line, "reason": row["drop"]})
+                    continue
+                rep.truncated += row["truncated"]
+                before_image += row["before_image"]
+                rep.kept += 1
+                rep.tokens += len(row["input_ids"])
+                rep.trained_tokens += sum(lab != IGNORE_INDEX for lab in row["labels"])
+                kept.append({k: row[k] for k in ("input_ids", "labels", "images")} | {"source": r.source, "record": r.record})
+            picked = _sample(kept, src, rng)
+            rep.sampled += len(picked)
+            rows += picked
+        return rows
+
+    train, evals = load(params.sources), load(params.eval_sources)
+    duplicates = 0
+    if params.dedupe:
+        train, evals, duplicates = _dedupe(train, evals)
+    if not params.eval_sources and params.eval_fraction > 0:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        held = set(order[: max(1, round(len(train) * params.eval_fraction))])
+        evals = [s for i, s in enumerate(train) if i in held]
+        train = [s for i, s in enumerate(train) if i not in held]
+    if not train:
+        raise SftflowError("no training samples left after preparation", field="data.sources")
+    splits = {"train": train, "eval": evals}
+    for name, rows in splits.items():
+        to_dataset(rows).save_to_disk(str(out / name))
+    report = _report(reports, splits, rejects, duplicates)
+    used = {im["path"]: im["sha256"] for rows in splits.values() for r in rows for im in r["images"]}
+    report["total"]["truncated_before_image"] = before_image
+    report["images"] = {
+        "distinct": len(used),
+        "per_split": {name: sum(len(r["images"]) for r in rows) for name, rows in splits.items()},
+        "image_tokens": {
+            name: sum(r["input_ids"].count(tokens.image_pad) for r in rows) for name, rows in splits.items()
+        },
+    }
+    write_json(
+        out / "manifest.json",
+        {
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+            "params": to_dict(params),
+            "counts": {k: len(v) for k, v in splits.items()},
+            # the data's identity includes the pixels: a changed image changes this manifest
+            "vision": {
+                "model_type": config["model_type"],
+                "image_processor": {"patch_size": processor.patch_size, "merge_size": processor.merge_size,
+                                    "min_pixels": processor.size["shortest_edge"],
+                                    "max_pixels": processor.size["longest_edge"]},
+                "images_sha256": dict(sorted(used.items())),
+            },
+        },
+    )
+    if rejects_path is not None:
+        write_jsonl(rejects_path, rejects)
+    return report
+
+
+def _dedupe(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Drop exact duplicates (same tokens, labels and image contents); eval wins over train."""
+    seen: set[bytes] = set()
+
+    def keep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            key = json.dumps([row["input_ids"], row["labels"], [im["sha256"] for im in row["images"]]])
+            digest = hashlib.sha1(key.encode()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                out.append(row)
+        return out
+
+    kept_eval, kept_train = keep(evals), keep(train)
+    return kept_train, kept_eval, len(train) + len(evals) - len(kept_train) - len(kept_eval)
+
+
+def to_dataset(rows: list[dict[str, Any]]) -> Any:
+    """The shards' columns: text prepare's, plus `images` (path, sha256, grid per image)."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features(
+        {
+            "input_ids": Sequence(Value("int32")),
+            "labels": Sequence(Value("int32")),
+            "length": Value("int32"),
+            "source": Value("string"),
+            "record": Value("int64"),
+            "num_trained": Value("int32"),
+            "images": [{"path": Value("string"), "sha256": Value("string"), "grid": Sequence(Value("int32"))}],
+        }
+    )
+    return Dataset.from_dict(
+        {
+            "input_ids": [r["input_ids"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "length": [len(r["input_ids"]) for r in rows],
+            "source": [r["source"] for r in rows],
+            "record": [r["record"] for r in rows],
+            "num_trained": [sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows],
+            "images": [r["images"] for r in rows],
+        },
+        features=features,
+    )

@@ -1,0 +1,158 @@
+"""`train` for vision-language models: which parts train, and the collator that brings the pixels.
+
+Parts (Qwen2-VL/2.5-VL names): the vision tower `visual` (patch embedding + ViT blocks), the
+projector `visual.merger` (ViT features -> language-model width), and the language model
+(`language_model` + `lm_head`). `train.vision` switches each on or off:
+- lora / qlora: `target_modules: all-linear` means the language model's linear layers only
+  (tune_llm) — the vision tower's linears too with tune_vision; tune_projector trains the
+  merger in full and saves it with the adapter (`modules_to_save`). Explicit target_modules
+  (a list or a regex) are used as given.
+- full: each part's weights train or stay frozen by its switch; `train.full.frozen_modules`
+  freezes more.
+
+The collator reads each batch's images from the paths in the shards, resizes them with the
+model's image processor (checking the grids match what prepare counted tokens for) and gives
+the model `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (which tokens are image
+tokens: the model places its 3-D rotary positions from them). Padding-free rows pack several
+image chats into one: their images' pixels and grids are concatenated in order, and the
+4-row position_ids (text positions restarting per sample, then the 3-D positions) are built
+per sample, so attention and positions equal those of each chat alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import SftflowError
+from stages.core.params import TrainParams, VisionParams
+from stages.core.vision import (
+    VisionCollator,
+    language_model_prefix,
+    load_image_processor,
+    load_vlm,
+    model_config,
+    vision_tokens,
+    vision_tower_prefix,
+)
+
+
+def build_vision_model(params: TrainParams, base_dir: Path, attn: str, dtype: str, params_file: str) -> Any:
+    """The VLM to hand to Trainer, with exactly the parts `train.vision` names trainable."""
+    from stages.train.model import _add_adapters, _freeze
+
+    # the vision tower splits its own sequences (one per image): plain SDPA there
+    attention = {"text_config": attn, "vision_config": "sdpa", "": attn}
+    if params.method == "qlora":
+        model = _load_vlm_4bit(params, base_dir, attention)
+    else:
+        model = load_vlm(base_dir, dtype, attn_implementation=attention)
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if params.method == "full":
+        freeze_parts(model, params.vision)
+        if params.full.frozen_modules:
+            _freeze(model, params.full.frozen_modules, params_file)
+        return model
+    model = _add_adapters(model, vision_lora(params, model), params_file)
+    if params.gradient_checkpointing:
+        model.enable_input_require_grads()
+    for p in model.parameters():  # adapters may inherit the base's bf16; they train in fp32
+        if p.requires_grad and p.dtype.is_floating_point and p.element_size() < 4:
+            p.data = p.data.float()
+    return model
+
+
+def part_of(name: str, llm: str, visual: str) -> str:
+    """Which part a parameter/module name belongs to: vision, projector or llm.
+
+    >>> [part_of(n, "model.language_model", "model.visual") for n in
+    ...  ("model.visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight", "lm_head.weight")]
+    ['vision', 'projector', 'llm']
+    """
+    if name.startswith(visual + ".merger") or name == visual + ".merger":
+        return "projector"
+    if name.startswith(visual):
+        return "vision"
+    return "llm"
+
+
+def freeze_parts(model: Any, vision: VisionParams) -> None:
+    """Full SFT: each part's parameters train only when its switch is on."""
+    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    on = {"vision": vision.tune_vision, "projector": vision.tune_projector, "llm": vision.tune_llm}
+    for name, p in model.named_parameters():
+        p.requires_grad = on[part_of(name, llm, visual)]
+
+
+def linear_targets(model: Any, vision: VisionParams) -> str:
+    """A regex (peft full-matches it against module names) selecting the linear layers of the
+    parts that train: the language model's (tune_llm) and the vision tower's (tune_vision),
+    never lm_head or the projector (those train in full through modules_to_save)."""
+    import torch
+
+    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        part = part_of(name, llm, visual)
+        if (part == "llm" and name.startswith(llm) and vision.tune_llm) or (part == "vision" and vision.tune_vision):
+            names.append(name)
+    if not names:
+        return r"(?!x)x"  # matches nothing: only modules_to_save train
+    # one alternation per part keeps the regex short: prefix, any layer, then the layer's own name
+    groups = []
+    for prefix in sorted({llm if n.startswith(llm) else visual for n in names}):
+        leaves = sorted({n[len(prefix) + 1 :].split(".", 2)[-1] for n in names if n.startswith(prefix + ".")})
+        groups.append(rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(leaf) for leaf in leaves)})")
+    return "|".join(f"(?:{g})" for g in groups)
+
+
+def vision_lora(params: TrainParams, model: Any) -> TrainParams:
+    """train.lora with the VLM's defaults filled in: targets from train.vision when all-linear,
+    the projector in modules_to_save when tune_projector."""
+    import dataclasses
+
+    lora = params.lora
+    targets = linear_targets(model, params.vision) if lora.target_modules == "all-linear" else lora.target_modules
+    to_save = tuple(lora.modules_to_save)
+    if params.vision.tune_projector and "merger" not in to_save:
+        to_save += ("merger",)
+    if targets == r"(?!x)x" and not to_save:
+        raise SftflowError("train.vision switches leave nothing to train", field="train.vision")
+    return dataclasses.replace(params, lora=dataclasses.replace(lora, target_modules=targets, modules_to_save=to_save))
+
+
+def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any) -> Any:
+    """The VLM with its language model quantized (NF4/FP4); the vision tower and lm_head stay
+    in full precision, as 4-bit ViT weights cost accuracy for little memory."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from stages.core.loading import bnb_4bit_config
+
+    config = bnb_4bit_config(params.qlora)
+    # transformers matches these from the start of a module's name (or as its suffix):
+    # "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout
+    config.llm_int8_skip_modules = ["model.visual", "visual", "lm_head"]
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
+                     attn_implementation=attention)
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=params.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def build_vision_collator(base_dir: Path, tok: Any, packing: str, manifest: dict[str, Any]) -> VisionCollator:
+    """The collator, with the image processor resizing exactly as prepare counted (its bounds
+    come from the prepared manifest, not from params: prepare's params decided the token counts)."""
+    sizes = manifest["vision"]["image_processor"]
+    processor = load_image_processor(base_dir, sizes["min_pixels"], sizes["max_pixels"])
+    tokens = vision_tokens(model_config(base_dir))
+    return VisionCollator(processor, tokens, tok.pad_token_id, packing in ("padding_free", "auto"))

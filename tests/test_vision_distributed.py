@@ -1,0 +1,74 @@
+"""Image chats on two processes (torchrun via `sftflow train`, DeepSpeed ZeRO-2 / ZeRO-3 on CPU)
+train exactly what one process does: the same per-step losses for the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_distributed import GLOBAL_BATCH, STEPS, cli_train, train_section
+from test_vision import vlm_base  # noqa: F401  (the session fixture: the tiny VLM's models/base)
+
+from stages.core.params import DataParams, ImageParams, SourceParams
+
+
+@pytest.fixture(scope="module")
+def vlm_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    from stages.prepare.shards import prepare
+
+    out = tmp_path_factory.mktemp("vlm_prepared") / "out"
+    data = DataParams(
+        sources=(SourceParams(path=str(REPO / "pipelines" / "tiny-vlm" / "raw" / "train.jsonl"),
+                              num_samples=STEPS * GLOBAL_BATCH),),
+        image=ImageParams(min_pixels=3136, max_pixels=3136),
+    )
+    prepare(data, vlm_base, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", ["zero2", "zero3"])
+def test_vlm_two_processes_equal_one_process(
+    vlm_base: Path, vlm_prepared: Path, tmp_path: Path, deepspeed: str  # noqa: F811
+) -> None:
+    extra = {"vision": {"tune_projector": True}}
+    one = cli_train(tmp_path / "one", vlm_base, vlm_prepared, train_section("lora", 1, **extra))
+    two = cli_train(tmp_path / "two", vlm_base, vlm_prepared, train_section("lora", 2, deepspeed, **extra))
+    assert "launching 2 process(es)" in two["log"]
+    assert two["distributed"]["zero_stage"] == int(deepspeed[-1])
+    assert len(two["losses"]) == STEPS
+    assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) <= 1e-4, (two["losses"], one["losses"])
+    assert two["tokens"] == one["tokens"] and two["parameters"] == one["parameters"]
+
+
+@pytest.mark.slow
+def test_vlm_train_killed_with_sigkill_resumes(vlm_base: Path, vlm_prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`sftflow train` on image chats killed with SIGKILL after checkpoint-2: the re-run resumes
+    from a checkpoint and ends on the curve of the run that was never killed."""
+    import json
+    import os
+    import signal
+    import time
+
+    section = train_section("lora", 1, vision={"tune_projector": True}, save_steps=2)
+    whole = cli_train(tmp_path / "whole", vlm_base, vlm_prepared, section)
+    run = tmp_path / "killed"
+    proc = cli_train(run, vlm_base, vlm_prepared, section, wait=False)
+    state = run / "ckpt" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while True:
+        try:
+            if "global_step" in json.loads(state.read_text()):
+                break
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "out").exists()
+    resumed = cli_train(run, vlm_base, vlm_prepared, section)
+    assert resumed["resumed_from"] is not None and "train: resuming from" in resumed["log"]
+    assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-4)
