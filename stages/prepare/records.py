@@ -202,7 +202,7 @@ def read_records(
         try:
             if isinstance(obj, SftflowError):
                 raise obj
-            yield parse_record(obj, fmt, path, line, index, images)
+            yield parse_record(obj, fmt, path, line, index, images=images)
         except SftflowError as e:
             if on_bad_record != "skip":
                 raise

@@ -28,6 +28,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
@@ -45,7 +47,8 @@ from stages.core.vision import (
 )
 from stages.prepare.records import RawRecord, read_records
 from stages.prepare.render import TemplateError, label_tokens, render_chat
-from stages.prepare.shards import SourceReport, _report, _sample
+from stages.prepare.report import SourceReport, build_report
+from stages.prepare.select import sample_indices
 
 
 class ImageChatTokenizer:
@@ -170,7 +173,7 @@ def prepare_vision(
                 rep.tokens += len(row["input_ids"])
                 rep.trained_tokens += sum(lab != IGNORE_INDEX for lab in row["labels"])
                 kept.append({k: row[k] for k in ("input_ids", "labels", "images")} | {"source": r.source, "record": r.record})
-            picked = _sample(kept, src, rng)
+            picked = [kept[i] for i in sample_indices(np.arange(len(kept), dtype=np.int64), src, rng)]
             rep.sampled += len(picked)
             rows += picked
         return rows
@@ -190,7 +193,14 @@ def prepare_vision(
     splits = {"train": train, "eval": evals}
     for name, rows in splits.items():
         to_dataset(rows).save_to_disk(str(out / name))
-    report = _report(reports, splits, rejects, duplicates)
+    lengths = {
+        name: (
+            np.array([len(r["input_ids"]) for r in rows], dtype=np.int64),
+            np.array([sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows], dtype=np.int64),
+        )
+        for name, rows in splits.items()
+    }
+    report = build_report(reports, lengths, len(rejects), duplicates)
     used = {im["path"]: im["sha256"] for rows in splits.values() for r in rows for im in r["images"]}
     report["total"]["truncated_before_image"] = before_image
     report["images"] = {
