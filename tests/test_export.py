@@ -106,7 +106,7 @@ def test_missing_converter_says_how_to_get_it(tmp_path: Path) -> None:
     from stages.core.errors import SftflowError
     from stages.export.convert import find_converter
 
-    with pytest.raises(SftflowError, match="SFTFLOW_EXPORT=1 bash setup.sh"):
+    with pytest.raises(SftflowError, match=r"SFTFLOW_EXPORT=1 bash setup\.sh"):
         find_converter(str(tmp_path))
 
 
