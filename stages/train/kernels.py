@@ -232,29 +232,6 @@ def applied(model: Any) -> dict[str, int]:
     return counts
 
 
-def return_freed_memory() -> bool:
-    """Make glibc hand large freed blocks back to the OS at once (Linux; False elsewhere).
-
-    glibc raises its mmap threshold each time a large block is freed, so later activation
-    tensors come from the heap, and the heap keeps the pages after backward frees them: on
-    SmolLM2-135M with a 2114-token batch, peak RSS was 5.7 GiB for 2.5 GiB of saved
-    activations + 0.5 GiB of weights; with the threshold pinned at 128 KiB (its start value)
-    it was 3.2 GiB. Same as running with MALLOC_MMAP_THRESHOLD_=131072.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: nothing to pin
-        return False
-    m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, 128 * 1024))
-
-
 # ---- loss: LM head + cross-entropy in chunks of trained rows ----------------------------------
 
 

@@ -120,8 +120,6 @@ def train(
 
     if params.threads > 0:
         torch.set_num_threads(params.threads)
-    if kernels.resolve(params.kernels) == "fused" and not torch.cuda.is_available():
-        kernels.return_freed_memory()
     set_seed(params.seed)
     tok = load_tokenizer(base_dir)
     train_set, eval_set, manifest = load_prepared(prepared, tok)
