@@ -50,6 +50,6 @@ def test_template_without_special_end_of_turn_is_refused(smollm_tokenizer_dir: P
 
 def test_unknown_template_name_lists_the_registry() -> None:
     with pytest.raises(
-        SftflowError, match=r"model.chat_template: 'vicuna' is neither .* \(chatml, gemma, llama3, zephyr\)"
+        SftflowError, match=r"model.chat_template: 'vicuna' is neither .* \(chatml, gemma, llama3, qwen2_vl, zephyr\)"
     ):
         read_chat_template("vicuna")

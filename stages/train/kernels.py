@@ -25,8 +25,9 @@ for the kept values; gradients equal the plain path's up to summation order):
   the gradient of each chunk computed in the forward pass (the loss is the last op, so its
   gradient is known up to a scalar): no logits tensor of all trained rows, no recompute.
 
-`plain` is transformers + peft as they are. `auto` is `fused`: measured the same speed and
-2.6-3.4 GB less peak RSS (docs/benchmarks.md). Every piece is plain torch, so it runs on CUDA
+`plain` is transformers + peft as they are. `auto` is `fused`: on that batch autograd keeps
+2.5 GiB instead of 5.0 (peak RSS 8.5 -> 5.7 GiB), at the same speed within a shared machine's
+noise (docs/benchmarks.md). Every piece is plain torch, so it runs on CUDA
 too, where flash-attention already avoids the repeated k/v; only CPU runs were measured.
 """
 
