@@ -141,6 +141,14 @@ def merge(
         **extra,
         "params": to_dict(params),
     }
+    return write_report(report, check, params, adapter_dir, out)
+
+
+def write_report(
+    report: dict[str, Any], check: dict[str, float], params: MergeParams, adapter_dir: Path, out: Path
+) -> dict[str, Any]:
+    """Save the merge report beside the model, then refuse a merge whose logits moved too far
+    (the report stays, so the figures that failed can be read)."""
     write_json(out / "sftflow_merge.json", report)
     if check["max_abs_diff"] > params.max_abs_diff:
         raise SftflowError(

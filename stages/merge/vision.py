@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
-from stages.core.io import read_json, write_json
+from stages.core.io import read_json
 from stages.core.loading import load_tokenizer, torch_dtype
 from stages.core.params import MergeParams, to_dict
 from stages.core.vision import (
@@ -69,7 +69,7 @@ def merge_vision(
     params: MergeParams, trained: dict[str, Any], base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
 ) -> dict[str, Any]:
     """Merge a VLM run into `out`, verify it with images, return the report; raise if it differs."""
-    from stages.merge.fold import compare, save_merged
+    from stages.merge.fold import compare, save_merged, write_report
 
     method = trained["method"]
     tok = load_tokenizer(adapter_dir)
@@ -120,15 +120,7 @@ def merge_vision(
         "adapter_size_bytes": sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")),
         "params": to_dict(params),
     }
-    write_json(out / "sftflow_merge.json", report)
-    if check["max_abs_diff"] > params.max_abs_diff:
-        raise SftflowError(
-            f"merged logits differ from base+adapter by {check['max_abs_diff']:.3g}"
-            f" > merge.max_abs_diff {params.max_abs_diff:g}",
-            path=adapter_dir,
-            field="merge.max_abs_diff",
-        )
-    return report
+    return write_report(report, check, params, adapter_dir, out)
 
 
 def save_processor(adapter_dir: Path, base_dir: Path, out: Path) -> None:

@@ -75,6 +75,18 @@ def alpaca_to_messages(obj: Any, path: Path, line: int) -> dict[str, Any]:
     return {"messages": messages}
 
 
+def json_array_items(path: Path, data: bytes) -> list[Any]:
+    """A JSON array file's items. An array has no record boundaries to recover at, so bad
+    UTF-8 or JSON anywhere in it is an error naming the line, never a skippable record."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
+    except json.JSONDecodeError as e:
+        raise SftflowError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from e
+
+
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON or the SftflowError saying why that line is unreadable).
 
@@ -83,14 +95,7 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     error there is raised. For arrays the "line" is the item's 1-based index."""
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     if data.lstrip().startswith(b"["):
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from e
-        yield from ((i + 1, item) for i, item in enumerate(items))
+        yield from ((i + 1, item) for i, item in enumerate(json_array_items(path, data)))
         return
     for n, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from stages.core.errors import SftflowError
 from stages.core.params import SourceParams
+from stages.prepare.records import json_array_items
 
 RAW_BATCH = 10_000  # lines per Arrow write while reading a JSONL file
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -67,14 +68,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
         head = f.read(64).removeprefix(b"\xef\xbb\xbf")
     if head.lstrip().startswith(b"["):
         data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from e
-        for i, item in enumerate(items):
+        for i, item in enumerate(json_array_items(path, data)):
             yield i + 1, json.dumps(item, ensure_ascii=False), None
         return
     with path.open("rb") as f:
