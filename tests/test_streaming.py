@@ -52,3 +52,18 @@ def test_two_workers_equal_one(tmp_path: Path, smollm_tokenizer_dir: Path) -> No
         r != -1 and s == str(raw) for r, s in zip(splits["train"]["record"], splits["train"]["source"])
     )
     assert report["splits"]["train"]["samples"] == len(splits["train"]["input_ids"])
+
+
+def test_same_chats_give_the_same_bytes(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:
+    """A second prepare over the same chats writes byte-identical shards (datasets' random
+    state.json fingerprint is pinned to the data), so DVC does not re-run train for nothing."""
+    raw = tmp_path / "chats.jsonl"
+    raw.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    params = DataParams(sources=(SourceParams(path=str(raw)),))
+    files = []
+    for run in (1, 2):
+        out = tmp_path / f"out{run}"
+        prepare(params, smollm_tokenizer_dir, out, rejects_path=tmp_path / f"rejects{run}.jsonl")
+        files.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert files[0].keys() == files[1].keys() and Path("train/state.json") in files[0]
+    assert files[0] == files[1]

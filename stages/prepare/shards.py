@@ -18,6 +18,7 @@ the chosen rows are written as shards. Measured before this design (rows as Pyth
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import tempfile
@@ -131,6 +132,7 @@ def _prepare(
     for name, index in splits.items():
         shard = everything.select(index).select_columns(list(COLUMNS))
         shard.save_to_disk(str(out / name))
+        pin_dataset_fingerprint(out / name)
         lengths = everything.data.column("length").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
         trained = (
             everything.data.column("num_trained").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
@@ -306,3 +308,24 @@ def _pack_texts(
     finally:
         writer.close()
     return Dataset.from_file(str(path))
+
+
+def pin_dataset_fingerprint(folder: Path) -> str:
+    """Replace the random `_fingerprint` that `datasets` writes into a save_to_disk folder's
+    state.json by a hash of the Arrow files, so the same rows give the same bytes on disk.
+
+    Measured: two prepare runs over the same chats wrote identical Arrow files but different
+    state.json fingerprints, so DVC saw a new data/prepared and re-ran train for nothing.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for arrow in sorted(folder.glob("*.arrow")):
+        digest.update(arrow.read_bytes())
+    fingerprint = digest.hexdigest()[:16]
+    state_path = folder / "state.json"
+    state = json.loads(state_path.read_text())
+    state["_fingerprint"] = fingerprint
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    return fingerprint

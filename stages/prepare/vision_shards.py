@@ -49,6 +49,7 @@ from stages.prepare.records import RawRecord, read_records
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import sample_indices
+from stages.prepare.shards import pin_dataset_fingerprint
 
 
 class ImageChatTokenizer:
@@ -193,6 +194,7 @@ def prepare_vision(
     splits = {"train": train, "eval": evals}
     for name, rows in splits.items():
         to_dataset(rows).save_to_disk(str(out / name))
+        pin_dataset_fingerprint(out / name)
     lengths = {
         name: (
             np.array([len(r["input_ids"]) for r in rows], dtype=np.int64),
