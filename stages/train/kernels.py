@@ -266,6 +266,9 @@ def _chunked_ce_fn() -> Any:
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             for s in range(0, hidden.shape[0], CHUNK_ROWS):
                 h, t = hidden[s : s + CHUNK_ROWS], targets[s : s + CHUNK_ROWS]
+                # The loss runs after the model's forward, outside Trainer's autocast: a bf16 head
+                # (train.precision bf16) gets its input in its own dtype, as autocast gave it.
+                h = h.to(weight.dtype)
                 logits = torch.nn.functional.linear(h, weight)
                 logits32 = logits.float()
                 total += torch.nn.functional.cross_entropy(logits32, t, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -9,7 +9,6 @@ rate, grad norm and tokens/s go to plots/train_loss.csv; reports/train.json sums
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -154,7 +153,6 @@ def train(
         collator = KeepTrainedLogits(collator)
     head = kernels.head_of(model) if trained_only and kernels.resolve(params.kernels) == "fused" else None
     loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
-    defer = kernels.defer_head(head) if head is not None else contextlib.nullcontext()
     columns = ["input_ids", "labels", *(["images"] if vision else [])]
     trainer = Trainer(
         model=model,
@@ -165,16 +163,25 @@ def train(
         compute_loss_func=loss_func,
         callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks],
     )
+    if head is not None:
+        # The head returns hidden states only inside the loss computation (train and eval
+        # steps), where the chunked loss applies it; a callback's own forward gets logits.
+        compute_loss = trainer.compute_loss
+
+        def compute_loss_with_deferred_head(*args: Any, **kwargs: Any) -> Any:
+            with kernels.defer_head(head):
+                return compute_loss(*args, **kwargs)
+
+        trainer.compute_loss = compute_loss_with_deferred_head
     started = time.perf_counter()
     meter.start()
-    with defer:  # the head returns hidden states; the chunked loss applies it
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        wall = time.perf_counter() - started
-        tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
-        tokens, meter.trained_tokens, meter.slots = (
-            distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
-        )
-        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - started
+    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
+    tokens, meter.trained_tokens, meter.slots = (
+        distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
+    )
+    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
     attention = model.config._attn_implementation  # what trained, before the reset below
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
