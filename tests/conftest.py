@@ -138,7 +138,10 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = copy_project(tmp_path_factory.mktemp("project"))
     pipeline = root / "pipelines" / "tiny"
     ran = repro(pipeline)
-    assert ran == ["base", "prepare", "train", "merge", "eval_base", "eval"], ran
+    # DVC may run eval_base (needs only base) anywhere after base: check the set and the order that matters
+    assert sorted(ran) == sorted(["base", "prepare", "train", "merge", "eval_base", "eval"]), ran
+    assert ran.index("base") < ran.index("prepare") < ran.index("train") < ran.index("merge") < ran.index("eval"), ran
+    assert ran.index("base") < ran.index("eval_base") < ran.index("eval"), ran
     shutil.copy(pipeline / "reports" / "train.json", pipeline.parent / "first_train.json")  # for resume
     return pipeline
 

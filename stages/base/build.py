@@ -129,22 +129,26 @@ def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
 
 
 def _resave_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    model, source = load_or_build(params, folder, AutoModelForCausalLM)
+    model.save_pretrained(out, safe_serialization=True)
+    _load_tokenizer(params, str(folder)).save_pretrained(out)
+    return {"weights": "local", "source": source, "folder": str(folder), "parameters": model.num_parameters()}
+
+
+def load_or_build(params: ModelParams, folder: Path, auto_class: Any) -> tuple[Any, str]:
+    """The folder's model through `auto_class` in model.dtype, or with model.init: random a fresh
+    one built from its config.json (seeded); and which of the two it was."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if params.init == "random":
         config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
         torch.manual_seed(params.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(params.dtype))
-        source = "random-init"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code
-        )
-        source = "folder"
-    model.save_pretrained(out, safe_serialization=True)
-    _load_tokenizer(params, str(folder)).save_pretrained(out)
-    return {"weights": "local", "source": source, "folder": str(folder), "parameters": model.num_parameters()}
+        return auto_class.from_config(config, dtype=torch_dtype(params.dtype)), "random-init"
+    model = auto_class.from_pretrained(folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code)
+    return model, "folder"
 
 
 def _pin_hub_model(params: ModelParams, out: Path) -> dict[str, Any]:

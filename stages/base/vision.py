@@ -15,26 +15,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.core.loading import torch_dtype
 from stages.core.params import ModelParams
 from stages.core.vision import PROCESSOR_FILES
 
 
 def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:
     """An HF VLM folder re-saved in model.dtype (or, with model.init: random, built from its config)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    if params.init == "random":
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
-        torch.manual_seed(params.seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype(params.dtype))
-        source = "random-init"
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code
-        )
-        source = "folder"
+    from stages.base.build import load_or_build
+
+    model, source = load_or_build(params, folder, AutoModelForImageTextToText)
     model.save_pretrained(out, safe_serialization=True)
     from stages.base.build import _load_tokenizer
 
