@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bin_path, copy_project, read_json, repro, run
+from tests.conftest import assert_ran_every_stage, bin_path, copy_project, read_json, repro, run
 
 
 @pytest.mark.slow
 def test_default_pipeline_teaches_the_demo_identity(tmp_path: Path) -> None:
     root = copy_project(tmp_path)
-    assert repro(root) == ["base", "prepare", "train", "merge", "eval_base", "eval"]
+    assert_ran_every_stage(repro(root))
     metrics = read_json(root / "reports" / "eval.json")
     # The demo data teaches "I am Sftflow Assistant": held-out questions must show it.
     assert metrics["sftflow_replies.contains.tuned"] > metrics["sftflow_replies.contains.base"] + 0.3

@@ -108,3 +108,23 @@ def test_chunked_loss_equals_the_plain_one_across_chunks(monkeypatch: pytest.Mon
     assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
     torch.testing.assert_close(hidden.grad, expected[0] * 3)
     torch.testing.assert_close(head.weight.grad, expected[1] * 3)
+
+
+def test_zero3_runs_plain_and_refuses_an_explicit_fused(tmp_path: Path) -> None:
+    """ZeRO-3 gathers a weight only inside its own module's forward; fused reads adapter and
+    head weights directly, so auto falls back to plain there, for a shipped preset or a user's
+    own JSON, and an explicit fused is an error naming the key."""
+    import json
+
+    from stages.core.errors import SftflowError
+    from stages.core.params import DistributedParams
+
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for ds in ("zero3", str(own)):
+        zero3 = DistributedParams(deepspeed=ds)
+        assert kernels.resolve(TrainParams(distributed=zero3)) == "plain"
+        with pytest.raises(SftflowError, match=r"^train\.kernels: fused cannot run under ZeRO-3"):
+            kernels.resolve(TrainParams(kernels="fused", distributed=zero3))
+    assert kernels.resolve(TrainParams(distributed=DistributedParams(deepspeed="zero2"))) == "fused"
+    assert kernels.resolve(TrainParams(gradient_checkpointing=True)) == "plain"

@@ -127,3 +127,43 @@ def test_too_long_is_dropped_and_counted_never_kept_empty(tmp_path: Path, smollm
     # Cutting at 64 tokens removes the whole reply: the sample has nothing to learn, so it goes.
     assert cut["sources"][str(raw)]["dropped"] == {"no_trained_tokens_after_truncation": 1}
     assert cut["total"]["kept"] == 1
+
+
+def test_a_json_array_is_read_one_item_at_a_time(tmp_path: Path) -> None:
+    """Every read boundary (1-character reads up to whole-file reads) gives json.load's items,
+    numbers cut mid-way included; a broken array names the line; a 40 MB array is parsed in
+    well under its size of Python memory."""
+    import random
+    import tracemalloc
+
+    from stages.prepare.records import iter_json_array
+
+    random.seed(0)
+    items = [
+        GOOD,
+        {"conversations": [{"from": "human", "value": "é\n\"ü\""}], "n": -2.5e-3, "ok": [True, None]},
+        12345.25,
+        [],
+        {},
+    ]
+    array = tmp_path / "a.json"
+    for indent in (None, 2):
+        array.write_text("\ufeff \n" + json.dumps(items, indent=indent, ensure_ascii=False), encoding="utf-8")
+        for chunk in (1, 2, 3, 5, 64, 1 << 20):
+            assert list(iter_json_array(array, chunk=chunk)) == items, (indent, chunk)
+    array.write_text('[{"a": 1},\n {"b": 2}\n {"c": 3}]')
+    with pytest.raises(SftflowError, match=r"a\.json:3: malformed JSON: Expecting ',' delimiter"):
+        list(iter_json_array(array, chunk=2))
+    array.write_bytes(b'[{"a": "x"},\n{"b": "\xff"}]')
+    with pytest.raises(SftflowError, match=r"a\.json:2: invalid UTF-8 at byte 20"):
+        list(iter_json_array(array, chunk=2))
+
+    big = tmp_path / "big.json"
+    chat = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x" * 800}]}
+    big.write_text(json.dumps([chat] * 20_000))
+    assert big.stat().st_size > 35e6
+    tracemalloc.start()
+    count = sum(1 for _ in iter_json_array(big))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 20_000 and peak < 8e6, peak  # json.load would hold all 20k chats at once

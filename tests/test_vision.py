@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, package_dir
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, ImageParams, ModelParams, SourceParams, parse_params
+from tests.conftest import REPO, package_dir
 
 PAD, START, END = 151655, 151652, 151653
 BOUNDS = ImageParams(min_pixels=3136, max_pixels=12544)  # 56x56 .. 112x112: a few tokens per image

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from test_distributed import GLOBAL_BATCH, STEPS, cli_train, train_section
 from test_vision import vlm_base  # noqa: F401  (the session fixture: the tiny VLM's models/base)
 
 from stages.core.params import DataParams, ImageParams, SourceParams
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bin_path, repro, run
+
+from tests.conftest import REPO, assert_ran_every_stage, bin_path, repro, run
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,7 @@ def vlm_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_tiny_vlm_pipeline(vlm_project: Path) -> None:
-    ran = repro(vlm_project)
-    assert ran == ["base", "prepare", "train", "merge", "eval_base", "eval"], ran
+    assert_ran_every_stage(repro(vlm_project))
     train = json.loads((vlm_project / "reports" / "train.json").read_text())
     assert train["final_loss"] < train["first_loss"] / 4
     merge = json.loads((vlm_project / "reports" / "merge.json").read_text())

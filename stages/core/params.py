@@ -221,7 +221,8 @@ class TrainParams:
     # (stages/train/kernels.py); same losses as plain (fp32: within 1e-5 per step), measured on
     # SmolLM2-135M: activations 5.0 -> 2.5 GiB on a 2114-token batch, same speed within noise.
     # plain: transformers + peft as they are.
-    # auto: plain until fused is checked under ZeRO-3 (a 2-process ZeRO-3 test failed with it)
+    # auto: fused, except with gradient checkpointing (nothing left to save) and under ZeRO-3
+    # (it partitions the weights fused reads directly: plain there; an explicit fused is refused)
     kernels: Literal["auto", "plain", "fused"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)

@@ -75,37 +75,141 @@ def alpaca_to_messages(obj: Any, path: Path, line: int) -> dict[str, Any]:
     return {"messages": messages}
 
 
-def json_array_items(path: Path, data: bytes) -> list[Any]:
-    """A JSON array file's items. An array has no record boundaries to recover at, so bad
-    UTF-8 or JSON anywhere in it is an error naming the line, never a skippable record."""
+ARRAY_CHUNK = 1 << 20  # characters read at a time from a JSON array file
+
+
+def iter_json_array(path: Path, chunk: int = ARRAY_CHUNK) -> Iterator[Any]:
+    r"""The items of a JSON array file, parsed one at a time from `chunk`-sized reads, so a
+    multi-GB array costs one item of memory, not the file (`json.load` of a 1.1 GB array of
+    chats peaks near 9 GB of Python objects). An array has no record boundaries to recover at,
+    so bad UTF-8 or JSON anywhere in it is an error naming the line, never a skippable record.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "a.json"
+    >>> _ = f.write_text('[{"a": 1},\n {"b": [2, 3]}, 4.5 ]')
+    >>> list(iter_json_array(f, chunk=4))
+    [{'a': 1}, {'b': [2, 3]}, 4.5]
+    >>> _ = f.write_text('[{"a": 1},\n {"b": 2]')
+    >>> list(iter_json_array(f, chunk=4))
+    Traceback (most recent call last):
+    stages.core.errors.SftflowError: ...a.json:2: malformed JSON: Expecting ',' delimiter
+    """
+    decoder = json.JSONDecoder()
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        buf, pos, line, eof = "", 0, 1, False  # line: 1-based line number of buf[pos]
+
+        def fill(at_least: int) -> bool:
+            """Drop what was parsed, read until buf holds `at_least` more characters or EOF."""
+            nonlocal buf, pos, eof
+            buf, pos = buf[pos:], 0
+            while not eof and len(buf) < at_least:
+                try:
+                    more = f.read(max(chunk, at_least - len(buf)))
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(path) from e
+                eof = not more
+                buf += more
+            return bool(buf)
+
+        def skip_space() -> None:
+            nonlocal pos, line
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    line += buf[pos] == "\n"
+                    pos += 1
+                if pos < len(buf) or not fill(chunk):
+                    return
+
+        def fail(msg: str) -> SftflowError:
+            return SftflowError(f"malformed JSON: {msg}", path=path, line=line)
+
+        fill(chunk)
+        skip_space()
+        if buf[pos : pos + 1] != "[":
+            raise fail("expected '[' to open the array")
+        pos += 1
+        first = True
+        while True:
+            skip_space()
+            if pos >= len(buf):
+                raise fail("the array is not closed with ']'")
+            if buf[pos] == "]":
+                pos += 1
+                skip_space()
+                if pos < len(buf):
+                    raise fail("extra data after the array")
+                return
+            if not first:
+                if buf[pos] != ",":
+                    raise fail("Expecting ',' delimiter")
+                pos += 1
+                skip_space()
+            first = False
+            want = len(buf) - pos + chunk
+            while True:  # an item cut by the read boundary: read more (doubling) and parse again
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    # a value is complete only where a delimiter follows it: "-25" may be the
+                    # read boundary's cut of "-25.5", so a number needs the next character
+                    if eof or (end < len(buf) and buf[end] in " \t\r\n,]"):
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        line += buf.count("\n", pos, e.pos)
+                        raise fail(e.msg) from e
+                fill(want)
+                want *= 2
+            line += buf.count("\n", pos, end)
+            pos = end
+            yield item
+
+
+def _utf8_error(path: Path) -> SftflowError:
+    """Where the file's first invalid UTF-8 byte is (read again, only on this error path)."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
-        return json.loads(data.decode("utf-8"))
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line) from e
-    except json.JSONDecodeError as e:
-        raise SftflowError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from e
+        return SftflowError(f"invalid UTF-8 at byte {e.start}", path=path, line=line)
+    return SftflowError("invalid UTF-8", path=path)  # pragma: no cover - the reader saw one
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, the record's JSON text, or why the line is unreadable), streaming.
+
+    JSONL is decoded line by line, so one line of bad UTF-8 is a bad *record* (skippable),
+    not a bad file. A JSON array has no record boundaries to recover at: an error there is
+    raised. For arrays the "line" is the item's 1-based index."""
+    with path.open("rb") as f:
+        head = f.read(64).removeprefix(b"\xef\xbb\xbf")
+    if head.lstrip().startswith(b"["):
+        for i, item in enumerate(iter_json_array(path)):
+            yield i + 1, json.dumps(item, ensure_ascii=False), None
+        return
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                yield n, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield n, None, f"invalid UTF-8 at column {e.start + 1}"
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON or the SftflowError saying why that line is unreadable).
-
-    JSONL is decoded line by line, so one line of bad UTF-8 or bad JSON is a bad *record*
-    (skippable), not a bad file. A JSON array has no record boundaries to recover at: an
-    error there is raised. For arrays the "line" is the item's 1-based index."""
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    if data.lstrip().startswith(b"["):
-        yield from ((i + 1, item) for i, item in enumerate(json_array_items(path, data)))
-        return
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
+    """(line number, parsed JSON or the SftflowError saying why that line is unreadable),
+    streaming (see `json_lines`)."""
+    for line, text, error in json_lines(path):
+        if error is not None:
+            yield line, SftflowError(error, path=path, line=line)
             continue
         try:
-            yield n, json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield n, SftflowError(f"invalid UTF-8 at column {e.start + 1}", path=path, line=n)
+            yield line, json.loads(text)
         except json.JSONDecodeError as e:
-            yield n, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=n)
+            yield line, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=line)
 
 
 def parse_record(

@@ -3,8 +3,8 @@ Arrow-backed `datasets.Dataset` on disk, so no source is ever held in memory as 
 
 - `.jsonl` / `.json`: each line's raw text (or the reason it is unreadable) is written, in
   batches, to an Arrow file of (line, json, error) rows; parsing and validation run later, in
-  the batched `map` workers. A JSON *array* has no line boundaries to stream at, so it is
-  parsed whole (keep big data sets as JSONL or a table).
+  the batched `map` workers. A JSON *array* is read one item at a time
+  (`records.iter_json_array`), so a big array file is not held in memory either.
 - `.parquet`, `.csv`: read by the `datasets` packaged builders into Arrow (memory-mapped).
 - a folder written by `save_to_disk` (a Dataset, or a DatasetDict: `split` picks one).
 - a hub id (`hub: org/name` or `path: hf://org/name`): `datasets.load_dataset` with `name`,
@@ -14,16 +14,14 @@ Arrow-backed `datasets.Dataset` on disk, so no source is ever held in memory as 
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.errors import SftflowError
 from stages.core.params import SourceParams
-from stages.prepare.records import json_array_items
+from stages.prepare.records import json_lines
 
 RAW_BATCH = 10_000  # lines per Arrow write while reading a JSONL file
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -56,31 +54,6 @@ def open_source(src: SourceParams, work: Path, where: str) -> RawSource:
         data = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work / "tables"))
         return RawSource(src.label, data, "table")
     return RawSource(src.label, _json_to_arrow(path, work), "json")
-
-
-def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, the record's JSON text, or why the line is unreadable), streaming.
-
-    JSONL is decoded line by line, so one line of bad UTF-8 is a bad *record* (skippable),
-    not a bad file. A JSON array has no record boundaries to recover at: an error there is
-    raised. For arrays the "line" is the item's 1-based index."""
-    with path.open("rb") as f:
-        head = f.read(64).removeprefix(b"\xef\xbb\xbf")
-    if head.lstrip().startswith(b"["):
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-        for i, item in enumerate(json_array_items(path, data)):
-            yield i + 1, json.dumps(item, ensure_ascii=False), None
-        return
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if not raw.strip():
-                continue
-            try:
-                yield n, raw.decode("utf-8"), None
-            except UnicodeDecodeError as e:
-                yield n, None, f"invalid UTF-8 at column {e.start + 1}"
 
 
 def _json_to_arrow(path: Path, work: Path) -> Any:

@@ -25,7 +25,7 @@ for the kept values; gradients equal the plain path's up to summation order):
   the gradient of each chunk computed in the forward pass (the loss is the last op, so its
   gradient is known up to a scalar): no logits tensor of all trained rows, no recompute.
 
-`plain` is transformers + peft as they are. `auto` is `fused`: on that batch autograd keeps
+`plain` is transformers + peft as they are. `auto` is `fused` (see `resolve`): on that batch autograd keeps
 2.5 GiB instead of 5.0 (peak RSS 8.5 -> 5.7 GiB), at the same speed within a shared machine's
 noise (docs/benchmarks.md). Every piece is plain torch, so it runs on CUDA
 too, where flash-attention already avoids the repeated k/v; only CPU runs were measured.
@@ -37,19 +37,42 @@ import types
 from typing import Any
 
 from stages.core.chats import IGNORE_INDEX
+from stages.core.errors import SftflowError
+from stages.core.params import TrainParams
 
 CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
 
 
-def resolve(kernels: str) -> str:
-    """`auto` -> the default: plain for now. fused gives the same losses and half the kept
-    activations, but a full test run showed it failing ZeRO-3 (partitioned head weight) and
-    it is not yet checked under every method; opt in with `train.kernels: fused`.
+def resolve(params: TrainParams) -> str:
+    """What `train.kernels` means for this run: `plain` or `fused`.
 
-    >>> resolve("auto"), resolve("fused")
-    ('plain', 'fused')
+    `auto` is `fused` except where fused has nothing to do or cannot run: with gradient
+    checkpointing (whole layers are recomputed, so there is nothing left for it to save), and
+    under DeepSpeed ZeRO-3, which partitions every weight and gathers it only inside its own
+    module's forward, while the fused LoRA branch and the chunked loss read the adapter and
+    head weights directly (a 2-process ZeRO-3 run failed on the partitioned head weight).
+    An explicit `fused` with ZeRO-3 is refused.
+
+    >>> from stages.core.params import DistributedParams
+    >>> resolve(TrainParams()), resolve(TrainParams(kernels="plain"))
+    ('fused', 'plain')
+    >>> resolve(TrainParams(distributed=DistributedParams(deepspeed="zero3")))
+    'plain'
     """
-    return "plain" if kernels == "auto" else kernels
+    if params.kernels == "plain" or params.gradient_checkpointing:
+        return "plain"
+    if params.distributed.deepspeed != "none":
+        from stages.train.distributed import deepspeed_config, zero_stage
+
+        if zero_stage(deepspeed_config(params.distributed)) == 3:
+            if params.kernels == "fused":
+                raise SftflowError(
+                    f"train.kernels: fused cannot run under ZeRO-3 ({params.distributed.deepspeed}): it reads "
+                    "adapter and head weights outside their modules, where ZeRO-3 keeps them partitioned; "
+                    "use auto or plain"
+                )
+            return "plain"
+    return "fused"
 
 
 class _LoraBranch:

@@ -60,12 +60,12 @@ def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.
         model.config.use_cache = False
     if params.method == "full":
         _freeze(model, params.full.frozen_modules, params_file)
-        if kernels.resolve(params.kernels) == "fused" and not params.gradient_checkpointing:
+        if kernels.resolve(params) == "fused":
             kernels.apply(model)
         return model
     model = _add_adapters(model, params, params_file)
-    if kernels.resolve(params.kernels) == "fused" and not params.gradient_checkpointing:
-        kernels.apply(model)  # with whole-layer recomputation there is nothing left for them to save
+    if kernels.resolve(params) == "fused":
+        kernels.apply(model)
     if params.gradient_checkpointing:
         model.enable_input_require_grads()
     for p in model.parameters():  # adapters may inherit the base's bf16; they train in fp32

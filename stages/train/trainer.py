@@ -151,7 +151,7 @@ def train(
     trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
     if trained_only:
         collator = KeepTrainedLogits(collator)
-    head = kernels.head_of(model) if trained_only and kernels.resolve(params.kernels) == "fused" else None
+    head = kernels.head_of(model) if trained_only and kernels.resolve(params) == "fused" else None
     loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
     columns = ["input_ids", "labels", *(["images"] if vision else [])]
     trainer = Trainer(
