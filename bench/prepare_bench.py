@@ -146,6 +146,15 @@ def main() -> None:
         two = [r for r in results if r["chats"] == n and r["num_proc"] == 2]
         if one and two:
             print(f"num_proc 2 vs 1 at {n:,} chats: {two[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x")
+    small, large = min(args.sizes), max(args.sizes)
+    for num_proc in args.num_procs:
+        lo = [r for r in results if r["chats"] == small and r["num_proc"] == num_proc]
+        hi = [r for r in results if r["chats"] == large and r["num_proc"] == num_proc]
+        if lo and hi and large > small:
+            print(f"num_proc {num_proc}, {large:,} vs {small:,} chats: peak RSS (main) "
+                  f"{hi[0]['rss_main_mb'] / lo[0]['rss_main_mb']:.2f}x, tokens/s per core "
+                  f"{hi[0]['tokens_per_s_per_core'] / lo[0]['tokens_per_s_per_core']:.2f}x, tokens per CPU-s "
+                  f"{hi[0]['tokens_per_cpu_s'] / lo[0]['tokens_per_cpu_s']:.2f}x")
     if args.dvc_dir is not None:
         times = []
         for _ in range(3):

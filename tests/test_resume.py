@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import bin_path, copy_project, read_json
 
 
+@pytest.mark.slow  # ~2 min: a whole tiny pipeline killed and re-run (in-process resume: test_methods)
 def test_killed_train_resumes_and_continues_the_curve(tiny_project: Path, tmp_path: Path) -> None:
     uninterrupted = read_json(tiny_project.parent / "first_train.json")["losses"]
     pipeline = copy_project(tmp_path) / "pipelines" / "tiny"

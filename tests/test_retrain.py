@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, assert_ran_every_stage, bin_path, copy_project, read_json, run
@@ -149,6 +150,7 @@ def report_step(pipeline: Path, tmp: Path, outcome: str) -> str:
     return (tmp / "posted.md").read_text()
 
 
+@pytest.mark.slow  # ~4.5 min: the tiny pipeline three times, with git and DVC in between
 def test_retrain_loop_accepts_on_pass_and_keeps_the_model_on_fail(tmp_path: Path) -> None:
     root = copy_project(tmp_path / "project")
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # offline plots template
