@@ -59,10 +59,12 @@ def run_one(raw: Path, model: Path, num_proc: int, out: Path) -> dict:
     from stages.prepare.shards import prepare
 
     params = DataParams(sources=(SourceParams(path=str(raw)),), max_length=4096, num_proc=num_proc)
+    anon = _AnonPeak()
     t0 = time.perf_counter()
     cpu0 = _cpu_seconds()
     report = prepare(params, model, out)
     seconds = time.perf_counter() - t0
+    anon.stop()
     return {
         "seconds": seconds,
         # CPU time of this process and its map workers: tokens per CPU-second is the per-core
@@ -72,7 +74,35 @@ def run_one(raw: Path, model: Path, num_proc: int, out: Path) -> dict:
         "kept": report["total"]["kept"],
         "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        # peak RSS counts the Arrow files' pages mapped into the process (page cache the kernel
+        # takes back under pressure); anonymous memory is what the process really holds
+        "anon_main_mb": anon.peak_kb / 1024,
     }
+
+
+class _AnonPeak:
+    """Samples this process's RssAnon (Linux /proc/self/status) every 50 ms; keeps the peak."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            try:
+                status = Path("/proc/self/status").read_text()
+            except OSError:  # not Linux: no figure
+                return
+            for line in status.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _cpu_seconds() -> float:
