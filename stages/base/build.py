@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
-from stages.core.io import write_json
+from stages.core.io import sha256_of_files, write_json
 from stages.core.loading import POINTER_FILE, TOKENIZER_FILE, tokenizer_fingerprint, torch_dtype
 from stages.core.params import ModelParams, to_dict
 
@@ -125,7 +125,15 @@ def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
         else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     )
     tok.save_pretrained(out)
-    return {"weights": "local", "source": "gguf", "gguf": str(gguf), "parameters": model.num_parameters()}
+    # The file's name and content hash, not its absolute path: the path differs per clone and
+    # venv, which gave models/base a new hash in every fresh clone and re-ran everything after it.
+    return {
+        "weights": "local",
+        "source": "gguf",
+        "gguf": gguf.name,
+        "gguf_sha256": sha256_of_files([gguf]),
+        "parameters": model.num_parameters(),
+    }
 
 
 def _resave_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:

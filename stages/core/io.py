@@ -7,6 +7,7 @@ it over the target at the end, so a crash leaves the old output or none.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -77,3 +78,14 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def sha256_of_files(paths: Iterable[Path]) -> str:
+    """One sha256 over the files' bytes in order, read 1 MB at a time (files of several GB
+    cost no memory)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -30,7 +30,7 @@ import numpy as np
 
 from stages.core.chats import validate_tools
 from stages.core.errors import SftflowError
-from stages.core.io import atomic_file, write_json
+from stages.core.io import atomic_file, sha256_of_files, write_json
 from stages.core.loading import load_tokenizer, tokenizer_fingerprint
 from stages.core.params import DataParams, SourceParams, to_dict
 from stages.prepare.report import SourceReport, build_report
@@ -319,15 +319,8 @@ def pin_dataset_fingerprint(folder: Path) -> str:
     The files are hashed in 1 MB reads: reading each 500 MB shard whole was prepare's largest
     allocation (+130 MB of anonymous memory at 100k chats, growing with the data).
     """
-    import hashlib
-
     folder = Path(folder)
-    digest = hashlib.sha256()
-    for arrow in sorted(folder.glob("*.arrow")):
-        with arrow.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    fingerprint = digest.hexdigest()[:16]
+    fingerprint = sha256_of_files(sorted(folder.glob("*.arrow")))[:16]
     state_path = folder / "state.json"
     state = json.loads(state_path.read_text())
     state["_fingerprint"] = fingerprint

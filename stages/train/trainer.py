@@ -187,6 +187,7 @@ def train(
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
     save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (it can save 0-size adapters)
+    sort_adapter_targets(out)
     tok.save_pretrained(out)
     if vision:  # the processor travels with the weights (merge and eval load it from there)
         collator_processor(collator).save_pretrained(out)
@@ -229,6 +230,21 @@ def train(
         "distributed": {**distributed.describe(trainer, params.distributed), "zero3_save_check": save_check},
         "memory_estimate": memory,
     }
+
+
+def sort_adapter_targets(out: Path) -> None:
+    """Sort `target_modules` in a saved adapter_config.json. peft writes it from a Python set,
+    whose order follows the process's string-hash seed: two identical trainings (measured: this
+    pipeline in two clones) wrote the same weights but differently ordered lists, so DVC saw a
+    new models/adapter."""
+    path = out / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def training_arguments(
