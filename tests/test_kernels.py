@@ -112,8 +112,8 @@ def test_chunked_loss_equals_the_plain_one_across_chunks(monkeypatch: pytest.Mon
 
 def test_zero3_runs_plain_and_refuses_an_explicit_fused(tmp_path: Path) -> None:
     """ZeRO-3 gathers a weight only inside its own module's forward; fused reads adapter and
-    head weights directly, so auto falls back to plain there, for a shipped preset or a user's
-    own JSON, and an explicit fused is an error naming the key."""
+    head weights directly, so under ZeRO-3 (a shipped preset or a user's own JSON) auto runs
+    plain and an explicit fused is an error naming the key."""
     import json
 
     from stages.core.errors import SftflowError
@@ -126,5 +126,6 @@ def test_zero3_runs_plain_and_refuses_an_explicit_fused(tmp_path: Path) -> None:
         assert kernels.resolve(TrainParams(distributed=zero3)) == "plain"
         with pytest.raises(SftflowError, match=r"^train\.kernels: fused cannot run under ZeRO-3"):
             kernels.resolve(TrainParams(kernels="fused", distributed=zero3))
-    assert kernels.resolve(TrainParams(distributed=DistributedParams(deepspeed="zero2"))) == "fused"
-    assert kernels.resolve(TrainParams(gradient_checkpointing=True)) == "plain"
+    zero2 = DistributedParams(deepspeed="zero2")
+    assert kernels.resolve(TrainParams(kernels="fused", distributed=zero2)) == "fused"
+    assert kernels.resolve(TrainParams(kernels="fused", gradient_checkpointing=True)) == "plain"

@@ -221,8 +221,9 @@ class TrainParams:
     # (stages/train/kernels.py); same losses as plain (fp32: within 1e-5 per step), measured on
     # SmolLM2-135M: activations 5.0 -> 2.5 GiB on a 2114-token batch, same speed within noise.
     # plain: transformers + peft as they are.
-    # auto: fused, except with gradient checkpointing (nothing left to save) and under ZeRO-3
-    # (it partitions the weights fused reads directly: plain there; an explicit fused is refused)
+    # auto: plain; fused measured 0.85x plain's speed at 0.75x its peak RSS on an idle AVX2 CPU
+    # (bench/train_bench.py --issue-table). fused is refused under ZeRO-3 (it partitions the
+    # weights fused reads directly) and does nothing with gradient checkpointing.
     kernels: Literal["auto", "plain", "fused"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)

@@ -25,10 +25,11 @@ for the kept values; gradients equal the plain path's up to summation order):
   the gradient of each chunk computed in the forward pass (the loss is the last op, so its
   gradient is known up to a scalar): no logits tensor of all trained rows, no recompute.
 
-`plain` is transformers + peft as they are. `auto` is `fused` (see `resolve`): on that batch autograd keeps
-2.5 GiB instead of 5.0 (peak RSS 8.5 -> 5.7 GiB), at the same speed within a shared machine's
-noise (docs/benchmarks.md). Every piece is plain torch, so it runs on CUDA
-too, where flash-attention already avoids the repeated k/v; only CPU runs were measured.
+`plain` is transformers + peft as they are, and what `auto` means (see `resolve`). On that
+batch fused keeps 2.5 GiB instead of 5.0 (peak RSS 8.5 -> 5.7 GiB); on an idle AVX2 CPU it ran
+0.85x plain's speed (docs/benchmarks.md), so it is the choice when memory limits. Every piece
+is plain torch, so it runs on CUDA too, where flash-attention already avoids the repeated k/v;
+only CPU runs were measured.
 """
 
 from __future__ import annotations
@@ -46,32 +47,32 @@ CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
 def resolve(params: TrainParams) -> str:
     """What `train.kernels` means for this run: `plain` or `fused`.
 
-    `auto` is `fused` except where fused has nothing to do or cannot run: with gradient
-    checkpointing (whole layers are recomputed, so there is nothing left for it to save), and
-    under DeepSpeed ZeRO-3, which partitions every weight and gathers it only inside its own
-    module's forward, while the fused LoRA branch and the chunked loss read the adapter and
-    head weights directly (a 2-process ZeRO-3 run failed on the partitioned head weight).
-    An explicit `fused` with ZeRO-3 is refused.
+    `auto` is `plain`: measured with the issue-table settings on an idle 2-vCPU AVX2 EPYC
+    (bench/train_bench.py --issue-table, 6 steps, 2 threads), fused ran 108 tokens/s vs plain's
+    126 (its recomputation costs more than the saved bytes gain there) at 3.24 vs 4.35 GB peak
+    RSS; choose `fused` when memory is what limits you. Fused never runs with gradient
+    checkpointing (whole layers are recomputed, nothing left for it to save), and is refused
+    under DeepSpeed ZeRO-3, which gathers a weight only inside its own module's forward while
+    the fused LoRA branch and the chunked loss read adapter and head weights directly (a
+    2-process ZeRO-3 run failed on the partitioned head weight).
 
     >>> from stages.core.params import DistributedParams
-    >>> resolve(TrainParams()), resolve(TrainParams(kernels="plain"))
-    ('fused', 'plain')
-    >>> resolve(TrainParams(distributed=DistributedParams(deepspeed="zero3")))
+    >>> resolve(TrainParams()), resolve(TrainParams(kernels="fused"))
+    ('plain', 'fused')
+    >>> resolve(TrainParams(kernels="fused", gradient_checkpointing=True))
     'plain'
     """
-    if params.kernels == "plain" or params.gradient_checkpointing:
+    if params.kernels != "fused" or params.gradient_checkpointing:
         return "plain"
     if params.distributed.deepspeed != "none":
         from stages.train.distributed import deepspeed_config, zero_stage
 
         if zero_stage(deepspeed_config(params.distributed)) == 3:
-            if params.kernels == "fused":
-                raise SftflowError(
-                    f"train.kernels: fused cannot run under ZeRO-3 ({params.distributed.deepspeed}): it reads "
-                    "adapter and head weights outside their modules, where ZeRO-3 keeps them partitioned; "
-                    "use auto or plain"
-                )
-            return "plain"
+            raise SftflowError(
+                f"train.kernels: fused cannot run under ZeRO-3 ({params.distributed.deepspeed}): it reads "
+                "adapter and head weights outside their modules, where ZeRO-3 keeps them partitioned; "
+                "use auto or plain"
+            )
     return "fused"
 
 
