@@ -8,9 +8,9 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     seed_pad_max      pad every sample to max_length (the seed scripts' finetune.py)
     hf_dynamic        HF Trainer: dynamic padding + length grouping, full logits
     hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
-    sftflow           per-sample SDPA on flattened rows, logits only at trained positions
+    sftflow           per-sample SDPA on flattened rows, logits only at trained positions, kernels fused
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
-    *_plain           the same with train.kernels=plain (transformers + peft forwards as they are)
+    *_plain           the same with train.kernels=plain (transformers + peft as they are: the default)
     *_gc              the same with gradient checkpointing (activations recomputed: less memory)
     qlora, qlora_bf16 sftflow on an NF4 base (compute dtype fp32 / bf16)
     full, full_bf16   sftflow training every weight (AdamW over 135M params)
@@ -144,6 +144,7 @@ def run_mode(
         "threads": threads,
         "report_to": (),
         "packing": "padding_free",
+        "kernels": "fused",  # sftflow modes: fused; *_plain: the default (auto = plain)
         **(schedule or {}),
     }
     if mode.endswith("_plain"):
