@@ -175,15 +175,19 @@ def _utf8_error(path: Path) -> SftflowError:
     return SftflowError("invalid UTF-8", path=path)  # pragma: no cover - the reader saw one
 
 
+def is_json_array(path: Path) -> bool:
+    """Whether the file holds one JSON array (else JSONL): its first non-blank byte is `[`."""
+    with path.open("rb") as f:
+        return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
 def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, the record's JSON text, or why the line is unreadable), streaming.
 
     JSONL is decoded line by line, so one line of bad UTF-8 is a bad *record* (skippable),
     not a bad file. A JSON array has no record boundaries to recover at: an error there is
     raised. For arrays the "line" is the item's 1-based index."""
-    with path.open("rb") as f:
-        head = f.read(64).removeprefix(b"\xef\xbb\xbf")
-    if head.lstrip().startswith(b"["):
+    if is_json_array(path):
         for i, item in enumerate(iter_json_array(path)):
             yield i + 1, json.dumps(item, ensure_ascii=False), None
         return
@@ -201,7 +205,10 @@ def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON or the SftflowError saying why that line is unreadable),
-    streaming (see `json_lines`)."""
+    streaming (see `json_lines`). Array items are yielded as parsed, not dumped and re-read."""
+    if is_json_array(path):
+        yield from ((i + 1, item) for i, item in enumerate(iter_json_array(path)))
+        return
     for line, text, error in json_lines(path):
         if error is not None:
             yield line, SftflowError(error, path=path, line=line)
