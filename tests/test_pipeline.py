@@ -121,6 +121,12 @@ def test_train_refuses_shards_from_another_tokenizer(tiny_project: Path, tmp_pat
 
 def test_params_change_reruns_only_the_stages_that_read_it(tiny_project: Path) -> None:
     assert repro(tiny_project) == []  # nothing changed: nothing runs
+    # checkpoints are train's to judge (it clears another run's), not an output DVC hashes:
+    # another run's checkpoints (after a `dvc exp run`, say) must not make train stale
+    checkpoints = tiny_project / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "another-run.txt").write_text("left by another experiment")
+    assert repro(tiny_project) == []
     params = tiny_project / "params.yaml"
     params.write_text(params.read_text().replace("learning_rate: 5.0e-3", "learning_rate: 2.0e-3"))
     assert repro(tiny_project) == ["train", "merge", "eval"]

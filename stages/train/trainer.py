@@ -2,7 +2,7 @@
 
 One code path: load base, wrap with peft for LoRA, pick the collator (length-grouped dynamic
 padding, or padding-free packing), hand it all to `transformers.Trainer`. Checkpoints go to
-`models/checkpoints/` (a DVC `persist` output): a killed run resumes from the last
+`models/checkpoints/` (outside DVC's outputs, git-ignored): a killed run resumes from the last
 checkpoint of the *same* run on the next `dvc repro`, and says so. Every step's loss, learning
 rate, grad norm and tokens/s go to plots/train_loss.csv; reports/train.json sums the run up.
 """
