@@ -35,8 +35,12 @@ def test_fused_kernels_give_the_plain_losses_step_by_step(
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
     plain, fused = reports["plain"], reports["fused"]
-    assert plain["kernels"] == {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "chunked_loss": False}
+    assert plain["kernels"] == {
+        "lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "chunked_loss": False
+    }
     assert fused["kernels"]["swiglu_mlp"] == 2 and fused["kernels"]["gqa_attention"] == 2
+    # LoRA: 2 norms per layer + the final one are frozen; full SFT trains them (none swapped)
+    assert fused["kernels"]["frozen_norm"] == (5 if method == "lora" else 0)
     assert fused["kernels"]["chunked_loss"] is True
     assert fused["kernels"]["lora_linear"] == (14 if method == "lora" else 0)
     assert len(plain["losses"]) == 4 and plain["losses"][0] != plain["losses"][-1]  # it trained

@@ -19,6 +19,10 @@ for the kept values; gradients equal the plain path's up to summation order):
 - `swiglu`: `act(gate) * up` recomputed in backward from gate and up (torch's checkpoint on
   just that element-wise op), and the down projection's LoRA branch recomputes it too instead
   of keeping its input: only the rank-r products are recomputed, no base matmul.
+- frozen norms (the RMSNorm before attention and before the MLP): their output carries their
+  input, so the LoRA branches of q/k/v and gate/up keep that input, which the norm's own
+  autograd keeps anyway, and recompute the norm (element-wise) in backward: one hidden-size
+  vector per token and norm less (two per decoder layer).
 - grouped-query attention (`sdpa_varlen`): SDPA broadcasts the k/v heads itself
   (`enable_gqa`) instead of receiving copies repeated to every query head.
 - `ChunkedTrainedLoss`: the LM head and cross-entropy over trained positions in chunks of rows,
@@ -42,6 +46,7 @@ from stages.core.errors import SftflowError
 from stages.core.params import TrainParams
 
 CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
+NORM_INPUT = "_sftflow_norm_input"  # on a frozen norm's output: (its forward, its input)
 
 
 def resolve(params: TrainParams) -> str:
@@ -93,14 +98,16 @@ def _lora_branch_fn() -> Any:
         return torch.nn.functional.linear(torch.nn.functional.linear(dropped, a), b) * scaling
 
     class LoraBranch(torch.autograd.Function):
-        """inputs: (prefix, p, scaling, a, b, *xs); the branch's input is prefix(*xs) (or xs[0])."""
+        """inputs: (prefix, p, scaling, given, a, b, *xs); the branch's input is prefix(*xs) (or
+        xs[0]). `given` is a list holding that input when the caller already computed it (then
+        the forward does not compute it again), else empty; it is not an autograd input."""
 
         @staticmethod
-        def forward(ctx: Any, prefix: Any, p: float, scaling: float, a: Any, b: Any, *xs: Any) -> Any:
+        def forward(ctx: Any, prefix: Any, p: float, scaling: float, given: list, a: Any, b: Any, *xs: Any) -> Any:
             device = xs[0].device.type
             ctx.amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             ctx.prefix, ctx.p, ctx.scaling = prefix, p, scaling
-            x = prefix(*xs) if prefix is not None else xs[0]
+            x = given.pop() if given else prefix(*xs) if prefix is not None else xs[0]
             # exactly torch.nn.functional.dropout's CPU path: the same bernoulli_ draws, and a
             # 0/1 mask divided by 1-p gives the same noise values
             mask = torch.empty_like(x).bernoulli_(1 - p).bool() if p > 0 else None
@@ -110,7 +117,7 @@ def _lora_branch_fn() -> Any:
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
             mask, a, b, *xs = ctx.saved_tensors
-            wanted = ctx.needs_input_grad[3:]
+            wanted = ctx.needs_input_grad[4:]
             inputs = [t.detach().requires_grad_(w) for t, w in zip((a, b, *xs), wanted)]
             with torch.enable_grad(), torch.autocast(xs[0].device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
                 ai, bi, *xi = inputs
@@ -118,23 +125,28 @@ def _lora_branch_fn() -> Any:
                 out = branch(x, mask, ai, bi, ctx.p, ctx.scaling)
             need = [t for t, w in zip(inputs, wanted) if w]
             grads = iter(torch.autograd.grad(out, need, grad) if need else ())
-            return (None, None, None, *(next(grads) if w else None for w in wanted))
+            return (None, None, None, None, *(next(grads) if w else None for w in wanted))
 
     _LoraBranch.fn = LoraBranch
     return LoraBranch
 
 
-def lora_branch(x: Any, a: Any, b: Any, p: float, scaling: float, prefix: Any = None, *more: Any) -> Any:
+def lora_branch(
+    x: Any, a: Any, b: Any, p: float, scaling: float, prefix: Any = None, *more: Any, given: Any = None
+) -> Any:
     """`B(A(dropout(x))) * scaling`, keeping x and a bool mask instead of two fp32 copies.
     With `prefix`, the branch's input is `prefix(x, *more)`, recomputed in backward rather
-    than kept (the MLP's down projection reads act(gate) * up this way).
+    than kept (the MLP's down projection reads act(gate) * up this way, the projections after
+    a frozen norm read norm(x)); `given` is that input when the caller already has it.
 
     >>> import torch
     >>> x, a, b = torch.randn(5, 6, requires_grad=True), torch.randn(2, 6), torch.randn(3, 2)
     >>> torch.allclose(lora_branch(x, a, b, 0.0, 2.0), (x @ a.T @ b.T) * 2)
     True
+    >>> torch.allclose(lora_branch(x, a, b, 0.0, 2.0, torch.tanh), (x.tanh() @ a.T @ b.T) * 2)
+    True
     """
-    return _lora_branch_fn().apply(prefix, p, scaling, a, b, x, *more)
+    return _lora_branch_fn().apply(prefix, p, scaling, [] if given is None else [given], a, b, x, *more)
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -145,8 +157,36 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     name = self.active_adapters[0]
     result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    branch = lora_branch(self._cast_input_dtype(x, a.dtype), a, b, _dropout_p(self, name), self.scaling[name])
+    p, scaling = _dropout_p(self, name), self.scaling[name]
+    source = getattr(x, NORM_INPUT, None)
+    if source is not None and x.dtype == a.dtype:  # x = frozen_norm(y): keep y (the norm keeps it too)
+        norm, y = source
+        branch = lora_branch(y, a, b, p, scaling, norm, given=x)
+    else:
+        branch = lora_branch(self._cast_input_dtype(x, a.dtype), a, b, p, scaling)
     return (result + branch).to(result.dtype)
+
+
+def _fused_norm_forward(self: Any, x: Any) -> Any:
+    """A frozen norm's own forward; its output carries (the forward, x) so the LoRA branches
+    reading it keep x, which the norm's autograd keeps anyway, instead of a second tensor of
+    the same size: one hidden-size vector per token and norm (two per decoder layer)."""
+    out = type(self).forward(self, x)
+    if out.requires_grad:
+        setattr(out, NORM_INPUT, (types.MethodType(type(self).forward, self), x))
+    return out
+
+
+def _is_frozen_norm(module: Any) -> bool:
+    import torch
+
+    name = type(module).__name__
+    params = list(module.parameters(recurse=False))
+    return (
+        (name.endswith("RMSNorm") or isinstance(module, torch.nn.LayerNorm))
+        and not any(p.requires_grad for p in params)
+        and not list(module.children())
+    )
 
 
 def _lora_ready(layer: Any) -> bool:
@@ -195,7 +235,8 @@ def _fused_mlp_forward(self: Any, x: Any) -> Any:
     p = _dropout_p(down, name)
     gate_a, up_a = down._cast_input_dtype(gate, a.dtype), down._cast_input_dtype(up, a.dtype)
     act = self.act_fn
-    branch = lora_branch(gate_a, a, b, p, down.scaling[name], lambda g, u: act(g) * u, up_a)
+    given = hidden if hidden.dtype == a.dtype else None  # else act(gate) * up in a's dtype, computed here
+    branch = lora_branch(gate_a, a, b, p, down.scaling[name], lambda g, u: act(g) * u, up_a, given=given)
     return (result + branch).to(result.dtype)
 
 
@@ -230,7 +271,7 @@ def apply(model: Any) -> dict[str, int]:
     returns how many modules of each kind were swapped."""
     from stages.train.attention import GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
     for module in model.modules():
         if getattr(module, "num_key_value_groups", 1) > 1:
             setattr(module, GQA_FLAG, True)
@@ -241,6 +282,9 @@ def apply(model: Any) -> dict[str, int]:
         elif _is_swiglu_mlp(module):
             module.forward = types.MethodType(_fused_mlp_forward, module)
             counts["swiglu_mlp"] += 1
+        elif _is_frozen_norm(module):
+            module.forward = types.MethodType(_fused_norm_forward, module)
+            counts["frozen_norm"] += 1
     return counts
 
 
@@ -248,7 +292,7 @@ def applied(model: Any) -> dict[str, int]:
     """How many modules of `model` run a fused forward (for the run's report)."""
     from stages.train.attention import GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
     for module in model.modules():
         counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
@@ -256,6 +300,8 @@ def applied(model: Any) -> dict[str, int]:
             counts["lora_linear"] += 1
         elif forward is _fused_mlp_forward:
             counts["swiglu_mlp"] += 1
+        elif forward is _fused_norm_forward:
+            counts["frozen_norm"] += 1
     return counts
 
 
