@@ -52,10 +52,10 @@ NORM_INPUT = "_sftflow_norm_input"  # on a frozen norm's output: (its forward, i
 def resolve(params: TrainParams) -> str:
     """What `train.kernels` means for this run: `plain` or `fused`.
 
-    `auto` is `plain`: measured with the issue-table settings on an idle 2-vCPU AVX2 EPYC
-    (bench/train_bench.py --issue-table, 6 steps, 2 threads), fused ran 108 tokens/s vs plain's
-    126 (its recomputation costs more than the saved bytes gain there) at 3.24 vs 4.35 GB peak
-    RSS; choose `fused` when memory is what limits you. Fused never runs with gradient
+    `auto` is `plain`: measured with the issue-table settings on a 2-vCPU AVX2 EPYC
+    (bench/train_bench.py --issue-table, 20 steps, 2 rounds, 2 threads), fused ran 79-88
+    tokens/s vs plain's 93-99 (its recomputation costs more than the saved bytes gain there) at
+    4.0 vs 6.0-6.1 GB peak RSS; choose `fused` when memory is what limits you. Fused never runs with gradient
     checkpointing (whole layers are recomputed, nothing left for it to save), and is refused
     under DeepSpeed ZeRO-3, which gathers a weight only inside its own module's forward while
     the fused LoRA branch and the chunked loss read adapter and head weights directly (a
