@@ -48,9 +48,12 @@ def test_fused_kernels_give_the_plain_losses_step_by_step(
         assert abs(a - b) < 1e-5, (step, plain["losses"], fused["losses"])
 
 
-def test_fused_kernels_keep_fewer_bytes_for_backward(tiny_base: Path, prepared: Path) -> None:
+def test_fused_kernels_keep_fewer_bytes_for_backward(
+    tiny_base: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Bytes autograd saves in one forward (distinct storages, weights excluded), and the
-    loss and gradients of that step, plain vs fused on the same packed batch."""
+    loss and gradients of that step, plain vs fused on the same packed batch; and what sharing
+    the frozen norms' inputs saves: exactly one norm output per norm feeding LoRA layers."""
     from datasets import load_from_disk
 
     from stages.core.loading import load_tokenizer
@@ -60,7 +63,10 @@ def test_fused_kernels_keep_fewer_bytes_for_backward(tiny_base: Path, prepared: 
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared / "train"))]
     saved, losses, grads = {}, {}, {}
-    for kern in ("plain", "fused"):
+    for variant in ("plain", "fused", "fused_without_norm_sharing"):
+        kern = "plain" if variant == "plain" else "fused"
+        if variant == "fused_without_norm_sharing":
+            monkeypatch.setattr(kernels, "_is_frozen_norm", lambda module: False)
         torch.manual_seed(0)
         model = build_model(TrainParams(lora=LoraParams(dropout=0.05), kernels=kern), tiny_base).train()
         batch = KeepTrainedLogits(build_collator(load_tokenizer(tiny_base), "padding_free", "sdpa_varlen"))(rows[:4])
@@ -82,9 +88,16 @@ def test_fused_kernels_keep_fewer_bytes_for_backward(tiny_base: Path, prepared: 
             else:
                 loss = loss_fn(model(**batch), labels)
         loss.backward()
-        saved[kern], losses[kern] = sum(storages.values()), loss.item()
-        grads[kern] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        saved[variant], losses[variant] = sum(storages.values()), loss.item()
+        grads[variant] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert saved["fused"] < 0.6 * saved["plain"], saved
+    config = model.config
+    one_norm_output = batch["input_ids"].numel() * config.hidden_size * 4  # fp32
+    # every norm feeding LoRA layers but the first: it reads the frozen embeddings' output,
+    # which needs no gradient, so that norm keeps nothing the branches could share
+    shared_norms = 2 * config.num_hidden_layers - 1
+    assert saved["fused_without_norm_sharing"] - saved["fused"] == shared_norms * one_norm_output
+    assert losses["fused_without_norm_sharing"] == losses["fused"]
     assert losses["fused"] == pytest.approx(losses["plain"], abs=1e-6)
     for name, g in grads["plain"].items():
         torch.testing.assert_close(grads["fused"][name], g, rtol=1e-4, atol=1e-6)
