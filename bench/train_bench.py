@@ -11,6 +11,8 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     sftflow           per-sample SDPA on flattened rows, logits only at trained positions, kernels fused
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
     *_plain           the same with train.kernels=plain (transformers + peft as they are: the default)
+    *_sysalloc        the same with train.allocator=system (glibc's heap; sftflow modes otherwise use
+                      auto = the caching allocator where a C++ compiler is found; baselines: system)
     *_gc              the same with gradient checkpointing (activations recomputed: less memory)
     qlora, qlora_bf16 sftflow on an NF4 base (compute dtype fp32 / bf16)
     full, full_bf16   sftflow training every weight (AdamW over 135M params)
@@ -24,7 +26,8 @@ measured in this same run on this machine.
     python bench/train_bench.py --issue-table [--repeats 2]   # the README table's settings
 
 `--issue-table`: 400 chats (median ~152 / p90 ~419 tokens), 20 steps, lr 1e-4 linear, the
-modes hf_dynamic, hf_padding_free, sftflow_plain, sftflow, sftflow_bf16_plain, sftflow_bf16.
+modes hf_dynamic, hf_padding_free, sftflow_plain_sysalloc, sftflow_sysalloc, sftflow_plain,
+sftflow, sftflow_bf16_plain, sftflow_bf16.
 bf16 modes are skipped (and said so) when this CPU's bf16 matmul ceiling, measured first, is
 below its fp32 one: without avx512_bf16/AMX torch emulates bf16 and a 20-step run takes hours.
 """
@@ -60,7 +63,16 @@ MODES = (  # qlora_bf16 runs too (--modes), but bitsandbytes' bf16 path on CPU i
     "full_bf16",
 )
 BASELINES = ("seed_pad_max", "hf_dynamic", "hf_padding_free")
-ISSUE_MODES = ("hf_dynamic", "hf_padding_free", "sftflow_plain", "sftflow", "sftflow_bf16_plain", "sftflow_bf16")
+ISSUE_MODES = (
+    "hf_dynamic",
+    "hf_padding_free",
+    "sftflow_plain_sysalloc",
+    "sftflow_sysalloc",
+    "sftflow_plain",
+    "sftflow",
+    "sftflow_bf16_plain",
+    "sftflow_bf16",
+)
 MAX_LENGTH = 1024
 WORDS = (
     "model data train token chat reply user answer question pipeline merge eval loss mask batch "
@@ -147,6 +159,9 @@ def run_mode(
         "kernels": "fused",  # sftflow modes: fused; *_plain: the default (auto = plain)
         **(schedule or {}),
     }
+    if mode.endswith("_sysalloc"):
+        knobs["allocator"] = "system"
+        mode = mode[: -len("_sysalloc")]
     if mode.endswith("_plain"):
         knobs["kernels"] = "plain"
         mode = mode[: -len("_plain")]
@@ -155,6 +170,7 @@ def run_mode(
             trained_logits_only=False,
             packing="none" if mode != "hf_padding_free" else "padding_free",
             kernels="plain",  # transformers + peft as users run them
+            allocator="system",  # and glibc's heap
         )
         force_attention = "sdpa"  # what transformers picks by itself
         if mode == "seed_pad_max":
@@ -324,6 +340,10 @@ def main() -> None:
                 "steps": report["steps"],
                 "mfu": round(tps * flops / ceiling, 3),
                 "trainable_pct": report["parameters"]["trainable_pct"],
+                # the caching allocator's count of the largest step's big tensors alive at once
+                "step_peak_in_use_gb": round(
+                    max(r["allocator"].get("step_peak_in_use_mb", 0) for r in reports) / 1024, 2
+                ) or None,
             }
     print_table(results, ceilings, stats)
     if args.out:
@@ -337,16 +357,16 @@ def print_table(results: dict, ceilings: dict, stats: dict) -> None:
     base = max((results[m]["tokens_per_second"] for m in BASELINES if m in results), default=None)
     print(
         "\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss"
-        " | final loss | MFU |"
+        " | final loss | MFU | step peak in use GB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         tps = r["tokens_per_second"]
         x_pad = f"{tps / pad:.2f}" if pad else "-"
         x_base = f"{tps / base:.2f}" if base else "-"
         print(
             f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
-            f" | {r['mean_loss']:.3f} | {r['final_loss']:.5f} | {r['mfu']:.0%} |"
+            f" | {r['mean_loss']:.3f} | {r['final_loss']:.5f} | {r['mfu']:.0%} | {r['step_peak_in_use_gb'] or '-'} |"
         )
 
 

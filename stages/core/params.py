@@ -219,12 +219,17 @@ class TrainParams:
     # fused: LoRA dropout keeping a bool mask instead of two fp32 copies of each layer input,
     # SwiGLU recomputed in backward, LM head + cross-entropy in chunks of trained rows
     # (stages/train/kernels.py); same losses as plain (fp32: within 1e-5 per step), measured on
-    # SmolLM2-135M: activations 5.0 -> 2.5 GiB on a 2114-token batch, same speed within noise.
+    # SmolLM2-135M: activations kept for backward 7.5 -> 3.2 GiB on a 3310-token batch.
     # plain: transformers + peft as they are.
-    # auto: plain; fused measured 0.85x plain's speed at 0.75x its peak RSS on an idle AVX2 CPU
-    # (bench/train_bench.py --issue-table). fused is refused under ZeRO-3 (it partitions the
-    # weights fused reads directly) and does nothing with gradient checkpointing.
+    # auto: plain; over 20 steps of bench/train_bench.py --issue-table (2-vCPU AVX2 CPU) fused
+    # ran 0.85-0.89x plain's speed at 0.56-0.66x its peak RSS. fused is refused under ZeRO-3 (it
+    # partitions the weights fused reads directly) and does nothing with gradient checkpointing.
     kernels: Literal["auto", "plain", "fused"] = "auto"
+    # caching: large CPU tensors each in their own mapping, reused by size within a step and
+    # unmapped after it (stages/train/allocator.py), instead of glibc's heap, which keeps freed
+    # activation pages: same losses bit for bit, lower peak RSS (docs/benchmarks.md, "allocator").
+    # auto: caching when training on the CPU under Linux with a C++ compiler (built once, ~2 s).
+    allocator: Literal["auto", "system", "caching"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)
     report_to: tuple[Literal["tensorboard", "wandb", "swanlab", "mlflow"], ...] = ("tensorboard",)

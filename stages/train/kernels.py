@@ -22,7 +22,8 @@ for the kept values; gradients equal the plain path's up to summation order):
 - frozen norms (the RMSNorm before attention and before the MLP): their output carries their
   input, so the LoRA branches of q/k/v and gate/up keep that input, which the norm's own
   autograd keeps anyway, and recompute the norm (element-wise) in backward: one hidden-size
-  vector per token and norm less (two per decoder layer).
+  vector per token and norm less (two per decoder layer, less the first layer's input norm: it
+  reads the frozen embeddings, needs no backward and keeps nothing, so there is nothing to share).
 - grouped-query attention (`sdpa_varlen`): SDPA broadcasts the k/v heads itself
   (`enable_gqa`) instead of receiving copies repeated to every query head.
 - `ChunkedTrainedLoss`: the LM head and cross-entropy over trained positions in chunks of rows,
@@ -170,7 +171,8 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 def _fused_norm_forward(self: Any, x: Any) -> Any:
     """A frozen norm's own forward; its output carries (the forward, x) so the LoRA branches
     reading it keep x, which the norm's autograd keeps anyway, instead of a second tensor of
-    the same size: one hidden-size vector per token and norm (two per decoder layer)."""
+    the same size: one hidden-size vector per token and norm (two per decoder layer, but the first
+    layer's input norm reads the frozen embeddings: its output needs no gradient, no attribute)."""
     out = type(self).forward(self, x)
     if out.requires_grad:
         setattr(out, NORM_INPUT, (types.MethodType(type(self).forward, self), x))

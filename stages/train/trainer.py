@@ -24,14 +24,16 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
-from stages.train import distributed, kernels
+from stages.train import allocator, distributed, kernels
 from stages.train.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
 from stages.train.model import build_model, count_parameters
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
 # Keys that do not change what a step computes: a checkpoint stays resumable across them.
-RESUME_NEUTRAL = ("logging_steps", "save_steps", "threads", "eval_steps", "report_to", "dataloader_workers")
+RESUME_NEUTRAL = (
+    "logging_steps", "save_steps", "threads", "eval_steps", "report_to", "dataloader_workers", "allocator"
+)
 
 
 def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -114,6 +116,41 @@ def train(
 ) -> dict[str, Any]:
     """Fine-tune into `out` (an empty temp dir); return the report. `callbacks` are extra
     `TrainerCallback`s (notebooks, tests: they see the live model and every step)."""
+    import torch
+
+    kind, why = allocator.start(params.allocator, on_cpu=not torch.cuda.is_available())
+    if kind == "system":
+        report = _train(params, base_dir, prepared, out, checkpoints, loss_csv, tensorboard_dir, callbacks)
+        return {**report, "allocator": {"kind": kind, "why": why}}
+    released = allocator.release_each_step()
+    try:
+        report = _train(params, base_dir, prepared, out, checkpoints, loss_csv, tensorboard_dir, (*callbacks, released))
+    finally:
+        allocator.uninstall()
+    mib = 2**20
+    return {
+        **report,
+        "allocator": {
+            "kind": kind,
+            "why": why,
+            # the largest step's large blocks in use (the activations' true high-water mark), and
+            # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
+            "step_peak_in_use_mb": round(released.peak_in_use / mib, 1),
+            "step_peak_mapped_mb": round(released.peak_mapped / mib, 1),
+        },
+    }
+
+
+def _train(
+    params: TrainParams,
+    base_dir: Path,
+    prepared: Path,
+    out: Path,
+    checkpoints: Path,
+    loss_csv: Path,
+    tensorboard_dir: Path | None,
+    callbacks: tuple[Any, ...],
+) -> dict[str, Any]:
     import torch
     from transformers import Trainer, TrainerCallback, set_seed
 

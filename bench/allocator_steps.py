@@ -1,0 +1,89 @@
+"""One training process on fixed packed batches, to compare `train.allocator` choices in pairs.
+
+Loads the model with LoRA r8 / alpha 16 / dropout 0.05 on all linear layers (`--kernels plain`
+or `fused`), then runs 8 packed batches of 4 samples (620-970 tokens, random ids, every other
+label trained): forward, backward, AdamW, as the train stage does, with the allocator chosen
+(`--allocator system`: glibc's heap; `caching`: stages/train/allocator.py, one allocator step per
+batch). Prints each step's seconds and minor page faults, and the process's peak RSS.
+
+Time it as a whole process, A and B in turn so the machine's drift hits both alike, e.g.
+
+    hyperfine -r 4 'python bench/allocator_steps.py --allocator caching' \\
+                   'python bench/allocator_steps.py --allocator system'
+
+(docs/benchmarks.md, "Allocator", has the figures of such pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BATCHES = [[150, 90, 300, 120], [400, 200, 100, 60], [160, 150, 140, 170], [500, 300, 90, 80]] * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--allocator", choices=("system", "caching"), default="caching")
+    ap.add_argument("--kernels", choices=("plain", "fused"), default="plain")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    from stages.core.params import LoraParams, TrainParams
+    from stages.train import allocator, kernels
+    from stages.train.loss import trained_logits_loss, trained_positions
+    from stages.train.model import build_model
+
+    torch.set_num_threads(args.threads)
+    if args.allocator == "caching":
+        allocator.install()
+    params = TrainParams(lora=LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear"), kernels=args.kernels)
+    model = build_model(params, args.model).train()
+    head = kernels.head_of(model) if args.kernels == "fused" else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids_rng = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    steps = []
+    for lengths in BATCHES:
+        ids = torch.randint(100, 40000, (1, sum(lengths)), generator=ids_rng)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        labels = ids.clone()
+        labels[:, ::2] = -100
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        started = time.perf_counter()
+        keep = trained_positions(labels)
+        if head is not None:
+            with kernels.defer_head(head):
+                out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
+                loss = kernels.ChunkedTrainedLoss(head)(out, labels)
+        else:
+            out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
+            loss = trained_logits_loss(out, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del out, loss
+        if args.allocator == "caching":
+            allocator.release()
+        steps.append(
+            (sum(lengths), round(time.perf_counter() - started, 2), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        )
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{args.allocator} allocator, {args.kernels} kernels: (tokens, seconds, minor faults) per step {steps}")
+    print(
+        f"steps 2-{len(steps)}: {sum(s[1] for s in steps[1:]):.2f} s, {sum(s[2] for s in steps[1:])} faults;"
+        f" peak RSS {peak_gb:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    main()
