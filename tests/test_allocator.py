@@ -40,6 +40,8 @@ def test_caching_allocator_gives_the_same_losses_bit_for_bit(tiny_base: Path, pr
     system, caching = reports["system"], reports["caching"]
     assert system["allocator"] == {"kind": "system", "why": "train.allocator: system"}
     assert caching["allocator"]["kind"] == "caching"
+    # the run went through the cache: the embeddings, logit rows and their gradients are >= 1 MiB
+    assert caching["allocator"]["step_peak_in_use_mb"] > 10, caching["allocator"]
     assert len(system["losses"]) == 4 and system["losses"][0] != system["losses"][-1]
     assert caching["losses"] == system["losses"]
     adapters = [(tmp_path / k / "out" / "adapter_model.safetensors").read_bytes() for k in ("system", "caching")]
