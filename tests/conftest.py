@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.core.params import LoraParams, TrainParams
+
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,6 +96,23 @@ def prepared(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw.write_text("".join((REPO / "data" / "raw" / "train.jsonl").read_text().splitlines(True)[:8]))
     prepare(DataParams(sources=(SourceParams(path=str(raw)),)), tiny_base, tmp / "out")
     return tmp / "out"
+
+
+def four_adamw_steps(**changes: object) -> TrainParams:
+    """4 AdamW steps with LoRA dropout 0.05 at a large constant learning rate, no checkpoints,
+    1 thread: any difference in the gradients shows in the later losses. For tests that compare
+    two ways of computing the same training."""
+    settings: dict[str, object] = dict(
+        lora=LoraParams(dropout=0.05),
+        batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        save_steps=0,
+        threads=1,
+        report_to=(),
+    )
+    return TrainParams(**{**settings, **changes})
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,41 +10,36 @@ from pathlib import Path
 import pytest
 
 from stages.core.errors import SftflowError
-from stages.core.params import LoraParams, TrainParams
-from stages.train import allocator
+from stages.train import allocator, native
 from stages.train.trainer import train
+from tests.conftest import four_adamw_steps
 
 needs_compiler = pytest.mark.skipif(
-    allocator.compiler() is None or not sys.platform.startswith("linux"),
+    native.compiler() is None or not sys.platform.startswith("linux"),
     reason="the caching allocator is built with a C++ compiler on Linux",
 )
 
 
 @needs_compiler
-def test_caching_allocator_gives_the_same_losses_bit_for_bit(tiny_base: Path, prepared: Path, tmp_path: Path) -> None:
+def test_caching_allocator_gives_the_same_losses_bit_for_bit(
+    tiny_base: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc's heap (here: `auto` on a machine without a compiler, which the report must say)
+    vs the caching allocator: the same losses and adapter bytes."""
     reports = {}
-    for kind in ("system", "caching"):
-        params = TrainParams(
-            lora=LoraParams(dropout=0.05),
-            allocator=kind,
-            batch_size=4,
-            max_steps=4,
-            learning_rate=1e-3,
-            lr_scheduler="constant",
-            save_steps=0,
-            threads=1,
-            report_to=(),
-        )
-        run = tmp_path / kind
-        reports[kind] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
-    system, caching = reports["system"], reports["caching"]
-    assert system["allocator"] == {"kind": "system", "why": "train.allocator: system"}
+    for name, choice, cxx in (("glibc", "auto", None), ("caching", "caching", native.compiler())):
+        monkeypatch.setattr(native, "compiler", lambda cxx=cxx: cxx)
+        run = tmp_path / name
+        params = four_adamw_steps(allocator=choice)
+        reports[name] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
+    glibc, caching = reports["glibc"], reports["caching"]
+    assert glibc["allocator"] == {"kind": "system", "why": "no C++ compiler found (set CXX, or install g++)"}
     assert caching["allocator"]["kind"] == "caching"
     # the run went through the cache: the embeddings, logit rows and their gradients are >= 1 MiB
     assert caching["allocator"]["step_peak_in_use_mb"] > 10, caching["allocator"]
-    assert len(system["losses"]) == 4 and system["losses"][0] != system["losses"][-1]
-    assert caching["losses"] == system["losses"]
-    adapters = [(tmp_path / k / "out" / "adapter_model.safetensors").read_bytes() for k in ("system", "caching")]
+    assert len(glibc["losses"]) == 4 and glibc["losses"][0] != glibc["losses"][-1]
+    assert caching["losses"] == glibc["losses"]
+    adapters = [(tmp_path / k / "out" / "adapter_model.safetensors").read_bytes() for k in ("glibc", "caching")]
     assert adapters[0] == adapters[1]
 
 
@@ -54,7 +49,7 @@ def test_blocks_are_reused_by_size_and_unmapped_on_release() -> None:
     code = textwrap.dedent(
         """
         import torch
-        from stages.train import allocator
+        from stages.train import allocator, native
 
         MiB = 1 << 20
 
@@ -109,13 +104,13 @@ def test_blocks_are_reused_by_size_and_unmapped_on_release() -> None:
 
 
 def test_auto_falls_back_to_glibc_and_caching_fails_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator, "compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     monkeypatch.setattr(sys, "platform", "linux")
     kind, why = allocator.resolve("auto", on_cpu=True)
     assert kind == "system" and "no C++ compiler" in why
     with pytest.raises(SftflowError, match=r"train\.allocator: caching: no C\+\+ compiler"):
         allocator.resolve("caching", on_cpu=True)
-    monkeypatch.setattr(allocator, "compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(native, "compiler", lambda: "/usr/bin/c++")
     assert allocator.resolve("auto", on_cpu=True) == ("caching", "auto: training on the CPU")
     assert allocator.resolve("auto", on_cpu=False)[0] == "system"
 

@@ -10,6 +10,7 @@ import torch
 from stages.core.params import LoraParams, TrainParams
 from stages.train import kernels
 from stages.train.trainer import train
+from tests.conftest import four_adamw_steps
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -20,18 +21,8 @@ def test_fused_kernels_give_the_plain_losses_step_by_step(
     learning rate, so any difference in the gradients would show in the later losses."""
     reports = {}
     for kern in ("plain", "fused"):
-        params = TrainParams(
-            method=method,
-            lora=LoraParams(dropout=0.05),
-            kernels=kern,
-            batch_size=4,
-            max_steps=4,
-            learning_rate=1e-3 if method == "lora" else 1e-4,
-            lr_scheduler="constant",
-            save_steps=0,
-            threads=1,
-            report_to=(),
-        )
+        lr = 1e-3 if method == "lora" else 1e-4
+        params = four_adamw_steps(method=method, kernels=kern, learning_rate=lr)
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
     plain, fused = reports["plain"], reports["fused"]

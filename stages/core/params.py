@@ -280,8 +280,11 @@ class EvalParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # lm-eval's seeds (sampling, few-shot draws)
-    threads: int = 1  # torch threads; 0 = all cores. 1: decoding gains little from a 2nd
-    # core and loses 3x when another process shares them (measured on 2 cores)
+    # torch threads; 0 = all cores. Measured on 2 vCPUs, the default pipeline's eval of the base
+    # (24 docs, 3 tasks; whole process, 2 A/B pairs): 0.72x the wall time of 1 thread, the same
+    # scores and replies. Set 1 when other processes share the cores: oversubscribed torch
+    # threads wait on each other (decoding ran 3x slower so).
+    threads: int = 0
     # auto: a GPU when torch sees one (bf16 where supported, else fp16; batch_size "auto"),
     # else the CPU in fp32 with batch_size above
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -13,24 +13,22 @@ steps of bench/train_bench.py --issue-table, peak RSS 5.93 -> 4.69 GB with plain
 0.986x and 0.983x glibc's wall time (docs/benchmarks.md, "Allocator").
 
 It is compiled once per torch build with the system's C++ compiler (c10's headers and library
-ship with torch; about 2 s) into the user cache, `$XDG_CACHE_HOME/sftflow/allocator/<key>/`.
+ship with torch; about 2 s) into the user cache (stages/train/native.py).
 `auto` uses it when training on the CPU under Linux with a compiler present, and says in the
 train report why not otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
+from stages.train import native
 
 SOURCE = Path(__file__).with_name("caching_allocator.cpp")
 STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "resizes")
@@ -38,14 +36,6 @@ STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "re
 
 class _Loaded:
     lib: Any = None  # the ctypes library once built and loaded
-
-
-def compiler() -> str | None:
-    """The C++ compiler to build with: `$CXX`, else c++ or g++ on PATH."""
-    for name in (os.environ.get("CXX"), "c++", "g++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 def resolve(choice: str, on_cpu: bool) -> tuple[str, str]:
@@ -64,7 +54,7 @@ def resolve(choice: str, on_cpu: bool) -> tuple[str, str]:
     problem = None
     if not sys.platform.startswith("linux"):
         problem = f"the caching allocator is built for Linux, this is {sys.platform}"
-    elif compiler() is None:
+    elif native.compiler() is None:
         problem = "no C++ compiler found (set CXX, or install g++)"
     if choice == "caching":
         if problem:
@@ -91,41 +81,8 @@ def start(choice: str, on_cpu: bool) -> tuple[str, str]:
 
 
 def build(cache: Path | None = None) -> Path:
-    """Compile caching_allocator.cpp against the installed torch, once per source and torch build;
-    return the shared library's path. Written atomically (a finished build or none)."""
-    import torch
-
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch.compiled_with_cxx11_abi())
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{torch.__version__}|{abi}|{torch_dir}".encode()
-    ).hexdigest()[:16]
-    root = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sftflow" / "allocator"
-    lib = root / key / "libsftflow_allocator.so"
-    if lib.exists():
-        return lib
-    cxx = compiler()
-    if cxx is None:
-        raise SftflowError("train.allocator: caching: no C++ compiler found (set CXX, or install g++)")
-    try:
-        lib.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SftflowError(f"train.allocator: caching: cannot write its build cache {lib.parent}: {err}") from err
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        built = Path(tmp) / lib.name
-        cmd = [
-            cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-lc10",
-            f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(built),
-        ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SftflowError(
-                f"train.allocator: building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}\n"
-                "use train.allocator: system"
-            )
-        os.replace(built, lib)
-    return lib
+    """Compile caching_allocator.cpp against the installed torch (once; stages/train/native.py)."""
+    return native.build(SOURCE, ("c10",), "train.allocator: caching", cache)
 
 
 def _lib() -> Any:
@@ -161,9 +118,21 @@ def stats(reset_peaks: bool = False) -> dict[str, int]:
     return dict(zip(STATS, values))
 
 
-def release_each_step() -> Any:
-    """A TrainerCallback ending an allocator step after every micro-batch and optimizer step, and
-    recording the largest step's peak bytes in use (the activations' true high-water mark)."""
+@contextlib.contextmanager
+def active(choice: str, on_cpu: bool) -> Iterator[Any]:
+    """`train.allocator` for the body: the caching allocator installed if chosen (and given
+    back to torch after it, error or not). Yields a TrainerCallback that ends an allocator step
+    after every micro-batch and optimizer step; its `report` is the train report's entry."""
+    kind, why = start(choice, on_cpu)
+    callback = _step_callback(kind, why)
+    try:
+        yield callback
+    finally:
+        if kind == "caching":
+            uninstall()
+
+
+def _step_callback(kind: str, why: str) -> Any:
     from transformers import TrainerCallback
 
     class ReleaseEachStep(TrainerCallback):
@@ -171,6 +140,8 @@ def release_each_step() -> Any:
         peak_mapped = 0
 
         def _done(self) -> None:
+            if kind != "caching":
+                return
             now = stats(reset_peaks=True)
             self.peak_in_use = max(self.peak_in_use, now["peak_in_use"])
             self.peak_mapped = max(self.peak_mapped, now["peak_mapped"])
@@ -181,5 +152,19 @@ def release_each_step() -> Any:
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self._done()
+
+        @property
+        def report(self) -> dict[str, Any]:
+            if kind != "caching":
+                return {"kind": kind, "why": why}
+            mib = 2**20
+            return {
+                "kind": kind,
+                "why": why,
+                # the largest step's large blocks in use (the activations' true high-water mark), and
+                # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
+                "step_peak_in_use_mb": round(self.peak_in_use / mib, 1),
+                "step_peak_mapped_mb": round(self.peak_mapped / mib, 1),
+            }
 
     return ReleaseEachStep()

@@ -123,7 +123,8 @@ struct CachingCPUAllocator final : c10::Allocator {
     // and a block reused this way is memory the kernel need not zero and fault in again:
     // releasing the whole cache after every step instead cost plain kernels 1.15x the step time.
     // Of the blocks of the chosen size, the one freed last: still in the CPU caches. Taking the
-    // oldest instead (the multimap's first) cost plain kernels 1.12x the wall time (farm-bench pairs).
+    // oldest instead (the multimap's first) cost plain kernels 1.12x the wall time (whole-process
+    // A/B pairs of bench/allocator_steps.py).
     auto it = cached.lower_bound(size);
     if (it == cached.end() && !cached.empty()) it = std::prev(cached.end());
     if (it != cached.end()) it = std::prev(cached.upper_bound(it->first));

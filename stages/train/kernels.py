@@ -45,6 +45,7 @@ from typing import Any
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams
+from stages.train import dropout_masks
 
 CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
 NORM_INPUT = "_sftflow_norm_input"  # on a frozen norm's output: (its forward, its input)
@@ -109,9 +110,10 @@ def _lora_branch_fn() -> Any:
             ctx.amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             ctx.prefix, ctx.p, ctx.scaling = prefix, p, scaling
             x = given.pop() if given else prefix(*xs) if prefix is not None else xs[0]
-            # exactly torch.nn.functional.dropout's CPU path: the same bernoulli_ draws, and a
-            # 0/1 mask divided by 1-p gives the same noise values
-            mask = torch.empty_like(x).bernoulli_(1 - p).bool() if p > 0 else None
+            # exactly torch.nn.functional.dropout's CPU path: the same bernoulli_ draws (made
+            # faster by dropout_masks where checked equal), and a 0/1 mask divided by 1-p gives
+            # the same noise values
+            mask = dropout_masks.keep_mask(x, 1 - p) if p > 0 else None
             ctx.save_for_backward(mask, a, b, *xs)
             return branch(x, mask, a, b, p, scaling)
 

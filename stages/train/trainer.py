@@ -24,7 +24,7 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
-from stages.train import allocator, distributed, kernels
+from stages.train import allocator, distributed, dropout_masks, kernels
 from stages.train.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
 from stages.train.model import build_model, count_parameters
 
@@ -32,7 +32,13 @@ LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_p
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
 # Keys that do not change what a step computes: a checkpoint stays resumable across them.
 RESUME_NEUTRAL = (
-    "logging_steps", "save_steps", "threads", "eval_steps", "report_to", "dataloader_workers", "allocator"
+    "logging_steps",
+    "save_steps",
+    "threads",
+    "eval_steps",
+    "report_to",
+    "dataloader_workers",
+    "allocator",
 )
 
 
@@ -117,41 +123,6 @@ def train(
     """Fine-tune into `out` (an empty temp dir); return the report. `callbacks` are extra
     `TrainerCallback`s (notebooks, tests: they see the live model and every step)."""
     import torch
-
-    kind, why = allocator.start(params.allocator, on_cpu=not torch.cuda.is_available())
-    if kind == "system":
-        report = _train(params, base_dir, prepared, out, checkpoints, loss_csv, tensorboard_dir, callbacks)
-        return {**report, "allocator": {"kind": kind, "why": why}}
-    released = allocator.release_each_step()
-    try:
-        report = _train(params, base_dir, prepared, out, checkpoints, loss_csv, tensorboard_dir, (*callbacks, released))
-    finally:
-        allocator.uninstall()
-    mib = 2**20
-    return {
-        **report,
-        "allocator": {
-            "kind": kind,
-            "why": why,
-            # the largest step's large blocks in use (the activations' true high-water mark), and
-            # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
-            "step_peak_in_use_mb": round(released.peak_in_use / mib, 1),
-            "step_peak_mapped_mb": round(released.peak_mapped / mib, 1),
-        },
-    }
-
-
-def _train(
-    params: TrainParams,
-    base_dir: Path,
-    prepared: Path,
-    out: Path,
-    checkpoints: Path,
-    loss_csv: Path,
-    tensorboard_dir: Path | None,
-    callbacks: tuple[Any, ...],
-) -> dict[str, Any]:
-    import torch
     from transformers import Trainer, TrainerCallback, set_seed
 
     if params.threads > 0:
@@ -163,67 +134,83 @@ def _train(
     has_eval = eval_set is not None
     ds_config = distributed.deepspeed_config(params.distributed)
     args = training_arguments(params, checkpoints, has_eval, ds_config)
-    distributed.init_process_group(ds_config)  # after the arguments, before the model: ZeRO-3 partitions while loading
+    distributed.init_process_group(
+        ds_config
+    )  # after the arguments, before the model: ZeRO-3 partitions while loading
     resume = distributed.main_decides(lambda: resume_point(checkpoints, run))  # one decision, all ranks
-    model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
-    model_params = count_parameters(model)
-    memory = distributed.memory_estimate(model, distributed.resolve_launch(params.distributed), ds_config)
-    if distributed.is_main():
-        _say(distributed.format_estimate(memory))
-    meter = _TokenMeter()
+    on_cpu = not torch.cuda.is_available()
+    with allocator.active(
+        params.allocator, on_cpu
+    ) as step_memory:  # the model, its steps and their activations
+        model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
+        masks = dropout_masks.activate(model, on_cpu)  # LoRA dropout: torch's masks, drawn faster
+        model_params = count_parameters(model)
+        memory = distributed.memory_estimate(model, distributed.resolve_launch(params.distributed), ds_config)
+        if distributed.is_main():
+            _say(distributed.format_estimate(memory))
+        meter = _TokenMeter()
 
-    class LogTokensPerSecond(TrainerCallback):
-        """Adds tokens/s to the step's log entry, so checkpoints carry it across a resume."""
+        class LogTokensPerSecond(TrainerCallback):
+            """Adds tokens/s to the step's log entry, so checkpoints carry it across a resume."""
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs and state.log_history:
-                state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
+            ) -> None:
+                if logs and "loss" in logs and state.log_history:
+                    state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
 
-    collator = build_collator(tok, params.packing, model.config._attn_implementation)
-    vision = "images" in train_set.column_names  # image chats (stages/train/vision.py)
-    if vision:
-        from stages.train.vision import build_vision_collator
+        collator = build_collator(tok, params.packing, model.config._attn_implementation)
+        vision = "images" in train_set.column_names  # image chats (stages/train/vision.py)
+        if vision:
+            from stages.train.vision import build_vision_collator
 
-        collator = build_vision_collator(base_dir, tok, params.packing, manifest)
-    trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
-    if trained_only:
-        collator = KeepTrainedLogits(collator)
-    head = kernels.head_of(model) if trained_only and kernels.resolve(params) == "fused" else None
-    loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
-    columns = ["input_ids", "labels", *(["images"] if vision else [])]
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set.select_columns([*columns, "length"]),
-        eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-        data_collator=_CountingCollator(collator, meter),
-        compute_loss_func=loss_func,
-        callbacks=[LogTokensPerSecond(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks],
-    )
-    if head is not None:
-        # The head returns hidden states only inside the loss computation (train and eval
-        # steps), where the chunked loss applies it; a callback's own forward gets logits.
-        compute_loss = trainer.compute_loss
+            collator = build_vision_collator(base_dir, tok, params.packing, manifest)
+        trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
+        if trained_only:
+            collator = KeepTrainedLogits(collator)
+        head = kernels.head_of(model) if trained_only and kernels.resolve(params) == "fused" else None
+        loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
+        columns = ["input_ids", "labels", *(["images"] if vision else [])]
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set.select_columns([*columns, "length"]),
+            eval_dataset=eval_set.select_columns(columns) if has_eval else None,
+            data_collator=_CountingCollator(collator, meter),
+            compute_loss_func=loss_func,
+            callbacks=[
+                LogTokensPerSecond(),
+                *_tensorboard(params, checkpoints, tensorboard_dir, run),
+                *callbacks,
+                step_memory,
+            ],
+        )
+        if head is not None:
+            # The head returns hidden states only inside the loss computation (train and eval
+            # steps), where the chunked loss applies it; a callback's own forward gets logits.
+            compute_loss = trainer.compute_loss
 
-        def compute_loss_with_deferred_head(*args: Any, **kwargs: Any) -> Any:
-            with kernels.defer_head(head):
-                return compute_loss(*args, **kwargs)
+            def compute_loss_with_deferred_head(*args: Any, **kwargs: Any) -> Any:
+                with kernels.defer_head(head):
+                    return compute_loss(*args, **kwargs)
 
-        trainer.compute_loss = compute_loss_with_deferred_head
-    started = time.perf_counter()
-    meter.start()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - started
-    tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
-    tokens, meter.trained_tokens, meter.slots = (
-        distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
-    )
-    eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+            trainer.compute_loss = compute_loss_with_deferred_head
+        started = time.perf_counter()
+        meter.start()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.perf_counter() - started
+        tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
+        tokens, meter.trained_tokens, meter.slots = (
+            distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
+        )
+        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
 
     attention = model.config._attn_implementation  # what trained, before the reset below
     if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
         model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
-    save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (it can save 0-size adapters)
+    save_check = distributed.save_final(
+        trainer, model, out
+    )  # ZeRO-3: gathered, checked (it can save 0-size adapters)
     sort_adapter_targets(out)
     tok.save_pretrained(out)
     if vision:  # the processor travels with the weights (merge and eval load it from there)
@@ -261,11 +248,15 @@ def _train(
         "packing_efficiency": round(tokens / meter.slots, 4) if meter.slots else None,
         "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if torch.cuda.is_available()
+        else None,
         "wall_seconds": round(wall, 2),
         "losses": losses,
         "distributed": {**distributed.describe(trainer, params.distributed), "zero3_save_check": save_check},
         "memory_estimate": memory,
+        "allocator": step_memory.report,
+        "dropout_masks": masks,
     }
 
 
