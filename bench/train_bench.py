@@ -13,6 +13,8 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     *_plain           the same with train.kernels=plain (transformers + peft as they are: the default)
     *_sysalloc        the same with train.allocator=system (glibc's heap; sftflow modes otherwise use
                       auto = the caching allocator where a C++ compiler is found; baselines: system)
+    *_torchmasks      the same with train.dropout_masks=torch (torch draws the LoRA dropout masks;
+                      sftflow modes otherwise draw the same masks faster; baselines: torch)
     *_gc              the same with gradient checkpointing (activations recomputed: less memory)
     qlora, qlora_bf16 sftflow on an NF4 base (compute dtype fp32 / bf16)
     full, full_bf16   sftflow training every weight (AdamW over 135M params)
@@ -159,6 +161,9 @@ def run_mode(
         "kernels": "fused",  # sftflow modes: fused; *_plain: the default (auto = plain)
         **(schedule or {}),
     }
+    if mode.endswith("_torchmasks"):
+        knobs["dropout_masks"] = "torch"
+        mode = mode[: -len("_torchmasks")]
     if mode.endswith("_sysalloc"):
         knobs["allocator"] = "system"
         mode = mode[: -len("_sysalloc")]
@@ -171,6 +176,7 @@ def run_mode(
             packing="none" if mode != "hf_padding_free" else "padding_free",
             kernels="plain",  # transformers + peft as users run them
             allocator="system",  # and glibc's heap
+            dropout_masks="torch",  # and torch's dropout
         )
         force_attention = "sdpa"  # what transformers picks by itself
         if mode == "seed_pad_max":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class _Lora(torch.nn.Module):
 @needs_compiler
 def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
     layer = _Lora(0.05)
-    report = dropout_masks.activate(layer, on_cpu=True)
+    report = dropout_masks.activate(layer, "auto", on_cpu=True)
     if report["kind"] != "sftflow":
         pytest.skip(f"this torch build draws its masks another way: {report['why']}")
     assert report["modules"] == 1 and type(layer.lora_dropout["off"]) is torch.nn.Dropout
@@ -51,7 +52,7 @@ def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
 @needs_compiler
 def test_dropout_module_gives_f_dropout_outputs_and_gradients() -> None:
     layer = _Lora(0.1)
-    if dropout_masks.activate(layer, on_cpu=True)["kind"] != "sftflow":
+    if dropout_masks.activate(layer, "auto", on_cpu=True)["kind"] != "sftflow":
         pytest.skip("this torch build draws its masks another way")
     fast = layer.lora_dropout["default"]
     assert type(fast) is not torch.nn.Dropout and isinstance(fast, torch.nn.Dropout)
@@ -68,6 +69,8 @@ def test_dropout_module_gives_f_dropout_outputs_and_gradients() -> None:
         assert 0.8 < float((ours != 0).float().mean()) < 0.97
     fast.eval()
     assert fast(x) is x
+    copied = pickle.loads(pickle.dumps(layer))  # a model holding it can be saved whole, copied
+    assert type(copied.lora_dropout["default"]) is type(fast) and copied.lora_dropout["default"].p == 0.1
 
 
 @needs_compiler
@@ -102,8 +105,9 @@ def test_a_build_whose_masks_differ_keeps_torchs_dropout(monkeypatch: pytest.Mon
     monkeypatch.setattr(dropout_masks, "_probe", lambda lib: "this torch build draws bernoulli_ masks another way (MKL)")
     monkeypatch.setattr(dropout_masks._State, "lib", None)
     layer = _Lora(0.05)
-    report = dropout_masks.activate(layer, on_cpu=True)
+    report = dropout_masks.activate(layer, "auto", on_cpu=True)
     assert report == {"kind": "torch", "why": "this torch build draws bernoulli_ masks another way (MKL)", "modules": 0}
     assert type(layer.lora_dropout["default"]) is torch.nn.Dropout
-    assert dropout_masks.activate(layer, on_cpu=False)["why"] == "training on a GPU: its dropout runs there"
-    assert dropout_masks.activate(_Lora(0.0), on_cpu=True)["modules"] == 0
+    assert dropout_masks.activate(layer, "auto", on_cpu=False)["why"] == "training on a GPU: its dropout runs there"
+    assert dropout_masks.activate(_Lora(0.0), "auto", on_cpu=True)["modules"] == 0
+    assert dropout_masks.activate(_Lora(0.05), "torch", on_cpu=True)["why"] == "train.dropout_masks: torch"

@@ -230,6 +230,11 @@ class TrainParams:
     # activation pages: same losses bit for bit, lower peak RSS (docs/benchmarks.md, "allocator").
     # auto: caching when training on the CPU under Linux with a C++ compiler (built once, ~2 s).
     allocator: Literal["auto", "system", "caching"] = "auto"
+    # LoRA dropout masks. auto: drawn in blocks by stages/train/dropout_masks.cpp from torch's
+    # generator, the same bits as torch's bernoulli_ (checked on this machine at start, else
+    # torch's), 8x faster: 16 % of the default pipeline's train step was torch drawing them.
+    # torch: torch's own dropout (the same losses; slower on CPUs where torch draws serially).
+    dropout_masks: Literal["auto", "torch"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
     # swanlab, mlflow (each must be installed; configured by its usual environment variables)
     report_to: tuple[Literal["tensorboard", "wandb", "swanlab", "mlflow"], ...] = ("tensorboard",)

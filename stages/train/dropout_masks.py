@@ -54,6 +54,10 @@ def keep_mask(x: Any, keep: float) -> Any:
 
 
 def _dropout_class() -> Any:
+    """The module class, made once per process (torch is imported only when training) and kept
+    as this module's `SameMaskDropout`, so a model holding it pickles and deep-copies."""
+    if "SameMaskDropout" in globals():
+        return globals()["SameMaskDropout"]
     import torch
 
     class SameMaskDropout(torch.nn.Dropout):
@@ -65,6 +69,8 @@ def _dropout_class() -> Any:
                 return super().forward(x)
             return x * keep_mask(x, 1 - self.p).to(x.dtype).div_(1 - self.p)
 
+    SameMaskDropout.__qualname__ = "SameMaskDropout"
+    globals()["SameMaskDropout"] = SameMaskDropout
     return SameMaskDropout
 
 
@@ -100,9 +106,10 @@ def _probe(lib: Any) -> str | None:
         torch.set_rng_state(saved)
 
 
-def activate(model: Any, on_cpu: bool) -> dict[str, Any]:
-    """Give the model's LoRA dropouts the fast masks when they are the same as torch's here;
-    the train report's `dropout_masks` entry: which masks, why, how many modules."""
+def activate(model: Any, choice: str, on_cpu: bool) -> dict[str, Any]:
+    """`train.dropout_masks`: give the model's LoRA dropouts the fast masks (`auto`) when they
+    are the same as torch's here; the train report's `dropout_masks` entry: which masks, why,
+    how many modules."""
     import torch
 
     dropouts = [  # peft's LoRA layers keep one dropout per adapter in `lora_dropout`
@@ -115,7 +122,9 @@ def activate(model: Any, on_cpu: bool) -> dict[str, Any]:
     if not dropouts:
         return {"kind": "torch", "why": "no dropout to draw (lora.dropout: 0, or no LoRA)", "modules": 0}
     problem = None
-    if not on_cpu:
+    if choice == "torch":
+        problem = "train.dropout_masks: torch"
+    elif not on_cpu:
         problem = "training on a GPU: its dropout runs there"
     elif not sys.platform.startswith("linux"):
         problem = f"the mask library is built for Linux, this is {sys.platform}"

@@ -39,6 +39,7 @@ RESUME_NEUTRAL = (
     "report_to",
     "dataloader_workers",
     "allocator",
+    "dropout_masks",  # the same masks either way
 )
 
 
@@ -143,7 +144,7 @@ def train(
         params.allocator, on_cpu
     ) as step_memory:  # the model, its steps and their activations
         model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
-        masks = dropout_masks.activate(model, on_cpu)  # LoRA dropout: torch's masks, drawn faster
+        masks = dropout_masks.activate(model, params.dropout_masks, on_cpu)  # LoRA dropout: torch's masks, drawn faster
         model_params = count_parameters(model)
         memory = distributed.memory_estimate(model, distributed.resolve_launch(params.distributed), ds_config)
         if distributed.is_main():
