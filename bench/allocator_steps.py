@@ -1,17 +1,20 @@
-"""One training process on fixed packed batches, to compare `train.allocator` choices in pairs.
+"""One training process on fixed packed batches, to compare `train.allocator` or
+`train.dropout_masks` choices in pairs.
 
 Loads the model with LoRA r8 / alpha 16 / dropout 0.05 on all linear layers (`--kernels plain`
 or `fused`), then runs 8 packed batches of 4 samples (620-970 tokens, random ids, every other
 label trained): forward, backward, AdamW, as the train stage does, with the allocator chosen
 (`--allocator system`: glibc's heap; `caching`: stages/train/allocator.py, one allocator step per
-batch). Prints each step's seconds and minor page faults, and the process's peak RSS.
+batch) and the LoRA dropout masks chosen (`--dropout-masks torch`: torch's dropout; `auto`:
+stages/train/dropout_masks.py where it draws the same masks). Prints each step's seconds and
+minor page faults, the process's peak RSS and the last loss (equal across choices).
 
 Time it as a whole process, A and B in turn so the machine's drift hits both alike, e.g.
 
     hyperfine -r 4 'python bench/allocator_steps.py --allocator caching' \\
                    'python bench/allocator_steps.py --allocator system'
 
-(docs/benchmarks.md, "Allocator", has the figures of such pairs).
+(docs/benchmarks.md, "Allocator" and "Dropout masks", has the figures of such pairs).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--allocator", choices=("system", "caching"), default="caching")
     ap.add_argument("--kernels", choices=("plain", "fused"), default="plain")
+    ap.add_argument("--dropout-masks", choices=("auto", "torch"), default="auto")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -39,7 +43,7 @@ def main() -> None:
     import torch
 
     from stages.core.params import LoraParams, TrainParams
-    from stages.train import allocator, kernels
+    from stages.train import allocator, dropout_masks, kernels
     from stages.train.loss import trained_logits_loss, trained_positions
     from stages.train.model import build_model
 
@@ -47,7 +51,9 @@ def main() -> None:
     if args.allocator == "caching":
         allocator.install()
     params = TrainParams(lora=LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear"), kernels=args.kernels)
+    torch.manual_seed(0)  # the LoRA weights' initialisation too: equal runs give equal losses
     model = build_model(params, args.model).train()
+    masks = dropout_masks.activate(model, args.dropout_masks, on_cpu=True)
     head = kernels.head_of(model) if args.kernels == "fused" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids_rng = torch.Generator().manual_seed(0)
@@ -69,6 +75,7 @@ def main() -> None:
             out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
             loss = trained_logits_loss(out, labels)
         loss.backward()
+        last_loss = float(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del out, loss
@@ -78,10 +85,13 @@ def main() -> None:
             (sum(lengths), round(time.perf_counter() - started, 2), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{args.allocator} allocator, {args.kernels} kernels: (tokens, seconds, minor faults) per step {steps}")
+    print(
+        f"{args.allocator} allocator, {args.kernels} kernels, {masks['kind']} dropout masks ({masks['why']}):"
+        f" (tokens, seconds, minor faults) per step {steps}"
+    )
     print(
         f"steps 2-{len(steps)}: {sum(s[1] for s in steps[1:]):.2f} s, {sum(s[2] for s in steps[1:])} faults;"
-        f" peak RSS {peak_gb:.2f} GB"
+        f" peak RSS {peak_gb:.2f} GB; last loss {last_loss!r}"
     )
 
 
