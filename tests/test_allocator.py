@@ -14,10 +14,7 @@ from stages.train import allocator, native
 from stages.train.trainer import train
 from tests.conftest import four_adamw_steps
 
-needs_compiler = pytest.mark.skipif(
-    native.compiler() is None or not sys.platform.startswith("linux"),
-    reason="the caching allocator is built with a C++ compiler on Linux",
-)
+needs_compiler = pytest.mark.skipif(native.unbuildable() is not None, reason=str(native.unbuildable()))
 
 
 @needs_compiler

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,7 @@ def resolve(choice: str, on_cpu: bool) -> tuple[str, str]:
     """
     if choice == "system":
         return "system", "train.allocator: system"
-    problem = None
-    if not sys.platform.startswith("linux"):
-        problem = f"the caching allocator is built for Linux, this is {sys.platform}"
-    elif native.compiler() is None:
-        problem = "no C++ compiler found (set CXX, or install g++)"
+    problem = native.unbuildable()
     if choice == "caching":
         if problem:
             raise SftflowError(f"train.allocator: caching: {problem}; use auto or system")

@@ -17,7 +17,6 @@ says so).
 from __future__ import annotations
 
 import ctypes
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +125,8 @@ def activate(model: Any, choice: str, on_cpu: bool) -> dict[str, Any]:
         problem = "train.dropout_masks: torch"
     elif not on_cpu:
         problem = "training on a GPU: its dropout runs there"
-    elif not sys.platform.startswith("linux"):
-        problem = f"the mask library is built for Linux, this is {sys.platform}"
-    elif native.compiler() is None:
-        problem = "no C++ compiler found (set CXX, or install g++)"
+    else:
+        problem = native.unbuildable()
     if problem is None and _State.lib is None:
         try:
             lib = _load()

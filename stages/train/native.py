@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++"):
         if name and shutil.which(name):
             return shutil.which(name)
+    return None
+
+
+def unbuildable() -> str | None:
+    """Why our C++ pieces cannot be built here, or None: they are Linux libraries built with a
+    C++ compiler (the callers then keep torch's own code and report this reason)."""
+    if not sys.platform.startswith("linux"):
+        return f"sftflow's C++ pieces are built for Linux, this is {sys.platform}"
+    if compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++)"
     return None
 
 
