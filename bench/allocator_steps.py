@@ -34,7 +34,7 @@ BATCHES = [[150, 90, 300, 120], [400, 200, 100, 60], [160, 150, 140, 170], [500,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--allocator", choices=("system", "caching"), default="caching")
-    ap.add_argument("--kernels", choices=("plain", "fused"), default="plain")
+    ap.add_argument("--kernels", choices=("plain", "fast", "fused"), default="plain")
     ap.add_argument("--dropout-masks", choices=("auto", "torch"), default="auto")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
     ap.add_argument("--threads", type=int, default=2)

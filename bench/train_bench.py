@@ -10,7 +10,8 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
     sftflow           per-sample SDPA on flattened rows, logits only at trained positions, kernels fused
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
-    *_plain           the same with train.kernels=plain (transformers + peft as they are: the default)
+    *_plain           the same with train.kernels=plain (transformers + peft as they are)
+    *_fast            the same with train.kernels=fast (peft's LoRA linear as one autograd function)
     *_sysalloc        the same with train.allocator=system (glibc's heap; sftflow modes otherwise use
                       auto = the caching allocator where a C++ compiler is found; baselines: system)
     *_torchmasks      the same with train.dropout_masks=torch (torch draws the LoRA dropout masks;
@@ -158,7 +159,7 @@ def run_mode(
         "threads": threads,
         "report_to": (),
         "packing": "padding_free",
-        "kernels": "fused",  # sftflow modes: fused; *_plain: the default (auto = plain)
+        "kernels": "fused",  # sftflow modes: fused; *_plain: plain; *_fast: fast
         **(schedule or {}),
     }
     if mode.endswith("_torchmasks"):
@@ -170,6 +171,9 @@ def run_mode(
     if mode.endswith("_plain"):
         knobs["kernels"] = "plain"
         mode = mode[: -len("_plain")]
+    if mode.endswith("_fast"):
+        knobs["kernels"] = "fast"
+        mode = mode[: -len("_fast")]
     if mode in BASELINES:
         knobs.update(
             trained_logits_only=False,

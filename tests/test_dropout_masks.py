@@ -43,6 +43,14 @@ def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
         ours = dropout_masks.keep_mask(x, keep)
         assert torch.equal(ours, theirs), (seed, n, keep, int((ours != theirs).sum()))
         assert torch.equal(torch.get_rng_state(), after) and torch.equal(torch.rand(5), next_theirs)
+        if keep > 0:  # the fast kernels' dropout: F.dropout's noise and output from the same draws
+            x = torch.randn(n)
+            torch.set_rng_state(state)
+            theirs = torch.nn.functional.dropout(x, 1 - keep)
+            torch.set_rng_state(state)
+            noise, dropped = dropout_masks.dropout_noise(x, 1 - keep)
+            assert torch.equal(dropped, theirs) and torch.equal(torch.get_rng_state(), after), (seed, n, keep)
+            assert torch.equal(noise, ours.float().div_(1 - (1 - keep)))
 
 
 @needs_compiler
@@ -73,9 +81,9 @@ def test_dropout_module_gives_f_dropout_outputs_and_gradients() -> None:
 def test_training_with_the_fast_masks_gives_the_same_losses_bit_for_bit(
     tiny_base: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The plain kernels (peft's dropout module) and the fused ones (their own mask), each with
-    torch's masks (a machine without a compiler) and with the library's: the same runs."""
-    for kern in ("plain", "fused"):
+    """The plain kernels (peft's dropout module), the fast and the fused ones (their own masks),
+    each with torch's masks (a machine without a compiler) and with the library's: the same runs."""
+    for kern in ("plain", "fast", "fused"):
         reports = {}
         for name, cxx in (("torch", None), ("sftflow", native.compiler())):
             monkeypatch.setattr(native, "compiler", lambda cxx=cxx: cxx)

@@ -1,4 +1,5 @@
-"""`train.kernels=fused` is the same computation as `plain`, keeping fewer bytes for backward."""
+"""`train.kernels` `fast` and `fused` are the same computation as `plain`: fast in fewer and
+faster operations, fused keeping fewer bytes for backward."""
 
 from __future__ import annotations
 
@@ -14,29 +15,63 @@ from tests.conftest import four_adamw_steps
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fused_kernels_give_the_plain_losses_step_by_step(
+def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
     tiny_base: Path, prepared: Path, tmp_path: Path, method: str
 ) -> None:
-    """4 AdamW steps with LoRA dropout 0.05 (the fused path draws the same masks) at a large
+    """4 AdamW steps with LoRA dropout 0.05 (fast and fused draw the same masks) at a large
     learning rate, so any difference in the gradients would show in the later losses."""
     reports = {}
-    for kern in ("plain", "fused"):
+    for kern in ("plain", "fast", "fused"):
         lr = 1e-3 if method == "lora" else 1e-4
         params = four_adamw_steps(method=method, kernels=kern, learning_rate=lr)
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
-    plain, fused = reports["plain"], reports["fused"]
-    assert plain["kernels"] == {
-        "lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "chunked_loss": False
-    }
+    plain, fast, fused = reports["plain"], reports["fast"], reports["fused"]
+    nothing = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "chunked_loss": False}
+    assert plain["kernels"] == {"kind": "plain", **nothing}
+    # fast swaps peft's LoRA linears only (full SFT has none: it is plain there)
+    assert fast["kernels"] == {"kind": "fast", **nothing, "lora_linear": 14 if method == "lora" else 0}
+    assert fused["kernels"]["kind"] == "fused"
     assert fused["kernels"]["swiglu_mlp"] == 2 and fused["kernels"]["gqa_attention"] == 2
     # LoRA: 2 norms per layer + the final one are frozen; full SFT trains them (none swapped)
     assert fused["kernels"]["frozen_norm"] == (5 if method == "lora" else 0)
     assert fused["kernels"]["chunked_loss"] is True
     assert fused["kernels"]["lora_linear"] == (14 if method == "lora" else 0)
     assert len(plain["losses"]) == 4 and plain["losses"][0] != plain["losses"][-1]  # it trained
-    for step, (a, b) in enumerate(zip(plain["losses"], fused["losses"])):
-        assert abs(a - b) < 1e-5, (step, plain["losses"], fused["losses"])
+    for other in (fast, fused):
+        for step, (a, b) in enumerate(zip(plain["losses"], other["losses"])):
+            assert abs(a - b) < 1e-5, (step, plain["losses"], other["losses"])
+    if method == "lora":  # the forward is peft's to the bit (alpha/r = 2): the first loss too
+        assert fast["losses"][0] == plain["losses"][0]
+
+
+def test_fast_lora_linear_equals_peft_forward_and_gradients() -> None:
+    """One LoRA linear with a bias, a non-power-of-two scaling and dropout: output, input and
+    adapter gradients of the fast autograd function against peft's own forward (the same
+    dropout masks), and peft's forward kept where the fast one does not apply (autocast)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(48, 40))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, lora_dropout=0.1, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at 0: no A gradient
+    assert kernels.apply(model, "fast")["lora_linear"] == 1
+    x = torch.randn(2, 9, 48)
+    grad = torch.randn(2, 9, 40)
+    results = {}
+    for kind in ("peft", "fast"):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out = type(layer).forward(layer, xi) if kind == "peft" else layer(xi)
+        assert (out.grad_fn.name() == "LoraLinearBackward") == (kind == "fast")
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        results[kind] = (out, *torch.autograd.grad(out, (xi, a, b), grad))
+    for name, theirs, ours in zip(("output", "x", "A", "B"), results["peft"], results["fast"]):
+        # sums in another order (fp32 rounding): within 1e-5 of the tensor's largest entry
+        assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).grad_fn.name() != "LoraLinearBackward"
 
 
 def test_fused_kernels_keep_fewer_bytes_for_backward(
@@ -118,10 +153,10 @@ def test_chunked_loss_equals_the_plain_one_across_chunks(monkeypatch: pytest.Mon
     torch.testing.assert_close(head.weight.grad, expected[1] * 3)
 
 
-def test_zero3_runs_plain_and_refuses_an_explicit_fused(tmp_path: Path) -> None:
-    """ZeRO-3 gathers a weight only inside its own module's forward; fused reads adapter and
-    head weights directly, so under ZeRO-3 (a shipped preset or a user's own JSON) auto runs
-    plain and an explicit fused is an error naming the key."""
+def test_zero3_runs_plain_and_refuses_an_explicit_fast_or_fused(tmp_path: Path) -> None:
+    """ZeRO-3 gathers a weight only inside its own module's forward; fast and fused read base,
+    adapter and head weights directly, so under ZeRO-3 (a shipped preset or a user's own JSON)
+    auto runs plain and an explicit fast or fused is an error naming the key."""
     import json
 
     from stages.core.errors import SftflowError
@@ -131,9 +166,12 @@ def test_zero3_runs_plain_and_refuses_an_explicit_fused(tmp_path: Path) -> None:
     own.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     for ds in ("zero3", str(own)):
         zero3 = DistributedParams(deepspeed=ds)
-        assert kernels.resolve(TrainParams(distributed=zero3)) == "plain"
-        with pytest.raises(SftflowError, match=r"^train\.kernels: fused cannot run under ZeRO-3"):
-            kernels.resolve(TrainParams(kernels="fused", distributed=zero3))
+        assert kernels.resolve(TrainParams(distributed=zero3), on_cpu=True) == "plain"
+        for kind in ("fast", "fused"):
+            with pytest.raises(SftflowError, match=rf"^train\.kernels: {kind} cannot run under ZeRO-3"):
+                kernels.resolve(TrainParams(kernels=kind, distributed=zero3))
     zero2 = DistributedParams(deepspeed="zero2")
     assert kernels.resolve(TrainParams(kernels="fused", distributed=zero2)) == "fused"
-    assert kernels.resolve(TrainParams(kernels="fused", gradient_checkpointing=True)) == "plain"
+    assert kernels.resolve(TrainParams(distributed=zero2), on_cpu=True) == "fast"
+    for kind in ("auto", "fast", "fused"):
+        assert kernels.resolve(TrainParams(kernels=kind, gradient_checkpointing=True), on_cpu=True) == "plain"

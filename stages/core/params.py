@@ -216,15 +216,17 @@ class TrainParams:
     # of fp32 logits is 0.8 GB, most of it on masked prompt tokens. Needs a model whose forward
     # takes `logits_to_keep` (all transformers decoder LMs); others fall back to full logits.
     trained_logits_only: bool = True
-    # fused: LoRA dropout keeping a bool mask instead of two fp32 copies of each layer input,
-    # SwiGLU recomputed in backward, LM head + cross-entropy in chunks of trained rows
-    # (stages/train/kernels.py); same losses as plain (fp32: within 1e-5 per step), measured on
-    # SmolLM2-135M: activations kept for backward 7.5 -> 3.2 GiB on a 3310-token batch.
-    # plain: transformers + peft as they are.
-    # auto: plain; over 20 steps of bench/train_bench.py --issue-table (2-vCPU AVX2 CPU) fused
-    # ran 0.85-0.89x plain's speed at 0.56-0.66x its peak RSS. fused is refused under ZeRO-3 (it
-    # partitions the weights fused reads directly) and does nothing with gradient checkpointing.
-    kernels: Literal["auto", "plain", "fused"] = "auto"
+    # How the step is computed (stages/train/kernels.py); all the same computation as plain
+    # (fp32: per-step losses within 1e-5, tested). plain: transformers + peft as they are.
+    # fast: peft's LoRA linear as one autograd function (dropout in one pass, the branch added
+    # in place, faster GEMM layouts). fused: LoRA dropout keeping a bool mask instead of two
+    # fp32 copies of each layer input, SwiGLU recomputed in backward, LM head + cross-entropy in
+    # chunks of trained rows: activations kept for backward 7.5 -> 3.2 GiB on a 3310-token batch
+    # of SmolLM2-135M, 0.85-0.89x plain's speed. auto: fast on the CPU (bench/train_bench.py
+    # --issue-table, 2-vCPU AVX2 CPU: 103 vs plain's 94 tokens/s), plain on a GPU (fast not measured there).
+    # fast and fused are refused under ZeRO-3 (it partitions the weights they read directly;
+    # auto: plain) and do nothing with gradient checkpointing.
+    kernels: Literal["auto", "plain", "fast", "fused"] = "auto"
     # caching: large CPU tensors each in their own mapping, reused by size within a step and
     # unmapped after it (stages/train/allocator.py), instead of glibc's heap, which keeps freed
     # activation pages: same losses bit for bit, lower peak RSS (docs/benchmarks.md, "allocator").

@@ -52,6 +52,30 @@ def keep_mask(x: Any, keep: float) -> Any:
     return mask.view(torch.bool)
 
 
+def dropout_noise(x: Any, p: float) -> tuple[Any, Any]:
+    """`(noise, x * noise)`: F.dropout's CPU computation split in its two tensors, noise being
+    the keep mask divided by 1 - p in x's dtype (what autograd keeps for the input gradient),
+    with the mask `keep_mask` would draw. For contiguous fp32 CPU tensors, once `activate` has
+    checked the library, both come from one pass over x.
+
+    >>> import torch
+    >>> x = torch.randn(3, 5)
+    >>> _ = torch.manual_seed(0); noise, dropped = dropout_noise(x, 0.25)
+    >>> _ = torch.manual_seed(0); torch.equal(dropped, torch.nn.functional.dropout(x, 0.25))
+    True
+    """
+    import torch
+
+    if _State.lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        noise = keep_mask(x, 1 - p).to(x.dtype).div_(1 - p)
+        return noise, x * noise
+    scale = float(torch.ones(1).div_(1 - p))  # the value torch's div_ gives a kept element
+    noise, dropped = torch.empty_like(x), torch.empty_like(x)
+    if _State.lib.sftflow_dropout_noise(x.data_ptr(), dropped.data_ptr(), noise.data_ptr(), x.numel(), 1 - p, scale):
+        raise RuntimeError("torch's CPU generator is not in a valid state")
+    return noise, dropped
+
+
 def _dropout_class() -> Any:
     """The module class, made once per process (torch is imported only when training) and kept
     as this module's `SameMaskDropout`, so a model holding it pickles and deep-copies."""
@@ -76,6 +100,7 @@ def _dropout_class() -> Any:
 def _load() -> Any:
     lib = ctypes.CDLL(str(native.build(SOURCE, ("torch_cpu", "c10"), "LoRA dropout masks")))
     lib.sftflow_keep_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
+    lib.sftflow_dropout_noise.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double, ctypes.c_float]
     return lib
 
 

@@ -1,4 +1,14 @@
-"""Leaner training kernels (`train.kernels`): the same computation, fewer bytes kept for backward.
+"""Training kernels (`train.kernels`): the same computation as transformers + peft (`plain`),
+in fewer and faster operations (`fast`) or keeping fewer bytes for backward (`fused`).
+
+`fast` replaces peft's LoRA linear (`base(x) + lora_B(lora_A(dropout(x))) * scaling`, seven
+autograd nodes and four full-size element-wise passes) with one autograd function
+(`LoraLinear`): the dropout noise and the dropped-out input from one pass over x
+(dropout_masks.dropout_noise, the same masks), the branch accumulated into the base output with
+`addmm_` (the scaling as its alpha), and in backward the rank-r products in the operand layouts
+MKL runs fastest, the scaling applied to rank-r tensors. Measured on the profile of a plain step
+(SmolLM2-135M, r8 all-linear, 4 packed batches of 620-970 tokens, 2-vCPU AVX2 EPYC): the rank-r
+GEMMs 3.3-3.5 -> 2.2-2.5 s and `mul` 2.3 -> 1.4 s of ~29 s.
 
 Measured on SmolLM2-135M, LoRA r8 all-linear with dropout 0.05, one packed batch of 2114
 tokens in fp32: autograd kept 5.0 GiB of activations (peak RSS 8.5 GB). Half of it was LoRA
@@ -51,36 +61,50 @@ CHUNK_ROWS = 256  # logit rows per loss chunk: 256 x 49k fp32 = 48 MB at a time
 NORM_INPUT = "_sftflow_norm_input"  # on a frozen norm's output: (its forward, its input)
 
 
-def resolve(params: TrainParams) -> str:
-    """What `train.kernels` means for this run: `plain` or `fused`.
+def resolve(params: TrainParams, on_cpu: bool | None = None) -> str:
+    """What `train.kernels` means for this run: `plain`, `fast` or `fused` (`on_cpu`: whether
+    it trains on the CPU; None: no CUDA device is visible).
 
-    `auto` is `plain`: measured with the issue-table settings on a 2-vCPU AVX2 EPYC
-    (bench/train_bench.py --issue-table, 20 steps, 2 rounds, 2 threads), fused ran 79-88
-    tokens/s vs plain's 93-99 (its recomputation costs more than the saved bytes gain there) at
-    4.0 vs 6.0-6.1 GB peak RSS; choose `fused` when memory is what limits you. Fused never runs with gradient
-    checkpointing (whole layers are recomputed, nothing left for it to save), and is refused
-    under DeepSpeed ZeRO-3, which gathers a weight only inside its own module's forward while
-    the fused LoRA branch and the chunked loss read adapter and head weights directly (a
-    2-process ZeRO-3 run failed on the partitioned head weight).
+    `auto` is `fast` on the CPU, `plain` on a GPU, where `fast` was not measured. With the
+    issue-table settings on a 2-vCPU AVX2 EPYC (bench/train_bench.py --issue-table, 20 steps,
+    2 rounds, 2 threads) fast ran 103 tokens/s vs plain's 94 (the same final loss); fused ran
+    79-88 vs plain's 93-99 in an earlier run (its recomputation costs more than the saved bytes
+    gain there) at 4.0 vs 6.0-6.1 GB peak RSS: choose `fused` when memory is what limits you. Neither runs with
+    gradient checkpointing (whole layers are recomputed: nothing left for fused to save, and
+    fast was not tested there), and both are refused under DeepSpeed ZeRO-3, which gathers a
+    weight only inside its own module's forward while they read base, adapter and head weights
+    directly (a 2-process ZeRO-3 run of fused failed on the partitioned head weight); `auto`
+    is `plain` there.
 
     >>> from stages.core.params import DistributedParams
-    >>> resolve(TrainParams()), resolve(TrainParams(kernels="fused"))
-    ('plain', 'fused')
+    >>> resolve(TrainParams(), on_cpu=True), resolve(TrainParams(), on_cpu=False)
+    ('fast', 'plain')
+    >>> resolve(TrainParams(kernels="fused")), resolve(TrainParams(kernels="fast"), on_cpu=False)
+    ('fused', 'fast')
     >>> resolve(TrainParams(kernels="fused", gradient_checkpointing=True))
     'plain'
     """
-    if params.kernels != "fused" or params.gradient_checkpointing:
+    if params.kernels == "plain" or params.gradient_checkpointing:
         return "plain"
-    if params.distributed.deepspeed != "none":
+    kind = params.kernels
+    if kind == "auto":
+        if on_cpu is None:
+            import torch
+
+            on_cpu = not torch.cuda.is_available()
+        kind = "fast" if on_cpu else "plain"
+    if kind != "plain" and params.distributed.deepspeed != "none":
         from stages.train.distributed import deepspeed_config, zero_stage
 
         if zero_stage(deepspeed_config(params.distributed)) == 3:
+            if params.kernels == "auto":
+                return "plain"
             raise SftflowError(
-                f"train.kernels: fused cannot run under ZeRO-3 ({params.distributed.deepspeed}): it reads "
-                "adapter and head weights outside their modules, where ZeRO-3 keeps them partitioned; "
+                f"train.kernels: {kind} cannot run under ZeRO-3 ({params.distributed.deepspeed}): it reads "
+                "base, adapter and head weights outside their modules, where ZeRO-3 keeps them partitioned; "
                 "use auto or plain"
             )
-    return "fused"
+    return kind
 
 
 class _LoraBranch:
@@ -150,6 +174,82 @@ def lora_branch(
     True
     """
     return _lora_branch_fn().apply(prefix, p, scaling, [] if given is None else [given], a, b, x, *more)
+
+
+class _LoraLinear:
+    """Namespace for the `fast` autograd function (built lazily: importing torch costs seconds)."""
+
+    fn: Any = None
+
+
+def _lora_linear_fn() -> Any:
+    import torch
+
+    if _LoraLinear.fn is not None:
+        return _LoraLinear.fn
+
+    class LoraLinear(torch.autograd.Function):
+        """`base(x) + B(A(dropout(x))) * scaling` for a frozen `nn.Linear` base, fp32 or any one
+        dtype without autocast. The same float operations as peft's forward (output bit for bit
+        when the scaling is a power of two, as alpha/r usually is); backward computes the rank-r
+        products in the layouts MKL runs fastest and applies the scaling to rank-r tensors."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, w: Any, bias: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
+            rows = x.reshape(-1, x.shape[-1])
+            y = torch.nn.functional.linear(rows, w, bias)
+            if p > 0:  # exactly F.dropout's CPU computation: a 0/1 mask divided by 1-p, times x
+                noise, dropped = dropout_masks.dropout_noise(rows, p)
+            else:
+                noise, dropped = None, rows
+            h = torch.mm(dropped, a.t())
+            # peft adds (h @ B.T) * scaling to the base output as a new tensor; addmm_ writes
+            # it into y in place (y + scaling * (h @ B.T): the same value when scaling is 2^k)
+            y.addmm_(h, b.t(), alpha=scaling)
+            ctx.save_for_backward(w, a, b, dropped if ctx.needs_input_grad[3] else None, h, noise)
+            ctx.scaling, ctx.x_shape = scaling, x.shape
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            w, a, b, dropped, h, noise = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1])
+            # Rank-r products with a [T, out] operand: MKL's sgemm ran g.T @ h 4.6x slower than
+            # (h.T @ g).T and g @ B 2.3x slower than (B.T @ g.T).T (T=970, out=1536, r=8, 2
+            # threads, AVX2 EPYC: 3.02 vs 0.66 ms, 1.46 vs 0.64 ms); the scaling multiplies the
+            # [out, r] and [T, r] results instead of the [T, out] gradient.
+            grad_b = torch.mm(h.t(), g).t().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+            grad_h = torch.mm(b.t(), g.t()).t().mul_(ctx.scaling)
+            grad_a = torch.mm(grad_h.t(), dropped) if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(g, w)
+                if noise is not None:
+                    grad_x.addcmul_(torch.mm(grad_h, a), noise)
+                else:
+                    grad_x.addmm_(grad_h, a)
+                grad_x = grad_x.view(ctx.x_shape)
+            return grad_x, None, None, grad_a, grad_b, None, None
+
+    _LoraLinear.fn = LoraLinear
+    return LoraLinear
+
+
+def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """peft's `lora.Linear.forward` as one autograd function (`fast`) where it applies: one
+    vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype, no
+    autocast (bf16 runs keep peft's forward); anything else goes to peft's own forward."""
+    import torch
+
+    base = self.base_layer
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    if args or kwargs or not _lora_ready(self) or type(base) is not torch.nn.Linear or not frozen:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    if torch.is_autocast_enabled(x.device.type) or not x.dtype == base.weight.dtype == a.dtype == b.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    return _lora_linear_fn().apply(x, base.weight, base.bias, a, b, _dropout_p(self, name), self.scaling[name])
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -270,12 +370,18 @@ def _source(fn: Any) -> str:
         return ""
 
 
-def apply(model: Any) -> dict[str, int]:
-    """Swap in the fused forwards on one model instance (its classes stay untouched);
-    returns how many modules of each kind were swapped."""
+def apply(model: Any, kind: str = "fused") -> dict[str, int]:
+    """Swap in the `kind` (`fast` or `fused`) forwards on one model instance (its classes stay
+    untouched); returns how many modules of each kind were swapped."""
     from stages.train.attention import GQA_FLAG
 
     counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
+    if kind == "fast":
+        for module in model.modules():
+            if _is_lora_linear(module):
+                module.forward = types.MethodType(_fast_lora_forward, module)
+                counts["lora_linear"] += 1
+        return counts
     for module in model.modules():
         if getattr(module, "num_key_value_groups", 1) > 1:
             setattr(module, GQA_FLAG, True)
@@ -293,14 +399,14 @@ def apply(model: Any) -> dict[str, int]:
 
 
 def applied(model: Any) -> dict[str, int]:
-    """How many modules of `model` run a fused forward (for the run's report)."""
+    """How many modules of `model` run a fast or fused forward (for the run's report)."""
     from stages.train.attention import GQA_FLAG
 
     counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
     for module in model.modules():
         counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
-        if forward is _fused_lora_forward:
+        if forward is _fused_lora_forward or forward is _fast_lora_forward:
             counts["lora_linear"] += 1
         elif forward is _fused_mlp_forward:
             counts["swiglu_mlp"] += 1

@@ -61,11 +61,11 @@ def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.
     if params.method == "full":
         _freeze(model, params.full.frozen_modules, params_file)
         if kernels.resolve(params) == "fused":
-            kernels.apply(model)
+            kernels.apply(model, "fused")
         return model
     model = _add_adapters(model, params, params_file)
-    if kernels.resolve(params) == "fused":
-        kernels.apply(model)
+    if (kind := kernels.resolve(params)) != "plain":
+        kernels.apply(model, kind)
     if params.gradient_checkpointing:
         model.enable_input_require_grads()
     for p in model.parameters():  # adapters may inherit the base's bf16; they train in fp32

@@ -234,7 +234,7 @@ def train(
         "precision": params.precision,
         "attention": attention,
         "trained_logits_only": trained_only,
-        "kernels": {**kernels.applied(model), "chunked_loss": head is not None},
+        "kernels": {"kind": kernels.resolve(params), **kernels.applied(model), "chunked_loss": head is not None},
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,
