@@ -234,7 +234,7 @@ def train(
         "precision": params.precision,
         "attention": attention,
         "trained_logits_only": trained_only,
-        "kernels": {"kind": kernels.resolve(params), **kernels.applied(model), "chunked_loss": head is not None},
+        "kernels": _kernels_report(params, model, head),
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,
@@ -318,6 +318,14 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
     )
+
+
+def _kernels_report(params: TrainParams, model: Any, head: Any) -> dict[str, Any]:
+    """The train report's `kernels`: what ran (`plain` where `train.kernels` resolved to fast or
+    fused but nothing was swapped: full fine-tuning under fast, vision models) and the counts."""
+    counts = kernels.applied(model)
+    ran = any(counts.values()) or head is not None
+    return {"kind": kernels.resolve(params) if ran else "plain", **counts, "chunked_loss": head is not None}
 
 
 def cpu_has_bf16() -> bool:
