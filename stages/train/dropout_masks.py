@@ -56,7 +56,9 @@ def dropout_noise(x: Any, p: float) -> tuple[Any, Any]:
     """`(noise, x * noise)`: F.dropout's CPU computation split in its two tensors, noise being
     the keep mask divided by 1 - p in x's dtype (what autograd keeps for the input gradient),
     with the mask `keep_mask` would draw. For contiguous fp32 CPU tensors, once `activate` has
-    checked the library, both come from one pass over x.
+    checked the library, both come from one pass over x, and then carry no autograd history:
+    this is for autograd functions that compute the input gradient themselves (kernels.LoraLinear),
+    not for a module's forward (SameMaskDropout keeps torch's ops for that reason).
 
     >>> import torch
     >>> x = torch.randn(3, 5)
