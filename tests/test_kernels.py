@@ -27,13 +27,10 @@ def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
     plain, fast, fused = reports["plain"], reports["fast"], reports["fused"]
-    nothing = {
-        "lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "segments_attention": 0, "chunked_loss": False
-    }
+    nothing = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "chunked_loss": False}
     assert plain["kernels"] == {"kind": "plain", **nothing}
-    # fast swaps peft's LoRA linears and the packed rows' attention (full SFT: attention only)
-    fast_lora = {"kind": "fast", **nothing, "lora_linear": 14, "segments_attention": 2}
-    assert fast["kernels"] == (fast_lora if method == "lora" else {"kind": "fast", **nothing, "segments_attention": 2})
+    # fast swaps peft's LoRA linears only (full SFT has none: it is plain there)
+    assert fast["kernels"] == ({"kind": "fast", **nothing, "lora_linear": 14} if method == "lora" else {"kind": "plain", **nothing})
     assert fused["kernels"]["kind"] == "fused"
     assert fused["kernels"]["swiglu_mlp"] == 2 and fused["kernels"]["gqa_attention"] == 2
     # LoRA: 2 norms per layer + the final one are frozen; full SFT trains them (none swapped)
@@ -178,43 +175,3 @@ def test_zero3_runs_plain_and_refuses_an_explicit_fast_or_fused(tmp_path: Path) 
     assert kernels.resolve(TrainParams(distributed=zero2), on_cpu=True) == "fast"
     for kind in ("auto", "fast", "fused"):
         assert kernels.resolve(TrainParams(kernels=kind, gradient_checkpointing=True), on_cpu=True) == "plain"
-
-
-def test_segments_attention_equals_per_sample_sdpa() -> None:
-    """fast's attention over a packed row (one autograd node, k/v heads broadcast by the kernel)
-    against transformers' repeated k/v and one SDPA call per sample: the same output and query
-    gradient bit for bit, k/v gradients summed over their query heads in another order."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    from stages.train import attention
-
-    torch.manual_seed(0)
-    lengths = [7, 1, 12, 5]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    leaves = [torch.randn(1, h, sum(lengths), 16, requires_grad=True) for h in (6, 2, 2)]
-    grad = torch.randn(1, sum(lengths), 6, 16)
-    module = torch.nn.Module()
-    module.num_key_value_groups = 3
-    results = {}
-    for kind in ("per_sample", "segments"):
-        setattr(module, attention.SEGMENTS_FLAG, kind == "segments")
-        q, k, v = (t * 1.0 for t in leaves)
-        out, _ = attention.varlen_sdpa_forward(module, q, k, v, None, scaling=0.25, position_ids=position_ids)
-        assert (out.grad_fn.name() == "SegmentsAttentionBackward") == (kind == "segments")
-        results[kind] = (out, *torch.autograd.grad(out, leaves, grad))
-    bounds = attention.segment_bounds(position_ids)
-    reference = torch.cat(  # each sample alone, causal: nothing crosses a sample's boundary
-        [
-            torch.nn.functional.scaled_dot_product_attention(
-                leaves[0][:, :, s:e], repeat_kv(leaves[1], 3)[:, :, s:e], repeat_kv(leaves[2], 3)[:, :, s:e],
-                scale=0.25, is_causal=True,
-            )
-            for s, e in bounds
-        ],
-        dim=2,
-    ).transpose(1, 2)
-    ours, theirs = results["segments"], results["per_sample"]
-    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[0], reference)
-    assert torch.equal(ours[1], theirs[1])
-    for name, a, b in zip("kv", ours[2:], theirs[2:]):
-        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()), name

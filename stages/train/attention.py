@@ -17,7 +17,6 @@ from typing import Any
 
 NAME = "sdpa_varlen"
 GQA_FLAG = "sftflow_gqa_in_sdpa"  # attribute on an attention module: let SDPA broadcast k/v heads
-SEGMENTS_FLAG = "sftflow_segments_in_one_function"  # attribute on an attention module: `segments_attention`
 
 
 def segment_bounds(position_ids: Any) -> list[tuple[int, int]]:
@@ -58,9 +57,6 @@ def varlen_sdpa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
-    bounds = segment_bounds(position_ids)
-    if getattr(module, SEGMENTS_FLAG, False) and _segments_apply(query, key, value, dropout):
-        return _segments_fn().apply(query, key, value, bounds, scaling), None
     # GQA inside SDPA (train.kernels=fused sets the flag): k/v are not copied to every head
     # and SDPA saves them at their own size; measured on CPU: same output, k/v gradients
     # within 2e-6, the SDPA call ~20 % faster for 9 query / 3 kv heads
@@ -77,87 +73,10 @@ def varlen_sdpa_forward(
             is_causal=True,
             **({"enable_gqa": True} if gqa else {}),
         )
-        for s, e in bounds
+        for s, e in segment_bounds(position_ids)
     ]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _segments_apply(query: Any, key: Any, value: Any, dropout: float) -> bool:
-    """Whether `segments_attention` computes what SDPA would here: CPU tensors of one dtype, no
-    autocast (it would cast them), no attention dropout, and this torch has the CPU kernel."""
-    import torch
-
-    return (
-        query.device.type == "cpu"
-        and dropout == 0.0
-        and query.dtype == key.dtype == value.dtype
-        and not torch.is_autocast_enabled("cpu")
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-    )
-
-
-class _Segments:
-    """Namespace for the autograd function (built lazily: importing torch costs seconds)."""
-
-    fn: Any = None
-
-
-def _segments_fn() -> Any:
-    import torch
-
-    if _Segments.fn is not None:
-        return _Segments.fn
-    forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-    class SegmentsAttention(torch.autograd.Function):
-        """Causal attention within each [start, end) segment of one packed row, as one autograd
-        node: SDPA's own CPU flash kernel (the one `scaled_dot_product_attention` runs for these
-        inputs) forward and backward per segment, writing into one output and one gradient per
-        input. Per-segment SDPA calls under autograd instead cost, per segment, a full-size
-        zero-filled gradient for each of q, k, v (the slices' backward) summed into the next, and
-        the output's `cat` + transpose copy: measured on a 2-vCPU AVX2 EPYC (9 query / 3 kv heads
-        of 64, segments of 150/90/300/212 tokens, forward + backward, median of 12) 31.3 ms per
-        layer -> 27.6 ms with the k/v heads broadcast by the kernel. The values are the same
-        (q's gradient bit for bit; k/v's summed over their query heads in another order)."""
-
-        @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, bounds: list, scale: float | None) -> Any:
-            batch, heads, length, dim = q.shape
-            out = q.new_empty(batch, length, heads, dim)  # the layout attention modules return
-            lses = []
-            for s, e in bounds:
-                o, lse = forward_op(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
-                out[:, s:e].copy_(o.transpose(1, 2))
-                lses.append(lse)
-            ctx.save_for_backward(q, k, v, out, *lses)
-            ctx.bounds, ctx.scale = bounds, scale
-            return out
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
-            q, k, v, out, *lses = ctx.saved_tensors
-            grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            for (s, e), lse in zip(ctx.bounds, lses):
-                gq, gk, gv = backward_op(
-                    grad[:, s:e].transpose(1, 2),
-                    q[:, :, s:e],
-                    k[:, :, s:e],
-                    v[:, :, s:e],
-                    out[:, s:e].transpose(1, 2),
-                    lse,
-                    0.0,
-                    True,
-                    scale=ctx.scale,
-                )
-                grad_q[:, :, s:e].copy_(gq)
-                grad_k[:, :, s:e].copy_(gk)
-                grad_v[:, :, s:e].copy_(gv)
-            return grad_q, grad_k, grad_v, None, None
-
-    _Segments.fn = SegmentsAttention
-    return SegmentsAttention
 
 
 def register() -> str:

@@ -4,11 +4,9 @@ in fewer and faster operations (`fast`) or keeping fewer bytes for backward (`fu
 `fast` replaces peft's LoRA linear (`base(x) + lora_B(lora_A(dropout(x))) * scaling`, seven
 autograd nodes and four full-size element-wise passes) with one autograd function
 (`LoraLinear`): the dropout noise and the dropped-out input from one pass over x
-(dropout_masks.dropout_mask, the same masks; backward recomputes it from x and a 1-byte mask), the branch accumulated into the base output with
+(dropout_masks.dropout_noise, the same masks), the branch accumulated into the base output with
 `addmm_` (the scaling as its alpha), and in backward the rank-r products in the operand layouts
-MKL runs fastest, the scaling applied to rank-r tensors. It also gives packed rows' attention
-one autograd node (attention.SEGMENTS_FLAG: no zero-filled full-size gradient per sample, k/v
-heads broadcast by the kernel). Measured on the profile of a plain step
+MKL runs fastest, the scaling applied to rank-r tensors. Measured on the profile of a plain step
 (SmolLM2-135M, r8 all-linear, 4 packed batches of 620-970 tokens, 2-vCPU AVX2 EPYC): the rank-r
 GEMMs 3.3-3.5 -> 2.2-2.5 s and `mul` 2.3 -> 1.4 s of ~29 s.
 
@@ -375,17 +373,14 @@ def _source(fn: Any) -> str:
 def apply(model: Any, kind: str = "fused") -> dict[str, int]:
     """Swap in the `kind` (`fast` or `fused`) forwards on one model instance (its classes stay
     untouched); returns how many modules of each kind were swapped."""
-    from stages.train.attention import GQA_FLAG, SEGMENTS_FLAG
+    from stages.train.attention import GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "segments_attention": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
     if kind == "fast":
         for module in model.modules():
             if _is_lora_linear(module):
                 module.forward = types.MethodType(_fast_lora_forward, module)
                 counts["lora_linear"] += 1
-            elif hasattr(module, "num_key_value_groups"):  # an attention module (sdpa_varlen reads the flag)
-                setattr(module, SEGMENTS_FLAG, True)
-                counts["segments_attention"] += 1
         return counts
     for module in model.modules():
         if getattr(module, "num_key_value_groups", 1) > 1:
@@ -405,12 +400,11 @@ def apply(model: Any, kind: str = "fused") -> dict[str, int]:
 
 def applied(model: Any) -> dict[str, int]:
     """How many modules of `model` run a fast or fused forward (for the run's report)."""
-    from stages.train.attention import GQA_FLAG, SEGMENTS_FLAG
+    from stages.train.attention import GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "segments_attention": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
     for module in model.modules():
         counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
-        counts["segments_attention"] += int(getattr(module, SEGMENTS_FLAG, False))
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
         if forward is _fused_lora_forward or forward is _fast_lora_forward:
             counts["lora_linear"] += 1

@@ -60,8 +60,8 @@ def build_model(params: TrainParams, base_dir: Path, params_file: str = "params.
         model.config.use_cache = False
     if params.method == "full":
         _freeze(model, params.full.frozen_modules, params_file)
-        if (kind := kernels.resolve(params)) != "plain":  # no LoRA linears: fast swaps attention only
-            kernels.apply(model, kind)
+        if kernels.resolve(params) == "fused":
+            kernels.apply(model, "fused")
         return model
     model = _add_adapters(model, params, params_file)
     if (kind := kernels.resolve(params)) != "plain":
