@@ -8,7 +8,11 @@ autograd nodes and four full-size element-wise passes) with one autograd functio
 `addmm_` (the scaling as its alpha), and in backward the rank-r products in the operand layouts
 MKL runs fastest, the scaling applied to rank-r tensors. Measured on the profile of a plain step
 (SmolLM2-135M, r8 all-linear, 4 packed batches of 620-970 tokens, 2-vCPU AVX2 EPYC): the rank-r
-GEMMs 3.3-3.5 -> 2.2-2.5 s and `mul` 2.3 -> 1.4 s of ~29 s.
+GEMMs 3.3-3.5 -> 2.2-2.5 s and `mul` 2.3 -> 1.4 s of ~29 s. Under a bf16 autocast
+(`train.precision: bf16`, fp32 adapters) `fast` runs `LoraLinearLow` instead, and packed rows
+attend in fp32 (attention.FP32_FLAG): on the issue-table bench (Zen 4 with avx512_bf16, 20
+steps, 2 rounds) bf16 ran 291 tokens/s vs 254 with peft's forward, at final loss 5.70889 vs
+5.70672 (fp32: 5.61352; tests bound the gap by bf16's own).
 
 Measured on SmolLM2-135M, LoRA r8 all-linear with dropout 0.05, one packed batch of 2114
 tokens in fp32: autograd kept 5.0 GiB of activations (peak RSS 8.5 GB). Half of it was LoRA
@@ -235,10 +239,75 @@ def _lora_linear_fn() -> Any:
     return LoraLinear
 
 
+class _LoraLinearLow:
+    """Namespace for the `fast` autograd function under autocast (built lazily)."""
+
+    fn: Any = None
+
+
+def _lora_linear_low_fn() -> Any:
+    import torch
+
+    if _LoraLinearLow.fn is not None:
+        return _LoraLinearLow.fn
+
+    class LoraLinearLow(torch.autograd.Function):
+        """`base(x) + B(A(dropout(x))) * scaling` as autocast runs it (train.precision bf16):
+        every product in the autocast dtype (bf16), adapters kept and updated in fp32. peft under
+        autocast casts x to fp32 for the dropout, back to bf16 for lora_A, and both adapters to
+        bf16, each call: 1.0 s of copies and 1.0 s of `mul` in 10.7 s of bf16 steps (profile of
+        4 packed batches of 620-970 tokens, Zen 4 with avx512_bf16). Here the dropout keeps x
+        in bf16 times the 0/1 mask (exact; the same mask draws), and the 1/(1-p) goes into the
+        alpha of the rank-r product instead, so no value is rounded to bf16 after scaling by
+        1/(1-p): the same computation as peft's in bf16, not bit for bit (tests compare the
+        per-step losses within bf16's own noise)."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, w: Any, bias: Any, a: Any, b: Any, p: float, scaling: float, dtype: Any
+        ) -> Any:
+            with torch.autocast(x.device.type, enabled=False):
+                rows = x.reshape(-1, x.shape[-1]).to(dtype)
+                wl, al, bl = w.to(dtype), a.to(dtype), b.to(dtype)
+                y = torch.nn.functional.linear(rows, wl, None if bias is None else bias.to(dtype))
+                mask = dropout_masks.keep_mask(rows, 1 - p).to(dtype) if p > 0 else None
+                dropped = rows * mask if mask is not None else rows
+                alpha = scaling / (1 - p) if p > 0 else scaling
+                h = torch.mm(dropped, al.t())
+                y.addmm_(h, bl.t(), alpha=alpha)
+            ctx.save_for_backward(wl, al, bl, dropped if ctx.needs_input_grad[3] else None, h, mask)
+            ctx.alpha, ctx.x_shape, ctx.x_dtype = alpha, x.shape, x.dtype
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            wl, al, bl, dropped, h, mask = ctx.saved_tensors
+            with torch.autocast(grad.device.type, enabled=False):
+                g = grad.reshape(-1, grad.shape[-1]).to(wl.dtype)
+                # the layouts LoraLinear's backward measured fastest; alpha applied in fp32 to
+                # the rank-r results (the fp32 adapters' gradients, and grad_h before its cast)
+                grad_b = torch.mm(h.t(), g).t().float().mul_(ctx.alpha) if ctx.needs_input_grad[4] else None
+                grad_h = torch.mm(bl.t(), g.t()).t().float().mul_(ctx.alpha).to(wl.dtype)
+                grad_a = torch.mm(grad_h.t(), dropped).float() if ctx.needs_input_grad[3] else None
+                grad_x = None
+                if ctx.needs_input_grad[0]:
+                    grad_x = torch.mm(g, wl)
+                    if mask is not None:
+                        grad_x.addcmul_(torch.mm(grad_h, al), mask)
+                    else:
+                        grad_x.addmm_(grad_h, al)
+                    grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    _LoraLinearLow.fn = LoraLinearLow
+    return LoraLinearLow
+
+
 def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """peft's `lora.Linear.forward` as one autograd function (`fast`) where it applies: one
-    vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype, no
-    autocast (bf16 runs keep peft's forward); anything else goes to peft's own forward."""
+    vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype without
+    autocast (`LoraLinear`), or fp32 adapters under a bf16/fp16 autocast (`LoraLinearLow`);
+    anything else goes to peft's own forward."""
     import torch
 
     base = self.base_layer
@@ -247,9 +316,16 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    if torch.is_autocast_enabled(x.device.type) or not x.dtype == base.weight.dtype == a.dtype == b.dtype:
+    p, scaling = _dropout_p(self, name), self.scaling[name]
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        if low in (torch.bfloat16, torch.float16) and a.dtype == b.dtype == torch.float32:
+            return _lora_linear_low_fn().apply(x, base.weight, base.bias, a, b, p, scaling, low)
         return type(self).forward(self, x, *args, **kwargs)
-    return _lora_linear_fn().apply(x, base.weight, base.bias, a, b, _dropout_p(self, name), self.scaling[name])
+    if not x.dtype == base.weight.dtype == a.dtype == b.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    return _lora_linear_fn().apply(x, base.weight, base.bias, a, b, p, scaling)
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -373,14 +449,17 @@ def _source(fn: Any) -> str:
 def apply(model: Any, kind: str = "fused") -> dict[str, int]:
     """Swap in the `kind` (`fast` or `fused`) forwards on one model instance (its classes stay
     untouched); returns how many modules of each kind were swapped."""
-    from stages.train.attention import GQA_FLAG
+    from stages.train.attention import FP32_FLAG, GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0}
     if kind == "fast":
         for module in model.modules():
             if _is_lora_linear(module):
                 module.forward = types.MethodType(_fast_lora_forward, module)
                 counts["lora_linear"] += 1
+            elif hasattr(module, "num_key_value_groups"):  # an attention module: see attention.FP32_FLAG
+                setattr(module, FP32_FLAG, True)
+                counts["fp32_attention"] += 1
         return counts
     for module in model.modules():
         if getattr(module, "num_key_value_groups", 1) > 1:
@@ -400,11 +479,12 @@ def apply(model: Any, kind: str = "fused") -> dict[str, int]:
 
 def applied(model: Any) -> dict[str, int]:
     """How many modules of `model` run a fast or fused forward (for the run's report)."""
-    from stages.train.attention import GQA_FLAG
+    from stages.train.attention import FP32_FLAG, GQA_FLAG
 
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0}
     for module in model.modules():
         counts["gqa_attention"] += int(getattr(module, GQA_FLAG, False))
+        counts["fp32_attention"] += int(getattr(module, FP32_FLAG, False))
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
         if forward is _fused_lora_forward or forward is _fast_lora_forward:
             counts["lora_linear"] += 1
