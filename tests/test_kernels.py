@@ -27,8 +27,9 @@ def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
     plain, fast, fused = reports["plain"], reports["fast"], reports["fused"]
-    nothing = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0}
-    nothing["chunked_loss"] = False
+    nothing = {
+        "lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0, "chunked_loss": False
+    }
     assert plain["kernels"] == {"kind": "plain", **nothing}
     # fast swaps peft's LoRA linears and flags the attention modules (bf16 attends in fp32;
     # full SFT has no LoRA linears: plain forwards, plain report)
@@ -233,3 +234,35 @@ def test_fast_kernels_in_bf16_stay_within_bf16s_own_noise(tiny_base: Path, prepa
     gap = max(abs(a - b) for a, b in zip(fast16, plain16))
     print(f"bf16 vs fp32 (plain): {noise:.2e}; bf16 fast vs plain: {gap:.2e}")
     assert 0 < gap <= noise, (plain32, plain16, fast16)
+
+
+def test_fast_attention_runs_bf16_packed_rows_in_fp32() -> None:
+    """`attention.FP32_FLAG` (set by fast): bf16 packed rows under autocast attend in fp32, per
+    sample and causal, and come back in bf16: bit for bit the fp32 computation rounded once;
+    without the flag SDPA runs in bf16 (a different rounding)."""
+    from stages.train import attention
+
+    torch.manual_seed(0)
+    lengths = [7, 1, 12]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    q, k, v = (torch.randn(1, 4, sum(lengths), 16).to(torch.bfloat16) for _ in range(3))
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
+    outs = {}
+    for flag in (True, False):
+        setattr(module, attention.FP32_FLAG, flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.varlen_sdpa_forward(module, q, k, v, None, scaling=0.25, position_ids=position_ids)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous()
+        outs[flag] = out
+    fp32 = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, s:e].float(), k[:, :, s:e].float(), v[:, :, s:e].float(), scale=0.25, is_causal=True
+            )
+            for s, e in attention.segment_bounds(position_ids)
+        ],
+        dim=2,
+    ).transpose(1, 2)
+    assert torch.equal(outs[True], fp32.to(torch.bfloat16))
+    assert not torch.equal(outs[False], outs[True])

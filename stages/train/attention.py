@@ -88,7 +88,10 @@ def varlen_sdpa_forward(
             for s, e in segment_bounds(position_ids)
         ]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.transpose(1, 2).to(dtype).contiguous(), None
+    out = out.transpose(1, 2)
+    if upcast:  # back to bf16/fp16 and to the contiguous layout in one copy
+        return torch.empty(out.shape, dtype=dtype, device=out.device).copy_(out), None
+    return out.contiguous(), None
 
 
 def register() -> str:

@@ -211,32 +211,45 @@ def _lora_linear_fn() -> Any:
             # it into y in place (y + scaling * (h @ B.T): the same value when scaling is 2^k)
             y.addmm_(h, b.t(), alpha=scaling)
             ctx.save_for_backward(w, a, b, dropped if ctx.needs_input_grad[3] else None, h, noise)
-            ctx.scaling, ctx.x_shape = scaling, x.shape
+            ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype = scaling, x.shape, x.dtype, a.dtype
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            w, a, b, dropped, h, noise = ctx.saved_tensors
-            g = grad.reshape(-1, grad.shape[-1])
-            # Rank-r products with a [T, out] operand: MKL's sgemm ran g.T @ h 4.6x slower than
-            # (h.T @ g).T and g @ B 2.3x slower than (B.T @ g.T).T (T=970, out=1536, r=8, 2
-            # threads, AVX2 EPYC: 3.02 vs 0.66 ms, 1.46 vs 0.64 ms); the scaling multiplies the
-            # [out, r] and [T, r] results instead of the [T, out] gradient.
-            grad_b = torch.mm(h.t(), g).t().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-            grad_h = torch.mm(b.t(), g.t()).t().mul_(ctx.scaling)
-            grad_a = torch.mm(grad_h.t(), dropped) if ctx.needs_input_grad[3] else None
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(g, w)
-                if noise is not None:
-                    grad_x.addcmul_(torch.mm(grad_h, a), noise)
-                else:
-                    grad_x.addmm_(grad_h, a)
-                grad_x = grad_x.view(ctx.x_shape)
-            return grad_x, None, None, grad_a, grad_b, None, None
+            return _lora_linear_grads(ctx, grad)
 
     _LoraLinear.fn = LoraLinear
     return LoraLinear
+
+
+def _lora_linear_grads(ctx: Any, grad: Any) -> tuple:
+    """Backward of `LoraLinear` and `LoraLinearLow`: `(grad_x, None, None, grad_a, grad_b, None,
+    None)` from what their forward saved, `(w, a, b, dropped, h, noise)` in the compute dtype
+    (fp32, or bf16 under autocast, where `noise` is the 0/1 mask and 1/(1-p) is in `ctx.alpha`);
+    alpha is applied in fp32 at least, the adapters' gradients come back in their own dtype. In
+    fp32 every cast below is a no-op (the same tensor): LoraLinear's gradients are unchanged."""
+    import torch
+
+    w, a, b, dropped, h, noise = ctx.saved_tensors
+    acc = torch.promote_types(w.dtype, torch.float32)
+    with torch.autocast(grad.device.type, enabled=False):
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        # Rank-r products with a [T, out] operand: MKL's sgemm ran g.T @ h 4.6x slower than
+        # (h.T @ g).T and g @ B 2.3x slower than (B.T @ g.T).T (T=970, out=1536, r=8, 2
+        # threads, AVX2 EPYC: 3.02 vs 0.66 ms, 1.46 vs 0.64 ms); alpha multiplies the [out, r]
+        # and [T, r] results in fp32 instead of the [T, out] gradient.
+        grad_b = torch.mm(h.t(), g).t().to(acc).mul_(ctx.alpha).to(ctx.a_dtype) if ctx.needs_input_grad[4] else None
+        grad_h = torch.mm(b.t(), g.t()).t().to(acc).mul_(ctx.alpha).to(w.dtype)
+        grad_a = torch.mm(grad_h.t(), dropped).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, w)
+            if noise is not None:
+                grad_x.addcmul_(torch.mm(grad_h, a), noise)
+            else:
+                grad_x.addmm_(grad_h, a)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+    return grad_x, None, None, grad_a, grad_b, None, None
 
 
 class _LoraLinearLow:
@@ -276,28 +289,12 @@ def _lora_linear_low_fn() -> Any:
                 h = torch.mm(dropped, al.t())
                 y.addmm_(h, bl.t(), alpha=alpha)
             ctx.save_for_backward(wl, al, bl, dropped if ctx.needs_input_grad[3] else None, h, mask)
-            ctx.alpha, ctx.x_shape, ctx.x_dtype = alpha, x.shape, x.dtype
+            ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype = alpha, x.shape, x.dtype, a.dtype
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            wl, al, bl, dropped, h, mask = ctx.saved_tensors
-            with torch.autocast(grad.device.type, enabled=False):
-                g = grad.reshape(-1, grad.shape[-1]).to(wl.dtype)
-                # the layouts LoraLinear's backward measured fastest; alpha applied in fp32 to
-                # the rank-r results (the fp32 adapters' gradients, and grad_h before its cast)
-                grad_b = torch.mm(h.t(), g).t().float().mul_(ctx.alpha) if ctx.needs_input_grad[4] else None
-                grad_h = torch.mm(bl.t(), g.t()).t().float().mul_(ctx.alpha).to(wl.dtype)
-                grad_a = torch.mm(grad_h.t(), dropped).float() if ctx.needs_input_grad[3] else None
-                grad_x = None
-                if ctx.needs_input_grad[0]:
-                    grad_x = torch.mm(g, wl)
-                    if mask is not None:
-                        grad_x.addcmul_(torch.mm(grad_h, al), mask)
-                    else:
-                        grad_x.addmm_(grad_h, al)
-                    grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-            return grad_x, None, None, grad_a, grad_b, None, None, None
+            return (*_lora_linear_grads(ctx, grad), None)
 
     _LoraLinearLow.fn = LoraLinearLow
     return LoraLinearLow
