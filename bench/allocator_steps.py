@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dropout-masks", choices=("auto", "torch"), default="auto")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bf16 base + autocast")
     args = ap.parse_args()
 
     import torch
@@ -50,7 +51,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.allocator == "caching":
         allocator.install()
-    params = TrainParams(lora=LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear"), kernels=args.kernels)
+    lora = LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+    params = TrainParams(lora=lora, kernels=args.kernels, precision=args.precision)
     torch.manual_seed(0)  # the LoRA weights' initialisation too: equal runs give equal losses
     model = build_model(params, args.model).train()
     masks = dropout_masks.activate(model, args.dropout_masks, on_cpu=True)
@@ -65,15 +67,18 @@ def main() -> None:
         labels = ids.clone()
         labels[:, ::2] = -100
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fresh = allocator.stats()["fresh_bytes"] if args.allocator == "caching" else 0
         started = time.perf_counter()
         keep = trained_positions(labels)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
         if head is not None:
-            with kernels.defer_head(head):
+            with autocast, kernels.defer_head(head):
                 out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
                 loss = kernels.ChunkedTrainedLoss(head)(out, labels)
         else:
-            out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
-            loss = trained_logits_loss(out, labels)
+            with autocast:
+                out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
+                loss = trained_logits_loss(out, labels)
         loss.backward()
         last_loss = float(loss)
         optimizer.step()
@@ -82,12 +87,17 @@ def main() -> None:
         if args.allocator == "caching":
             allocator.release()
         steps.append(
-            (sum(lengths), round(time.perf_counter() - started, 2), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+            (
+                sum(lengths),
+                round(time.perf_counter() - started, 2),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                (allocator.stats()["fresh_bytes"] - fresh) // 4096 if args.allocator == "caching" else 0,
+            )
         )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
-        f"{args.allocator} allocator, {args.kernels} kernels, {masks['kind']} dropout masks ({masks['why']}):"
-        f" (tokens, seconds, minor faults) per step {steps}"
+        f"{args.allocator} allocator, {args.precision}, {args.kernels} kernels, {masks['kind']} dropout masks ({masks['why']}):"
+        f" (tokens, seconds, minor faults, fresh large-block pages) per step {steps}"
     )
     print(
         f"steps 2-{len(steps)}: {sum(s[1] for s in steps[1:]):.2f} s, {sum(s[2] for s in steps[1:])} faults;"

@@ -34,6 +34,7 @@ def test_caching_allocator_gives_the_same_losses_bit_for_bit(
     assert caching["allocator"]["kind"] == "caching"
     # the run went through the cache: the embeddings, logit rows and their gradients are >= 1 MiB
     assert caching["allocator"]["step_peak_in_use_mb"] > 10, caching["allocator"]
+    assert 0 < caching["allocator"]["fresh_mb"] < 4 * caching["allocator"]["step_peak_mapped_mb"]
     assert len(glibc["losses"]) == 4 and glibc["losses"][0] != glibc["losses"][-1]
     assert caching["losses"] == glibc["losses"]
     adapters = [(tmp_path / k / "out" / "adapter_model.safetensors").read_bytes() for k in ("glibc", "caching")]
@@ -41,8 +42,8 @@ def test_caching_allocator_gives_the_same_losses_bit_for_bit(
 
 
 @needs_compiler
-def test_blocks_are_reused_by_size_and_unmapped_on_release() -> None:
-    """In a fresh process (the allocator is process-wide): counts and bytes are exact."""
+def test_blocks_are_reused_cut_joined_and_unmapped_over_the_budget() -> None:
+    """In a fresh process (the allocator is process-wide): counts, bytes and addresses are exact."""
     code = textwrap.dedent(
         """
         import torch
@@ -57,41 +58,73 @@ def test_blocks_are_reused_by_size_and_unmapped_on_release() -> None:
         base = allocator.stats(reset_peaks=True)
         def delta(key):
             return allocator.stats()[key] - base[key]
+        def cached():
+            return allocator.stats()["cached"]
 
         a = torch.ones(3 << 18)                              # 3 MiB: a large block, mapped
         small = torch.ones(1000)                             # 4 kB: malloc
-        assert delta("in_use") == 3 * MiB and delta("maps") == 1
+        assert delta("in_use") == 3 * MiB and delta("maps") == 1 and delta("fresh_bytes") == 3 * MiB
         del a
-        assert allocator.stats()["cached"] == 3 * MiB and delta("in_use") == 0
+        assert cached() == 3 * MiB and delta("in_use") == 0
         b = torch.zeros(3 << 18)                             # same size: the cached block again
-        assert delta("reuses") == 1 and delta("maps") == 1 and allocator.stats()["cached"] == 0
+        assert delta("reuses") == 1 and delta("maps") == 1 and cached() == 0
         assert float(b.max()) == 0.0                         # zeros() overwrote the ones
-        c = torch.ones(5 << 18)                              # nothing cached: a new mapping
-        assert delta("maps") == 2
-        del b, c                                             # cached: 3 and 5 MiB
-        d = torch.ones(1 << 18)                              # 1 MiB: cut from the 3 MiB block
-        e = torch.ones(9 << 18)                              # 9 MiB: the 5 MiB block grown
-        assert delta("maps") == 2 and delta("reuses") == 3 and delta("resizes") == 2
-        assert allocator.stats()["cached"] == 0 and delta("in_use") == 10 * MiB
-        assert float(e[-1]) == 1.0 and float(d[-1]) == 1.0
-        del d, e
+        del b
+        d = torch.ones(1 << 18)                              # 1 MiB: cut from the 3 MiB block,
+        assert delta("resizes") == 1 and cached() == 2 * MiB # its 2 MiB tail stays cached
+        e = torch.ones(2 << 18)                              # the tail, right after d
+        assert e.data_ptr() == d.data_ptr() + MiB and cached() == 0 and delta("maps") == 1
+        start = d.data_ptr()
+        del d, e                                             # neighbours: joined again
+        assert cached() == 3 * MiB
+        f = torch.ones(3 << 18)                              # the joined block, whole
+        assert f.data_ptr() == start and delta("resizes") == 1 and delta("maps") == 1
+        del f
+        g = torch.ones(9 << 18)                              # 9 MiB: the 3 MiB block's pages
+        assert delta("maps") == 2 and delta("fresh_bytes") == 9 * MiB  # moved into a new one
+        assert float(g[-1]) == 1.0 and delta("in_use") == 9 * MiB and cached() == 0
+        del g
         before = rss_mb()
-        big = torch.ones(75 << 20)                           # 300 MiB (the 9 MiB block grown)
+        big = torch.ones(75 << 20)                           # 300 MiB (the 9 MiB block in it)
         del big
-        cached = rss_mb()
+        resident = rss_mb()
+        assert resident - before > 280, (before, resident)
         allocator.release()                                  # end of a step: big was freed in it
-        assert allocator.stats()["cached"] == 301 * MiB      # kept for the next step (and 1 MiB)
-        allocator.release()                                  # a whole step unused: unmapped
-        released = rss_mb()
-        assert allocator.stats()["cached"] == 0 and delta("peak_in_use") == 300 * MiB
-        assert cached - before > 290 and cached - released > 290, (before, cached, released)
-        f = torch.ones(3 << 18)
+        allocator.release()                                  # a whole step unused, but within
+        assert cached() == 300 * MiB                         # the run's peak in use: kept
+        fresh, maps = delta("fresh_bytes"), delta("maps")
+        again = torch.ones(75 << 20)                         # its pages are reused, none new
+        assert delta("fresh_bytes") == fresh and delta("maps") == maps
+        del again
+        allocator.release()                                  # freed in this step: kept even
+        assert cached() == 300 * MiB                         # over a budget of 0
+        allocator.release(budget=0)                          # unused through a step: unmapped
+        assert cached() == 0 and delta("peak_in_use") == 300 * MiB
+        assert resident - rss_mb() > 290, (resident, rss_mb())
+        # over a budget, the largest unused blocks go first
+        x = torch.ones(10 << 18)                             # 10 MiB, then cut three ways
+        del x
+        x1 = torch.ones(4 << 18)
+        x2 = torch.ones(1 << 18)
+        x3 = torch.ones(5 << 18)
+        assert x2.data_ptr() == x1.data_ptr() + 4 * MiB and x3.data_ptr() == x2.data_ptr() + MiB
+        del x1, x3                                           # two free blocks apart: x2 lives
+        assert cached() == 9 * MiB
+        fresh = delta("fresh_bytes")
+        x13 = torch.full((8 << 18,), 2.0)                    # 8 MiB: gathered from the 5 and
+        assert delta("fresh_bytes") == fresh and cached() == MiB  # 3 MiB of the 4 MiB block
+        assert float(x13.sum()) == 2.0 * (8 << 18)
+        del x13                                              # cached: 8 MiB and 1 MiB apart
+        allocator.release(budget=0)                          # freed in this step: kept
+        assert cached() == 9 * MiB
+        allocator.release(budget=allocator.stats()["in_use"] + 5 * MiB)
+        assert cached() == MiB                               # over budget: the largest went first
         allocator.release(everything=True)                   # uninstall unmaps the cache too
         allocator.uninstall()
-        g = torch.ones(3 << 18)                              # torch's own allocator again
-        assert delta("maps") == 3
-        del f                                                # freed after uninstall: unmapped
-        assert allocator.stats()["cached"] == 0
+        h = torch.ones(3 << 18)                              # torch's own allocator again
+        maps = delta("maps")
+        del x2                                               # freed after uninstall: unmapped
+        assert allocator.stats()["cached"] == 0 and delta("maps") == maps
         print("ok")
         """
     )

@@ -227,9 +227,10 @@ class TrainParams:
     # fast and fused are refused under ZeRO-3 (it partitions the weights they read directly;
     # auto: plain) and do nothing with gradient checkpointing.
     kernels: Literal["auto", "plain", "fast", "fused"] = "auto"
-    # caching: large CPU tensors each in their own mapping, reused by size within a step and
-    # unmapped after it (stages/train/allocator.py), instead of glibc's heap, which keeps freed
-    # activation pages: same losses bit for bit, lower peak RSS (docs/benchmarks.md, "allocator").
+    # caching: large CPU tensors in mappings of their own, reused across steps (cut, joined,
+    # grown) and unmapped when unused beyond the run's peak (stages/train/allocator.py), instead
+    # of glibc's heap, which keeps freed activation pages: same losses bit for bit, lower peak
+    # RSS, fewer pages faulted in afresh (docs/benchmarks.md, "allocator").
     # auto: caching when training on the CPU under Linux with a C++ compiler (built once, ~2 s).
     allocator: Literal["auto", "system", "caching"] = "auto"
     # LoRA dropout masks. auto: drawn in blocks by stages/train/dropout_masks.cpp from torch's

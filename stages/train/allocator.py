@@ -2,10 +2,12 @@
 
 On the CPU, a training step's peak RSS was well above what it keeps alive: glibc serves
 activations and their temporaries from one heap whose holes rarely fit the next request, and
-keeps the pages. `caching_allocator.cpp` (next to this file) gives each large block its own
-mapping, hands freed blocks to the next request (cut or grown to its size) and unmaps, at the
-end of each step, the blocks that waited through the whole step unused. Only where blocks live
-changes, not a single float: the losses are the same bit for bit (tests/test_allocator.py).
+keeps the pages. `caching_allocator.cpp` (next to this file) maps large blocks itself, hands
+freed blocks to the next request (cut to its size with the tail kept, or several gathered
+by moving their pages), joins freed
+neighbours again, and at the end of each step unmaps blocks that waited through it unused while
+more than the run's peak in use is mapped. Only where blocks live changes, not a single float:
+the losses are the same bit for bit (tests/test_allocator.py).
 
 Measured on a 2-vCPU AVX2 EPYC (SmolLM2-135M, LoRA r8 all-linear, batch 4, 2 threads): over 20
 steps of bench/train_bench.py --issue-table, peak RSS 5.93 -> 4.69 GB with plain kernels and
@@ -30,7 +32,7 @@ from stages.core.errors import SftflowError
 from stages.train import native
 
 SOURCE = Path(__file__).with_name("caching_allocator.cpp")
-STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "resizes")
+STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "resizes", "fresh_bytes")
 
 
 class _Loaded:
@@ -84,6 +86,7 @@ def _lib() -> Any:
     if _Loaded.lib is None:
         lib = ctypes.CDLL(str(build()))
         lib.sftflow_allocator_stats.argtypes = [ctypes.POINTER(ctypes.c_size_t), ctypes.c_int]
+        lib.sftflow_allocator_release.argtypes = [ctypes.c_int, ctypes.c_size_t]
         _Loaded.lib = lib
     return _Loaded.lib
 
@@ -99,10 +102,12 @@ def uninstall() -> None:
         _Loaded.lib.sftflow_allocator_uninstall()
 
 
-def release(everything: bool = False) -> None:
-    """The end of a step: unmap the cached blocks no request took during it (`everything`: all)."""
+def release(everything: bool = False, budget: int | None = None) -> None:
+    """The end of a step: while more than `budget` bytes are mapped (default: the run's peak in
+    use plus 1/8), unmap the cached blocks no request took during it, largest first;
+    `everything`: the whole cache."""
     if _Loaded.lib is not None:
-        _Loaded.lib.sftflow_allocator_release(int(everything))
+        _Loaded.lib.sftflow_allocator_release(int(everything), 2**64 - 1 if budget is None else budget)
 
 
 def stats(reset_peaks: bool = False) -> dict[str, int]:
@@ -133,6 +138,7 @@ def _step_callback(kind: str, why: str) -> Any:
     class ReleaseEachStep(TrainerCallback):
         peak_in_use = 0
         peak_mapped = 0
+        fresh_at_start = stats()["fresh_bytes"] if kind == "caching" else 0
 
         def _done(self) -> None:
             if kind != "caching":
@@ -160,6 +166,9 @@ def _step_callback(kind: str, why: str) -> Any:
                 # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
                 "step_peak_in_use_mb": round(self.peak_in_use / mib, 1),
                 "step_peak_mapped_mb": round(self.peak_mapped / mib, 1),
+                # large blocks mapped afresh over the run (pages the kernel zeroed and faulted in):
+                # near the largest step's need when blocks are reused across steps
+                "fresh_mb": round((stats()["fresh_bytes"] - self.fresh_at_start) / mib, 1),
             }
 
     return ReleaseEachStep()

@@ -6,12 +6,17 @@
 // holes between kept activations are rarely the right size for the next request, so the heap
 // grows well past what is alive and keeps those pages. Pinning glibc's mmap threshold returns
 // them but maps and faults every temporary afresh (1.4-1.8x slower steps, measured).
-// Here each large block is its own mapping, kept after free in a cache by size and handed to the
-// next request (a layer's shapes repeat in every layer and again in backward; across steps a
-// block is cut or grown to the new size), and blocks that wait through a whole step unused are
-// unmapped at its end: RSS follows what is alive. Measured with the bench's issue-table
-// settings (docs/benchmarks.md, "Allocator"). Small blocks (< 1 MiB) stay with malloc, which
-// packs them well.
+// Here large blocks come from their own mappings, kept after free in a cache by size and handed
+// to the next request (a layer's shapes repeat in every layer and again in backward; across
+// steps a block is cut to the new size, its tail cached, or gathered from several), freed
+// neighbours joined again, so that steps of changing sizes reuse pages already faulted in
+// instead of having the kernel zero new ones. At the end of a step, blocks that waited through
+// it unused are unmapped while more than the run's peak in use (+1/8) is mapped: RSS stays near
+// the largest step's need. Measured with the bench's issue-table settings (docs/benchmarks.md, "Allocator").
+// Blocks under 128 KiB stay with malloc, which packs them well. (The limit was 1 MiB: then a
+// step of short samples put 0.56 GB of its activations in glibc's heap, which keeps the pages,
+// beside a cache holding the run's peak: peak RSS 5.30 GB on the issue table's fp32 run; from
+// 128 KiB up they come from the cache: 4.66 GB.)
 //
 // Built by stages/train/allocator.py against the installed torch (c10 only, no Python headers).
 #include <c10/core/Allocator.h>
@@ -28,7 +33,7 @@
 #include <unordered_map>
 
 namespace {
-constexpr size_t kLarge = size_t{1} << 20;  // smaller requests go to malloc
+constexpr size_t kLarge = size_t{1} << 17;  // smaller requests go to malloc
 constexpr size_t kPage = size_t{1} << 16;   // large sizes rounded up to 64 KiB
 constexpr size_t kHuge = size_t{2} << 20;   // transparent huge pages for blocks this large
 constexpr size_t kAlign = 64;               // torch's CPU alignment (c10::gAlignment)
@@ -43,15 +48,62 @@ struct Free {
 std::unordered_map<void*, size_t> in_use;  // large block -> its mapped size
 std::multimap<size_t, Free> cached;        // free large blocks by size
 size_t in_use_bytes = 0, cached_bytes = 0, peak_in_use = 0, peak_mapped = 0;
-size_t maps = 0, reuses = 0, resizes = 0, generation = 0;
+size_t maps = 0, reuses = 0, resizes = 0, generation = 0, fresh_bytes = 0;
+size_t run_peak_in_use = 0;  // since install: the default budget of release()
+
+std::map<char*, size_t> cached_at;       // the same free blocks by address -> size
+
+void cache_erase(std::multimap<size_t, Free>::iterator it) {
+  cached_at.erase(static_cast<char*>(it->second.p));
+  cached_bytes -= it->first;
+  cached.erase(it);
+}
+
+void cache_erase_at(char* p, size_t size) {
+  auto range = cached.equal_range(size);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second.p == p) {
+      cache_erase(it);
+      return;
+    }
+  }
+}
+
+// Cache a free block, joined with the free blocks right before and after it: a block cut
+// earlier meets its tail again, and the next longer request takes them as one block whose pages
+// are already faulted in. (Blocks from separate mappings that happen to be adjacent join too;
+// munmap and a later cut work across them; a move that fails for it unmaps it instead.)
+void cache_add(char* p, size_t size, size_t gen) {
+  auto next = cached_at.find(p + size);
+  if (next != cached_at.end()) {
+    size_t more = next->second;
+    cache_erase_at(p + size, more);
+    size += more;
+  }
+  auto prev = cached_at.lower_bound(p);
+  if (prev != cached_at.begin()) {
+    --prev;
+    char* q = prev->first;
+    size_t before = prev->second;
+    if (q + before == p) {
+      cache_erase_at(q, before);
+      p = q;
+      size += before;
+    }
+  }
+  cached.emplace(size, Free{p, gen});
+  cached_at.emplace(p, size);
+  cached_bytes += size;
+}
 
 // Unmap the cached blocks freed before step `before` (all of them: before = SIZE_MAX).
 void unmap_cached_locked(size_t before) {
   for (auto it = cached.begin(); it != cached.end();) {
     if (it->second.generation < before) {
       munmap(it->second.p, it->first);
-      cached_bytes -= it->first;
-      it = cached.erase(it);
+      auto next = std::next(it);
+      cache_erase(it);
+      it = next;
     } else {
       ++it;
     }
@@ -68,8 +120,7 @@ void delete_block(void* p) {
       in_use.erase(it);
       in_use_bytes -= size;
       if (installed) {
-        cached.emplace(size, Free{p, generation});
-        cached_bytes += size;
+        cache_add(static_cast<char*>(p), size, generation);
       } else {
         munmap(p, size);  // uninstalled: blocks still alive then go straight back
       }
@@ -105,7 +156,37 @@ void* map_block(size_t size) {
     if (p == nullptr) throw std::bad_alloc();
   }
   ++maps;
+  fresh_bytes += size;
   return p;
+}
+
+// A block of `size` when every cached block is smaller: a new mapping whose pages are moved in
+// from cached blocks (mremap moves page-table entries: no copy, no zeroing, no fault), the
+// largest first, the last one cut if it is larger than what is left; only the remainder faults
+// in fresh. Growing one cached block instead (this allocator's earlier way) left the smaller
+// ones mapped beside the new pages: with cut tails kept, peak RSS rose 4.73 -> 5.38 GB on the
+// issue table's fp32 run.
+void* gather(size_t size) {
+  char* dst = static_cast<char*>(map_block(size));  // counted as fresh; moved bytes taken back
+  size_t filled = 0;
+  while (filled < size && !cached.empty()) {
+    size_t left = size - filled;
+    auto it = cached.upper_bound(left);  // the largest block that fits whole, else the next one
+    if (it != cached.begin()) --it;
+    char* src = static_cast<char*>(it->second.p);
+    size_t have = it->first, take = have < left ? have : left;
+    size_t gen = it->second.generation;
+    cache_erase(it);
+    if (take < have) cache_add(src + take, have - take, gen);
+    if (mremap(src, take, take, MREMAP_MAYMOVE | MREMAP_FIXED, dst + filled) == MAP_FAILED) {
+      munmap(src, take);  // spans two mappings (blocks joined across them): its pages go back
+      continue;
+    }
+    filled += take;
+    ++reuses;
+  }
+  fresh_bytes -= filled;
+  return dst;
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
@@ -117,44 +198,38 @@ struct CachingCPUAllocator final : c10::Allocator {
     }
     size_t size = (n + kPage - 1) / kPage * kPage;
     std::lock_guard<std::mutex> guard(mu);
-    // A cached block serves any request: a close fit as it is, a larger one cut to size (its
-    // tail unmapped), a smaller one grown in place or moved by the kernel (mremap: its pages
-    // are not copied, only the new ones fault). Sizes change from step to step with the batch,
-    // and a block reused this way is memory the kernel need not zero and fault in again:
-    // releasing the whole cache after every step instead cost plain kernels 1.15x the step time.
+    // The smallest cached block that holds the request serves it, as it is when a close fit,
+    // else cut to size with its tail cached; when none holds it, cached blocks are gathered
+    // into a new one (above). Sizes change from step to step with the batch, and pages reused
+    // this way are memory the kernel need not zero and fault in again: releasing the whole
+    // cache after every step instead cost plain kernels 1.15x the step time. Unmapping cut
+    // tails and the blocks unused through a step (this allocator's first policy) still faulted
+    // 210k pages on a repeated 970-token bf16 step; keeping, joining and gathering them, ~1k.
     // Of the blocks of the chosen size, the one freed last: still in the CPU caches. Taking the
     // oldest instead (the multimap's first) cost plain kernels 1.12x the wall time (whole-process
     // A/B pairs of bench/allocator_steps.py).
     auto it = cached.lower_bound(size);
-    if (it == cached.end() && !cached.empty()) it = std::prev(cached.end());
     if (it != cached.end()) it = std::prev(cached.upper_bound(it->first));
-    if (it == cached.end()) {
-      p = map_block(size);
-    } else {
+    if (it != cached.end()) {
       size_t have = it->first;
       p = it->second.p;
-      cached.erase(it);
-      cached_bytes -= have;
+      cache_erase(it);
       ++reuses;
       if (have > size + size / 8) {  // cut: at most 1/8 of a block is left unused
-        munmap(static_cast<char*>(p) + size, have - size);
+        cache_add(static_cast<char*>(p) + size, have - size, generation);  // the tail stays cached
         ++resizes;
-      } else if (have < size) {
-        void* moved = mremap(p, have, size, MREMAP_MAYMOVE);
-        if (moved == MAP_FAILED) {
-          munmap(p, have);
-          p = map_block(size);
-        } else {
-          p = moved;
-          ++resizes;
-        }
       } else {
         size = have;
       }
+    } else if (!cached.empty()) {
+      p = gather(size);
+    } else {
+      p = map_block(size);
     }
     in_use.emplace(p, size);
     in_use_bytes += size;
     if (in_use_bytes > peak_in_use) peak_in_use = in_use_bytes;
+    if (in_use_bytes > run_peak_in_use) run_peak_in_use = in_use_bytes;
     if (in_use_bytes + cached_bytes > peak_mapped) peak_mapped = in_use_bytes + cached_bytes;
     return {p, p, &delete_block, c10::Device(c10::DeviceType::CPU)};
   }
@@ -195,16 +270,31 @@ void sftflow_allocator_uninstall() {
   unmap_cached_locked(SIZE_MAX);
 }
 
-// The end of a step: unmap the cached blocks that waited through the whole step unused (all of
-// them with `all`); the blocks this step freed wait for the next step.
-void sftflow_allocator_release(int all) {
+// The end of a step: while more than `budget` bytes are mapped (in use + cached), unmap cached
+// blocks that waited through the whole step unused, largest first; the blocks this step freed
+// wait for the next step. budget = SIZE_MAX: the run's peak in use plus 1/8 (the default);
+// `all`: unmap the whole cache.
+void sftflow_allocator_release(int all, size_t budget) {
   std::lock_guard<std::mutex> guard(mu);
-  unmap_cached_locked(all ? SIZE_MAX : generation);
+  if (all) {
+    unmap_cached_locked(SIZE_MAX);
+  } else {
+    if (budget == SIZE_MAX) budget = run_peak_in_use + run_peak_in_use / 8;
+    for (auto it = cached.end(); it != cached.begin() && in_use_bytes + cached_bytes > budget;) {
+      --it;
+      if (it->second.generation < generation) {
+        munmap(it->second.p, it->first);
+        auto next = std::next(it);
+        cache_erase(it);
+        it = next;
+      }
+    }
+  }
   ++generation;
 }
 
 // in use, cached, peak in use, peak mapped (bytes; peaks since the last reset), maps, reuses,
-// resizes (reuses that cut or grew a block).
+// resizes (reuses that cut a block), bytes newly mapped (their pages fault in fresh).
 void sftflow_allocator_stats(size_t* out, int reset_peaks) {
   std::lock_guard<std::mutex> guard(mu);
   out[0] = in_use_bytes;
@@ -214,6 +304,7 @@ void sftflow_allocator_stats(size_t* out, int reset_peaks) {
   out[4] = maps;
   out[5] = reuses;
   out[6] = resizes;
+  out[7] = fresh_bytes;
   if (reset_peaks) {
     peak_in_use = in_use_bytes;
     peak_mapped = in_use_bytes + cached_bytes;
