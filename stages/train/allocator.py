@@ -12,7 +12,10 @@ the losses are the same bit for bit (tests/test_allocator.py).
 Measured on a 2-vCPU AVX2 EPYC (SmolLM2-135M, LoRA r8 all-linear, batch 4, 2 threads): over 20
 steps of bench/train_bench.py --issue-table, peak RSS 5.93 -> 4.69 GB with plain kernels and
 3.92 -> 2.58 GB with fused ones; in A/B pairs of whole processes (bench/allocator_steps.py)
-0.986x and 0.983x glibc's wall time (docs/benchmarks.md, "Allocator").
+0.986x and 0.983x glibc's wall time (docs/benchmarks.md, "Allocator"). That first policy unmapped
+cut tails and unused blocks after every step; keeping and reusing their pages across steps
+(Zen 4, bf16, 8 batches of 620-970 tokens) took 0.85x the time, faults on a repeated batch
+210k -> 0.7k, issue-table peak RSS 3.84 -> 3.51 GB (docs/benchmarks.md, "pages kept").
 
 It is compiled once per torch build with the system's C++ compiler (c10's headers and library
 ship with torch; about 2 s) into the user cache (stages/train/native.py).
