@@ -54,6 +54,42 @@ def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: torch.dtype) -> None:
+    """The fast kernels keep the dropout mask as bits: the dropped-out input, the generator's
+    state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask / (1 - p); bf16:
+    the 0/1 mask) are the unpacked path's bit for bit, at sizes that end mid-byte and cross the
+    library's 4096-element chunks, with zeros of both signs, infinities and NaNs in x."""
+    if dropout_masks.activate(_Lora(0.1), "auto", on_cpu=True)["kind"] != "sftflow":
+        pytest.skip("this torch build draws its masks another way")
+    packed, unpacked = {
+        torch.float32: (dropout_masks.dropout_bits, dropout_masks.dropout_noise),
+        torch.bfloat16: (dropout_masks.dropout_bits_low, lambda x, p: (dropout_masks.keep_mask(x, 1 - p).to(x.dtype),) * 2),
+    }[dtype]  # fmt: skip
+    for seed, n, p in [(0, 1, 0.05), (1, 13, 0.5), (2, 4096, 0.1), (3, 4101, 0.05), (4, 3 * 576 + 5, 0.9)]:
+        x = torch.randn(n).to(dtype)
+        x[: min(n, 4)] = torch.tensor([0.0, -0.0, float("inf"), float("nan")])[: min(n, 4)].to(dtype)
+        torch.manual_seed(seed)
+        noise, dropped = unpacked(x, p)
+        if dtype == torch.bfloat16:
+            dropped = x * noise
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        bits, ours = packed(x, p)
+        assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
+        assert torch.equal(torch.get_rng_state(), after), (seed, n)
+        nan = dropped.isnan()  # torch's own vector and scalar bf16 paths give NaNs other bits
+        assert torch.equal(ours.isnan(), nan), (seed, n)
+        assert torch.equal(ours[~nan].view(torch.int16), dropped[~nan].view(torch.int16)), (seed, n)  # -0 too
+        kept = (bits[:, None] >> torch.arange(8)) & 1
+        assert torch.equal(kept.flatten()[:n].bool(), noise != 0), (seed, n)
+        t, acc = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+        theirs = acc.clone().addcmul_(t, noise)
+        got = dropout_masks.addcmul_kept_(acc.clone(), t, bits, p)
+        assert torch.equal(got, theirs), (seed, n, int((got != theirs).sum()))
+
+
+@needs_compiler
 def test_dropout_module_gives_f_dropout_outputs_and_gradients() -> None:
     layer = _Lora(0.1)
     if dropout_masks.activate(layer, "auto", on_cpu=True)["kind"] != "sftflow":

@@ -78,6 +78,82 @@ def dropout_noise(x: Any, p: float) -> tuple[Any, Any]:
     return noise, dropped
 
 
+def _packable(x: Any, dtype: Any) -> bool:
+    return _State.lib is not None and x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous()
+
+
+def dropout_bits(x: Any, p: float) -> tuple[Any, Any]:
+    """`(keep, x * noise)` as `dropout_noise`, but `keep` the mask packed 8 to a byte (uint8,
+    bit i % 8 of byte i // 8) where `dropout_noise` gives the fp32 noise: what a backward needs
+    of it in 1/32 of the bytes (`addcmul_kept_`). Packed for contiguous fp32 CPU tensors once
+    `activate` has checked the library; else `dropout_noise`'s own pair.
+
+    >>> import torch
+    >>> x = torch.randn(3, 5)
+    >>> _ = torch.manual_seed(0); noise, theirs = dropout_noise(x, 0.25)
+    >>> _ = torch.manual_seed(0); keep, ours = dropout_bits(x, 0.25)
+    >>> torch.equal(ours, theirs)
+    True
+    """
+    import torch
+
+    if not _packable(x, torch.float32):
+        return dropout_noise(x, p)
+    scale = float(torch.ones(1).div_(1 - p))
+    bits, dropped = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8), torch.empty_like(x)
+    if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, scale, 0):
+        raise RuntimeError("torch's CPU generator is not in a valid state")
+    return bits, dropped
+
+
+def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
+    """`(keep, x * mask)` for a bf16/fp16 `x`: the 0/1 keep mask (`keep_mask`'s draws) and x
+    times it, unscaled (the caller applies 1/(1-p) later, at higher precision). `keep` packed as
+    bits for contiguous bf16 CPU tensors once the library is checked, else the mask in x's dtype.
+
+    >>> import torch
+    >>> x = torch.randn(4, 6).bfloat16()
+    >>> _ = torch.manual_seed(0); mask = keep_mask(x, 0.75).to(x.dtype)
+    >>> _ = torch.manual_seed(0); keep, dropped = dropout_bits_low(x, 0.25)
+    >>> torch.equal(dropped, x * mask)
+    True
+    """
+    import torch
+
+    if not _packable(x, torch.bfloat16):
+        mask = keep_mask(x, 1 - p).to(x.dtype)
+        return mask, x * mask
+    bits, dropped = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8), torch.empty_like(x)
+    if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, 1.0, 1):
+        raise RuntimeError("torch's CPU generator is not in a valid state")
+    return bits, dropped
+
+
+def addcmul_kept_(acc: Any, t: Any, keep: Any, p: float) -> Any:
+    """`acc.addcmul_(t, noise)` where `keep` came from `dropout_bits` (noise: kept elements
+    1/(1-p), as F.dropout's) or `dropout_bits_low` (the 0/1 mask; `p` unused): the same float
+    operations (one fused multiply-add per fp32 element; bf16 in fp32, rounded once), reading
+    1 bit of mask per element instead of the noise tensor. Returns `acc`.
+
+    >>> import torch
+    >>> x, t, acc = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    >>> _ = torch.manual_seed(0); noise, _ = dropout_noise(x, 0.25)
+    >>> _ = torch.manual_seed(0); keep, _ = dropout_bits(x, 0.25)
+    >>> torch.equal(addcmul_kept_(acc.clone(), t, keep, 0.25), acc.clone().addcmul_(t, noise))
+    True
+    """
+    import torch
+
+    if keep.dtype != torch.uint8:  # dropout_noise's noise, or the low path's mask in x's dtype
+        return acc.addcmul_(t, keep)
+    low = int(acc.dtype != torch.float32)
+    if not (acc.is_contiguous() and t.is_contiguous() and t.dtype == acc.dtype and keep.numel() == (acc.numel() + 7) // 8):
+        raise ValueError(f"addcmul_kept_: {acc.dtype} {tuple(acc.shape)} accumulator, {t.dtype} {tuple(t.shape)} factor")
+    scale = float(torch.ones(1).div_(1 - p)) if not low else 1.0
+    _State.lib.sftflow_masked_addcmul(acc.data_ptr(), t.data_ptr(), keep.data_ptr(), acc.numel(), scale, low)
+    return acc
+
+
 def _dropout_class() -> Any:
     """The module class, made once per process (torch is imported only when training) and kept
     as this module's `SameMaskDropout`, so a model holding it pickles and deep-copies."""
@@ -103,6 +179,9 @@ def _load() -> Any:
     lib = ctypes.CDLL(str(native.build(SOURCE, ("torch_cpu", "c10"), "LoRA dropout masks")))
     lib.sftflow_keep_mask.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
     lib.sftflow_dropout_noise.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double, ctypes.c_float]
+    lib.sftflow_dropout_bits.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double, ctypes.c_float, ctypes.c_int]
+    lib.sftflow_masked_addcmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    lib.sftflow_masked_addcmul.restype = None
     return lib
 
 
