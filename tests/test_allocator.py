@@ -32,9 +32,12 @@ def test_caching_allocator_gives_the_same_losses_bit_for_bit(
     glibc, caching = reports["glibc"], reports["caching"]
     assert glibc["allocator"] == {"kind": "system", "why": "no C++ compiler found (set CXX, or install g++)"}
     assert caching["allocator"]["kind"] == "caching"
-    # the run went through the cache: the embeddings, logit rows and their gradients are >= 1 MiB
+    # the run went through the cache: the embeddings, logit rows and their gradients are >= 128 KiB
     assert caching["allocator"]["step_peak_in_use_mb"] > 10, caching["allocator"]
-    assert 0 < caching["allocator"]["fresh_mb"] < 4 * caching["allocator"]["step_peak_mapped_mb"]
+    # pages are reused across the 4 steps (batches of other lengths): what was mapped afresh over
+    # the run is about the largest step's need (22.9 of 22.9 MB when measured), not a step's worth
+    # of fresh pages per step as when unused blocks were unmapped after each step
+    assert 0 < caching["allocator"]["fresh_mb"] <= 1.25 * caching["allocator"]["step_peak_mapped_mb"], caching["allocator"]
     assert len(glibc["losses"]) == 4 and glibc["losses"][0] != glibc["losses"][-1]
     assert caching["losses"] == glibc["losses"]
     adapters = [(tmp_path / k / "out" / "adapter_model.safetensors").read_bytes() for k in ("glibc", "caching")]
