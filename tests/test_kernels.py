@@ -79,6 +79,29 @@ def test_fast_lora_linear_equals_peft_forward_and_gradients() -> None:
         assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), name
 
 
+def test_fast_lora_linear_keeps_its_dropout_mask_as_bits() -> None:
+    """What the fast LoRA linear saves for backward: the dropout mask as bits (1 byte per 8
+    elements of x) where the mask library is active, not an fp32 noise tensor the size of x."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.train import dropout_masks, native
+
+    if native.unbuildable() is not None:
+        pytest.skip(str(native.unbuildable()))
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(48, 40)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["0"]))
+    if dropout_masks.activate(model, "auto", on_cpu=True)["kind"] != "sftflow":
+        pytest.skip("this torch build draws its masks another way")
+    kernels.apply(model, "fast")
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    out = model(x)
+    *_, dropped, _, keep = out.grad_fn.saved_tensors
+    assert dropped.shape == (18, 48) and dropped.dtype == torch.float32
+    assert keep.dtype == torch.uint8 and keep.numel() == (18 * 48 + 7) // 8
+    kept = ((keep[:, None] >> torch.arange(8)) & 1).flatten()[: 18 * 48].view(18, 48).bool()
+    assert torch.equal(kept, dropped != 0)  # x has no exact zeros: dropped is 0 exactly where dropped out
+
+
 def test_fast_lora_linear_under_bf16_autocast_equals_peft_within_bf16_rounding() -> None:
     """train.precision bf16 (a bf16 base, fp32 adapters, autocast): the fast function against
     peft's forward under the same autocast and the same dropout masks. Both round to bf16 at
