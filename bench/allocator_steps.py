@@ -56,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)  # the LoRA weights' initialisation too: equal runs give equal losses
     model = build_model(params, args.model).train()
     masks = dropout_masks.activate(model, args.dropout_masks, on_cpu=True)
-    head = kernels.head_of(model) if args.kernels in ("fast", "fused") else None  # as the train stage
+    head = kernels.head_of(model) if kernels.chunked_loss(params, on_cpu=True) else None  # as train does
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids_rng = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

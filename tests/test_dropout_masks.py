@@ -56,8 +56,8 @@ def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: torch.dtype) -> None:
-    """The fast kernels keep the dropout mask as bits: the dropped-out input, the generator's
-    state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask / (1 - p); bf16:
+    """The fast kernels keep the dropout mask as bits: the dropped-out input (made in forward and
+    again in backward), the generator's state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask / (1 - p); bf16:
     the 0/1 mask) are the unpacked path's bit for bit, at sizes that end mid-byte and cross the
     library's 4096-element chunks, with zeros of both signs, infinities and NaNs in x."""
     if dropout_masks.activate(_Lora(0.1), "auto", on_cpu=True)["kind"] != "sftflow":
@@ -83,6 +83,9 @@ def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: to
         assert torch.equal(ours[~nan].view(torch.int16), dropped[~nan].view(torch.int16)), (seed, n)  # -0 too
         kept = (bits[:, None] >> torch.arange(8)) & 1
         assert torch.equal(kept.flatten()[:n].bool(), noise != 0), (seed, n)
+        # backward makes the dropped-out input again from x and the bits: the forward's, every bit
+        again = dropout_masks.dropped_again(x, bits, p)
+        assert torch.equal(again.view(torch.int16), ours.view(torch.int16)), (seed, n)  # NaNs, -0 too
         t, acc = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
         theirs = acc.clone().addcmul_(t, noise)
         got = dropout_masks.addcmul_kept_(acc.clone(), t, bits, p)

@@ -34,7 +34,7 @@ def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
     # fast swaps peft's LoRA linears and flags the attention modules (bf16 attends in fp32;
     # full SFT has no LoRA linears: plain forwards, plain report)
     fast_swapped = {
-        "kind": "fast", **nothing, "lora_linear": 14, "fp32_attention": 2, "gqa_attention": 2, "chunked_loss": True
+        "kind": "fast", **nothing, "lora_linear": 14, "swiglu_mlp": 2, "fp32_attention": 2, "gqa_attention": 2, "chunked_loss": True
     }  # fmt: skip
     assert fast["kernels"] == (fast_swapped if method == "lora" else {"kind": "plain", **nothing})
     assert fused["kernels"]["kind"] == "fused"
@@ -94,12 +94,17 @@ def test_fast_lora_linear_keeps_its_dropout_mask_as_bits() -> None:
         pytest.skip("this torch build draws its masks another way")
     kernels.apply(model, "fast")
     x = torch.randn(2, 9, 48, requires_grad=True)
+    torch.manual_seed(1)
     out = model(x)
-    *_, dropped, _, keep = out.grad_fn.saved_tensors
-    assert dropped.shape == (18, 48) and dropped.dtype == torch.float32
+    torch.manual_seed(1)
+    theirs = torch.nn.functional.dropout(x.detach().reshape(18, 48), 0.1)  # the same draws
+    *_, rows, _, keep = out.grad_fn.saved_tensors
+    # x itself, not a dropped-out copy (adapters reading one input keep it once)
+    assert rows.shape == (18, 48) and rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert keep.dtype == torch.uint8 and keep.numel() == (18 * 48 + 7) // 8
     kept = ((keep[:, None] >> torch.arange(8)) & 1).flatten()[: 18 * 48].view(18, 48).bool()
-    assert torch.equal(kept, dropped != 0)  # x has no exact zeros: dropped is 0 exactly where dropped out
+    assert torch.equal(kept, theirs != 0)  # x has no exact zeros: 0 exactly where dropped out
+    assert torch.equal(dropout_masks.dropped_again(rows, keep, 0.1), theirs)  # made again, bit for bit
 
 
 def test_fast_lora_linear_under_bf16_autocast_equals_peft_within_bf16_rounding() -> None:
@@ -141,59 +146,84 @@ def test_fast_lora_linear_under_bf16_autocast_equals_peft_within_bf16_rounding()
         assert error(other, theirs) > 2**-6, name
 
 
-def test_fused_kernels_keep_fewer_bytes_for_backward(
+def test_fast_and_fused_kernels_keep_fewer_bytes_for_backward(
     tiny_base: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bytes autograd saves in one forward (distinct storages, weights excluded), and the
-    loss and gradients of that step, plain vs fused on the same packed batch; and what sharing
-    the frozen norms' inputs saves: exactly one norm output per norm feeding LoRA layers."""
+    loss and gradients of that step, plain vs fast and fused on the same packed batch; what
+    fast's MLP makes again in backward (exactly two [tokens, intermediate] tensors a layer, at
+    the same gradients bit for bit), and what sharing the frozen norms' inputs saves in fused
+    (exactly one norm output per norm feeding LoRA layers)."""
     from datasets import load_from_disk
-
-    from stages.core.loading import load_tokenizer
-    from stages.train.loss import KeepTrainedLogits, trained_logits_loss
-    from stages.train.model import build_model
-    from stages.train.trainer import build_collator
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared / "train"))]
     saved, losses, grads = {}, {}, {}
-    for variant in ("plain", "fused", "fused_without_norm_sharing"):
-        kern = "plain" if variant == "plain" else "fused"
-        if variant == "fused_without_norm_sharing":
-            monkeypatch.setattr(kernels, "_is_frozen_norm", lambda module: False)
-        torch.manual_seed(0)
-        model = build_model(TrainParams(lora=LoraParams(dropout=0.05), kernels=kern), tiny_base).train()
-        batch = KeepTrainedLogits(build_collator(load_tokenizer(tiny_base), "padding_free", "sdpa_varlen"))(rows[:4])
-        labels = batch.pop("labels")
-        head = kernels.head_of(model) if kern == "fused" else None
-        loss_fn = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
-            if not isinstance(t, torch.nn.Parameter):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        torch.manual_seed(1)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if head is not None:
-                with kernels.defer_head(head):
-                    loss = loss_fn(model(**batch), labels)
-            else:
-                loss = loss_fn(model(**batch), labels)
-        loss.backward()
-        saved[variant], losses[variant] = sum(storages.values()), loss.item()
-        grads[variant] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for variant in ("plain", "fast", "fast_without_mlp", "fused", "fused_without_norm_sharing"):
+        kern = variant.split("_")[0]
+        with monkeypatch.context() as patch:
+            if variant == "fused_without_norm_sharing":
+                patch.setattr(kernels, "_is_frozen_norm", lambda module: False)
+            if variant == "fast_without_mlp":
+                patch.setattr(kernels, "_is_swiglu_mlp", lambda module: False)
+            saved[variant], losses[variant], grads[variant], batch, model = _one_step(kern, rows, tiny_base)
     assert saved["fused"] < 0.6 * saved["plain"], saved
+    assert saved["fast"] < 0.6 * saved["plain"], saved
     config = model.config
-    one_norm_output = batch["input_ids"].numel() * config.hidden_size * 4  # fp32
+    tokens = batch["input_ids"].numel()
+    # fast's MLP keeps gate and up; transformers' MLP also keeps act(gate) and the product that
+    # the down projection's adapter reads: two [tokens, intermediate] fp32 tensors per layer
+    mlp_made_again = config.num_hidden_layers * 2 * tokens * config.intermediate_size * 4
+    assert saved["fast_without_mlp"] - saved["fast"] == mlp_made_again
+    one_norm_output = tokens * config.hidden_size * 4  # fp32
     # every norm feeding LoRA layers but the first: it reads the frozen embeddings' output,
     # which needs no gradient, so that norm keeps nothing the branches could share
     shared_norms = 2 * config.num_hidden_layers - 1
     assert saved["fused_without_norm_sharing"] - saved["fused"] == shared_norms * one_norm_output
     assert losses["fused_without_norm_sharing"] == losses["fused"]
-    assert losses["fused"] == pytest.approx(losses["plain"], abs=1e-6)
-    for name, g in grads["plain"].items():
-        torch.testing.assert_close(grads["fused"][name], g, rtol=1e-4, atol=1e-6)
+    assert losses["fast_without_mlp"] == losses["fast"]  # the same operations, bit for bit
+    for name, g in grads["fast"].items():
+        assert torch.equal(grads["fast_without_mlp"][name], g), name
+    for kern in ("fast", "fused"):
+        assert losses[kern] == pytest.approx(losses["plain"], abs=1e-6)
+        for name, g in grads["plain"].items():
+            torch.testing.assert_close(grads[kern][name], g, rtol=1e-4, atol=1e-6)
+
+
+def _one_step(kern: str, rows: list, tiny_base: Path) -> tuple:
+    """One forward + backward of `kern` kernels on the first 4 rows as one packed batch: bytes
+    autograd saved (distinct storages, weights excluded), the loss, the adapters' gradients,
+    the batch and the model."""
+    from stages.core.loading import load_tokenizer
+    from stages.train import dropout_masks
+    from stages.train.loss import KeepTrainedLogits, trained_logits_loss
+    from stages.train.model import build_model
+    from stages.train.trainer import build_collator
+
+    torch.manual_seed(0)
+    params = TrainParams(lora=LoraParams(dropout=0.05), kernels=kern)
+    model = build_model(params, tiny_base).train()
+    dropout_masks.activate(model, "auto", on_cpu=True)  # as the train stage: the masks as bits where built
+    batch = KeepTrainedLogits(build_collator(load_tokenizer(tiny_base), "padding_free", "sdpa_varlen"))(rows[:4])
+    labels = batch.pop("labels")
+    head = kernels.head_of(model) if kernels.chunked_loss(params, on_cpu=True) else None
+    loss_fn = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if head is not None:
+            with kernels.defer_head(head):
+                loss = loss_fn(model(**batch), labels)
+        else:
+            loss = loss_fn(model(**batch), labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(storages.values()), loss.item(), grads, batch, model
 
 
 def test_chunked_loss_equals_the_plain_one_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

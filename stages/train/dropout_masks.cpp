@@ -205,6 +205,23 @@ inline void masked_add_low_scalar(uint16_t* acc, const uint16_t* t, const uint8_
   }
 }
 
+// dropped[i] = x[i] * noise[i] again from the bits `fill_bits` wrote: what a backward needs of the
+// dropped-out input when it kept x (kept anyway, or shared by the adapters reading the same input)
+// instead of a copy per adapter. The same single multiplications as the forward's, so the same
+// bits; bf16 (`low`): x, or a zero of x's sign (NaN for inf and NaN), as fill_bits_low.
+inline void apply_bits_scalar(const float* x, float* dropped, const uint8_t* bits, int64_t begin, int64_t end,
+                              float scale) {
+  for (int64_t i = begin; i < end; ++i) dropped[i] = x[i] * ((bits[i / 8] >> (i % 8)) & 1 ? scale : 0.0f);
+}
+
+inline void apply_bits_low(const uint16_t* x, uint16_t* dropped, const uint8_t* bits, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t v = x[i];
+    const uint16_t zero = (v & 0x7f80u) == 0x7f80u ? 0x7fc0u : (v & 0x8000u);
+    dropped[i] = (bits[i / 8] >> (i % 8)) & 1 ? v : zero;
+  }
+}
+
 #if defined(__x86_64__)
 // 8 lanes of all ones where the byte's bit (lane) is set.
 __attribute__((target("avx2"))) inline __m256 lanes_of(uint8_t byte) {
@@ -246,9 +263,48 @@ __attribute__((target("avx2,fma"))) void masked_add_low_avx2(uint16_t* acc, cons
   masked_add_low_scalar(acc, t, bits, i, end);
 }
 
-const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+__attribute__((target("avx2"))) void apply_bits_avx2(const float* x, float* dropped, const uint8_t* bits, int64_t begin,
+                                                     int64_t end, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 noise = _mm256_and_ps(lanes_of(bits[i / 8]), s);  // scale or +0, as the forward's noise
+    _mm256_storeu_ps(dropped + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), noise));
+  }
+  apply_bits_scalar(x, dropped, bits, i, end, scale);
+}
+
+// The bf16 form 8 elements at a time (970 x 1536 elements, hot caches: 1.9 ms as the scalar loop).
+__attribute__((target("avx2"))) void apply_bits_low_avx2(const uint16_t* x, uint16_t* dropped, const uint8_t* bits,
+                                                         int64_t n) {
+  const __m256i sign = _mm256_set1_epi32(0x8000), exponent = _mm256_set1_epi32(0x7f80), qnan = _mm256_set1_epi32(0x7fc0);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(v, exponent), exponent);  // inf, NaN
+    const __m256i zero = _mm256_blendv_epi8(_mm256_and_si256(v, sign), qnan, special);
+    const __m256i r = _mm256_blendv_epi8(zero, v, _mm256_castps_si256(lanes_of(bits[i / 8])));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dropped + i), packed);
+  }
+  for (; i < n; ++i) {
+    const uint16_t v = x[i];
+    const uint16_t zero = (v & 0x7f80u) == 0x7f80u ? 0x7fc0u : (v & 0x8000u);
+    dropped[i] = (bits[i / 8] >> (i % 8)) & 1 ? v : zero;
+  }
+}
+
+// Asked on first use, not in a static initializer: __builtin_cpu_supports reads data that
+// __builtin_cpu_init fills, and the order of static initializers across objects is unspecified.
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
 #else
-const bool kAvx2 = false;
+bool has_avx2() { return false; }
 #endif
 
 template <typename Fill>
@@ -297,6 +353,20 @@ int sftflow_dropout_bits(const void* x, void* dropped, uint8_t* bits, int64_t n,
   });
 }
 
+// dropped[i] = x[i] * noise[i], noise from `bits` as sftflow_masked_addcmul reads them: the
+// dropped-out input sftflow_dropout_bits wrote, bit for bit, recomputed from x.
+void sftflow_apply_bits(const void* x, void* dropped, const uint8_t* bits, int64_t n, float scale, int low) {
+  const auto* xf = static_cast<const float*>(x);
+  auto* df = static_cast<float*>(dropped);
+  const auto* xl = static_cast<const uint16_t*>(x);
+  auto* dl = static_cast<uint16_t*>(dropped);
+#if defined(__x86_64__)
+  if (has_avx2()) return low ? apply_bits_low_avx2(xl, dl, bits, n) : apply_bits_avx2(xf, df, bits, 0, n, scale);
+#endif
+  if (low) return apply_bits_low(xl, dl, bits, n);
+  apply_bits_scalar(xf, df, bits, 0, n, scale);
+}
+
 // acc += t * noise, noise from `bits` (scale where set, else 0), as acc.addcmul_(t, noise); fp32,
 // or bf16 (`low` 1: as uint16, noise the 0/1 mask).
 void sftflow_masked_addcmul(void* acc, const void* t, const uint8_t* bits, int64_t n, float scale, int low) {
@@ -307,11 +377,11 @@ void sftflow_masked_addcmul(void* acc, const void* t, const uint8_t* bits, int64
   if (low) {
     auto* a = static_cast<uint16_t*>(acc);
     const auto* f = static_cast<const uint16_t*>(t);
-    kAvx2 ? masked_add_low_avx2(a, f, bits, 0, n) : masked_add_low_scalar(a, f, bits, 0, n);
+    has_avx2() ? masked_add_low_avx2(a, f, bits, 0, n) : masked_add_low_scalar(a, f, bits, 0, n);
   } else {
     auto* a = static_cast<float*>(acc);
     const auto* f = static_cast<const float*>(t);
-    kAvx2 ? masked_fma_avx2(a, f, bits, 0, n, scale) : masked_fma_scalar(a, f, bits, 0, n, scale);
+    has_avx2() ? masked_fma_avx2(a, f, bits, 0, n, scale) : masked_fma_scalar(a, f, bits, 0, n, scale);
   }
 }
 

@@ -71,11 +71,23 @@ def dropout_noise(x: Any, p: float) -> tuple[Any, Any]:
     if _State.lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         noise = keep_mask(x, 1 - p).to(x.dtype).div_(1 - p)
         return noise, x * noise
-    scale = float(torch.ones(1).div_(1 - p))  # the value torch's div_ gives a kept element
+    scale = _kept_value(p)
     noise, dropped = torch.empty_like(x), torch.empty_like(x)
     if _State.lib.sftflow_dropout_noise(x.data_ptr(), dropped.data_ptr(), noise.data_ptr(), x.numel(), 1 - p, scale):
         raise RuntimeError("torch's CPU generator is not in a valid state")
     return noise, dropped
+
+
+def _kept_value(p: float) -> float:
+    """What a kept element of F.dropout's noise holds: 1 / (1 - p) as torch's fp32 `div_` rounds
+    it (not Python's double quotient rounded to fp32, which can differ in the last bit).
+
+    >>> _kept_value(0.05) == float(__import__("torch").ones(1).div_(0.95))
+    True
+    """
+    import torch
+
+    return float(torch.ones(1).div_(1 - p))
 
 
 def _packable(x: Any, dtype: Any) -> bool:
@@ -99,7 +111,7 @@ def dropout_bits(x: Any, p: float) -> tuple[Any, Any]:
 
     if not _packable(x, torch.float32):
         return dropout_noise(x, p)
-    scale = float(torch.ones(1).div_(1 - p))
+    scale = _kept_value(p)
     bits, dropped = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8), torch.empty_like(x)
     if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, scale, 0):
         raise RuntimeError("torch's CPU generator is not in a valid state")
@@ -129,6 +141,30 @@ def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
     return bits, dropped
 
 
+def dropped_again(x: Any, keep: Any, p: float) -> Any:
+    """The dropped-out input `dropout_bits` (or `dropout_bits_low`) returned with `keep`, made
+    again from x: the same multiplications, the same bits. What a backward needs when its forward
+    kept x (kept anyway, or shared by the adapters reading one input) instead of a copy per
+    adapter; `keep` may also be their unpacked fallback (the noise, or the 0/1 mask).
+
+    >>> import torch
+    >>> x = torch.randn(3, 5)
+    >>> _ = torch.manual_seed(0); keep, dropped = dropout_bits(x, 0.25)
+    >>> torch.equal(dropped_again(x, keep, 0.25), dropped)
+    True
+    """
+    import torch
+
+    if keep.dtype != torch.uint8:  # dropout_noise's noise, or the low path's mask in x's dtype
+        return x * keep
+    low = int(x.dtype != torch.float32)
+    if not (x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16) and keep.numel() == (x.numel() + 7) // 8):
+        raise ValueError(f"dropped_again: {x.dtype} {tuple(x.shape)} input, {keep.numel()} bytes of mask")
+    out = torch.empty_like(x)
+    _State.lib.sftflow_apply_bits(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), _kept_value(p) if not low else 1.0, low)
+    return out
+
+
 def addcmul_kept_(acc: Any, t: Any, keep: Any, p: float) -> Any:
     """`acc.addcmul_(t, noise)` where `keep` came from `dropout_bits` (noise: kept elements
     1/(1-p), as F.dropout's) or `dropout_bits_low` (the 0/1 mask; `p` unused): the same float
@@ -149,7 +185,7 @@ def addcmul_kept_(acc: Any, t: Any, keep: Any, p: float) -> Any:
     low = int(acc.dtype != torch.float32)
     if not (acc.is_contiguous() and t.is_contiguous() and t.dtype == acc.dtype and keep.numel() == (acc.numel() + 7) // 8):
         raise ValueError(f"addcmul_kept_: {acc.dtype} {tuple(acc.shape)} accumulator, {t.dtype} {tuple(t.shape)} factor")
-    scale = float(torch.ones(1).div_(1 - p)) if not low else 1.0
+    scale = _kept_value(p) if not low else 1.0
     _State.lib.sftflow_masked_addcmul(acc.data_ptr(), t.data_ptr(), keep.data_ptr(), acc.numel(), scale, low)
     return acc
 
@@ -182,6 +218,8 @@ def _load() -> Any:
     lib.sftflow_dropout_bits.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double, ctypes.c_float, ctypes.c_int]
     lib.sftflow_masked_addcmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     lib.sftflow_masked_addcmul.restype = None
+    lib.sftflow_apply_bits.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    lib.sftflow_apply_bits.restype = None
     return lib
 
 

@@ -119,6 +119,20 @@ def resolve(params: TrainParams, on_cpu: bool | None = None) -> str:
     return kind
 
 
+def chunked_loss(params: TrainParams, on_cpu: bool | None = None) -> bool:
+    """Whether the LM head and loss run in chunks of trained rows (`ChunkedTrainedLoss`): under
+    `fused`, and under `fast` where it swaps the adapters' linears (full fine-tuning under
+    `fast` keeps transformers' forward and loss).
+
+    >>> chunked_loss(TrainParams(kernels="fast")), chunked_loss(TrainParams(kernels="fast", method="full"))
+    (True, False)
+    >>> chunked_loss(TrainParams(kernels="plain")), chunked_loss(TrainParams(kernels="fused", method="full"))
+    (False, True)
+    """
+    kind = resolve(params, on_cpu)
+    return kind == "fused" or (kind == "fast" and params.method != "full")
+
+
 @functools.cache  # built on first use: importing torch costs seconds
 def _lora_branch_fn() -> Any:
     import torch
@@ -202,29 +216,35 @@ def _lora_linear_fn() -> Any:
             # peft adds (h @ B.T) * scaling to the base output as a new tensor; addmm_ writes
             # it into y in place (y + scaling * (h @ B.T): the same value when scaling is 2^k)
             y.addmm_(h, b.t(), alpha=scaling)
-            ctx.save_for_backward(w, a, b, dropped if ctx.needs_input_grad[3] else None, h, noise)
+            # x itself is kept, not its dropped-out copy: the adapters reading one input (q, k, v
+            # after the norm; gate, up) keep it once, and backward multiplies it by the mask again
+            ctx.save_for_backward(w, a, b, rows if ctx.needs_input_grad[3] else None, h, noise)
             ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.p = scaling, x.shape, x.dtype, a.dtype, p
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            return _lora_linear_grads(ctx, grad)
+            return _lora_linear_grads(ctx, grad, *ctx.saved_tensors)
 
     return LoraLinear
 
 
-def _lora_linear_grads(ctx: Any, grad: Any) -> tuple:
-    """Backward of `LoraLinear` and `LoraLinearLow`: `(grad_x, None, None, grad_a, grad_b, None,
-    None)` from what their forward saved, `(w, a, b, dropped, h, noise)` in the compute dtype
-    (fp32, or bf16 under autocast, where `noise` is the 0/1 mask and 1/(1-p) is in `ctx.alpha`),
-    `noise` packed as bits where dropout_masks could (1/32 of fp32 noise's bytes: autograd kept
-    3.28 GiB for a 1,550-token packed batch of SmolLM2-135M with r8 all-linear adapters, 0.87 of
-    it noise);
+def _lora_linear_grads(
+    ctx: Any, grad: Any, w: Any, a: Any, b: Any, rows: Any, h: Any, noise: Any, needs: tuple | None = None
+) -> tuple:
+    """Backward of `LoraLinear`, `LoraLinearLow` and `SwigluDownLora`: `(grad_x, None, None,
+    grad_a, grad_b, None, None)` from what their forward kept, in the compute dtype (fp32, or
+    bf16 under autocast, where `noise` is the 0/1 mask and 1/(1-p) is in `ctx.alpha`): the
+    input rows (None when lora_A needs no gradient), `h` = dropped rows @ A.T, and `noise` packed
+    as bits where dropout_masks could (1/32 of fp32 noise's bytes: autograd kept 3.28 GiB for a
+    1,550-token packed batch of SmolLM2-135M with r8 all-linear adapters, 0.87 of it noise);
+    the dropped-out rows are made again from rows and noise, the forward's products bit for bit.
+    `needs`: whether x, a and b want gradients (default: LoraLinear's `ctx.needs_input_grad`).
     alpha is applied in fp32 at least, the adapters' gradients come back in their own dtype. In
     fp32 every cast below is a no-op (the same tensor): LoraLinear's gradients are unchanged."""
     import torch
 
-    w, a, b, dropped, h, noise = ctx.saved_tensors
+    need_x, need_a, need_b = needs or (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
     acc = torch.promote_types(w.dtype, torch.float32)
     with torch.autocast(grad.device.type, enabled=False):
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
@@ -232,11 +252,15 @@ def _lora_linear_grads(ctx: Any, grad: Any) -> tuple:
         # (h.T @ g).T and g @ B 2.3x slower than (B.T @ g.T).T (T=970, out=1536, r=8, 2
         # threads, AVX2 EPYC: 3.02 vs 0.66 ms, 1.46 vs 0.64 ms); alpha multiplies the [out, r]
         # and [T, r] results in fp32 instead of the [T, out] gradient.
-        grad_b = torch.mm(h.t(), g).t().to(acc).mul_(ctx.alpha).to(ctx.a_dtype) if ctx.needs_input_grad[4] else None
+        grad_b = torch.mm(h.t(), g).t().to(acc).mul_(ctx.alpha).to(ctx.a_dtype) if need_b else None
         grad_h = torch.mm(b.t(), g.t()).t().to(acc).mul_(ctx.alpha).to(w.dtype)
-        grad_a = torch.mm(grad_h.t(), dropped).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
+        grad_a = None
+        if need_a:
+            dropped = dropout_masks.dropped_again(rows, noise, ctx.p) if noise is not None else rows
+            grad_a = torch.mm(grad_h.t(), dropped).to(ctx.a_dtype)
+            del dropped
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = torch.mm(g, w)
             if noise is not None:  # grad_x.addcmul_(grad_h @ A, noise), the noise read from its bits
                 dropout_masks.addcmul_kept_(grad_x, torch.mm(grad_h, a), noise, ctx.p)
@@ -273,40 +297,102 @@ def _lora_linear_low_fn() -> Any:
                 alpha = scaling / (1 - p) if p > 0 else scaling
                 h = torch.mm(dropped, al.t())
                 y.addmm_(h, bl.t(), alpha=alpha)
-            ctx.save_for_backward(wl, al, bl, dropped if ctx.needs_input_grad[3] else None, h, mask)
+            ctx.save_for_backward(wl, al, bl, rows if ctx.needs_input_grad[3] else None, h, mask)
             ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.p = alpha, x.shape, x.dtype, a.dtype, p
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            return (*_lora_linear_grads(ctx, grad), None)
+            return (*_lora_linear_grads(ctx, grad, *ctx.saved_tensors), None)
 
     return LoraLinearLow
 
 
-def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """peft's `lora.Linear.forward` as one autograd function (`fast`) where it applies: one
-    vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype without
-    autocast (`LoraLinear`), or fp32 adapters under a bf16/fp16 autocast (`LoraLinearLow`);
-    anything else goes to peft's own forward."""
+def _fast_parts(layer: Any, x: Any) -> tuple | None:
+    """`(w, bias, a, b, p, scaling, low)` when `fast` covers peft LoRA layer `layer` on input x:
+    one vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype without
+    autocast (`low` None), or fp32 adapters under a bf16/fp16 autocast (`low` that dtype); else None."""
     import torch
 
-    base = self.base_layer
-    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-    if args or kwargs or not _lora_ready(self) or type(base) is not torch.nn.Linear or not frozen:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    p, scaling = _dropout_p(self, name), self.scaling[name]
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not torch.nn.Linear or "forward" not in layer.__dict__ or not _lora_ready(layer):
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    name = layer.active_adapters[0]
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    parts = (base.weight, base.bias, a, b, _dropout_p(layer, name), layer.scaling[name])
     device = x.device.type
     if torch.is_autocast_enabled(device):
         low = torch.get_autocast_dtype(device)
-        if low in (torch.bfloat16, torch.float16) and a.dtype == b.dtype == torch.float32:
-            return _lora_linear_low_fn().apply(x, base.weight, base.bias, a, b, p, scaling, low)
+        ok = low in (torch.bfloat16, torch.float16) and a.dtype == b.dtype == torch.float32
+        return (*parts, low) if ok else None
+    return (*parts, None) if x.dtype == base.weight.dtype == a.dtype == b.dtype else None
+
+
+def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """peft's `lora.Linear.forward` as one autograd function (`fast`) where `_fast_parts` says it
+    applies (`LoraLinear`, or `LoraLinearLow` under autocast); anything else goes to peft's own."""
+    parts = None if args or kwargs else _fast_parts(self, x)
+    if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    if not x.dtype == base.weight.dtype == a.dtype == b.dtype:
-        return type(self).forward(self, x, *args, **kwargs)
-    return _lora_linear_fn().apply(x, base.weight, base.bias, a, b, p, scaling)
+    *parts, low = parts
+    if low is not None:
+        return _lora_linear_low_fn().apply(x, *parts, low)
+    return _lora_linear_fn().apply(x, *parts)
+
+
+@functools.cache  # built on first use: importing torch costs seconds
+def _swiglu_down_fn() -> Any:
+    import torch
+
+    class SwigluDownLora(torch.autograd.Function):
+        """`down(silu(gate) * up)` for a `fast` LoRA down projection (fp32, no autocast), keeping
+        gate, up and the dropout bits: silu(gate), the product and its dropped-out copy are made
+        again in backward (what autograd would keep of them: 3 of the MLP's 5 [T, intermediate]
+        tensors). The same float operations as transformers' MLP + `LoraLinear`, forward and
+        backward (aten's silu_backward, the products' gradients as autograd's mul), bit for bit."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, gate: Any, up: Any, w: Any, bias: Any, a: Any, b: Any, p: float, scaling: float
+        ) -> Any:
+            hidden = torch.nn.functional.silu(gate) * up
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            y = torch.nn.functional.linear(rows, w, bias)
+            noise, dropped = dropout_masks.dropout_bits(rows, p) if p > 0 else (None, rows)
+            h = torch.mm(dropped, a.t())
+            y.addmm_(h, b.t(), alpha=scaling)
+            ctx.save_for_backward(gate, up, w, a, b, h, noise)
+            ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.p = scaling, hidden.shape, hidden.dtype, a.dtype, p
+            return y.view(*hidden.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            gate, up, w, a, b, h, noise = ctx.saved_tensors
+            act = torch.nn.functional.silu(gate)
+            hidden = act * up
+            needs = (True, *ctx.needs_input_grad[4:6])  # (x, a, b): gate and up want theirs
+            grad_hidden, _, _, grad_a, grad_b, _, _ = _lora_linear_grads(
+                ctx, grad, w, a, b, hidden.view(-1, hidden.shape[-1]), h, noise, needs
+            )
+            del hidden
+            grad_up = grad_hidden * act
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
+
+    return SwigluDownLora
+
+
+def _fast_mlp_forward(self: Any, x: Any) -> Any:
+    """A SiLU-gated MLP under `fast`: gate and up through their own (fast) forwards, then
+    `SwigluDownLora` where `_fast_parts` covers the down projection without autocast; else
+    transformers' `down(act(gate) * up)`."""
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    parts = _fast_parts(self.down_proj, gate)
+    if parts is None or parts[-1] is not None or not gate.dtype == up.dtype == parts[0].dtype:
+        return self.down_proj(self.act_fn(gate) * up)
+    return _swiglu_down_fn().apply(gate, up, *parts[:-1])
 
 
 def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -438,6 +524,9 @@ def apply(model: Any, kind: str = "fused") -> dict[str, int]:
             if _is_lora_linear(module):
                 module.forward = types.MethodType(_fast_lora_forward, module)
                 counts["lora_linear"] += 1
+            elif _is_swiglu_mlp(module) and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+                module.forward = types.MethodType(_fast_mlp_forward, module)
+                counts["swiglu_mlp"] += 1
             elif hasattr(module, "num_key_value_groups"):  # an attention module: see attention.FP32_FLAG
                 setattr(module, FP32_FLAG, True)
                 counts["fp32_attention"] += 1
@@ -472,7 +561,7 @@ def applied(model: Any) -> dict[str, int]:
         forward = getattr(module.__dict__.get("forward"), "__func__", None)
         if forward is _fused_lora_forward or forward is _fast_lora_forward:
             counts["lora_linear"] += 1
-        elif forward is _fused_mlp_forward:
+        elif forward is _fused_mlp_forward or forward is _fast_mlp_forward:
             counts["swiglu_mlp"] += 1
         elif forward is _fused_norm_forward:
             counts["frozen_norm"] += 1

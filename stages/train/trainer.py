@@ -169,10 +169,7 @@ def train(
         trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
         if trained_only:
             collator = KeepTrainedLogits(collator)
-        # the LM head and loss in chunks (fused, and fast where it swaps the adapters' linears:
-        # full fine-tuning under fast keeps transformers' forward and loss)
-        chunked = kernels.resolve(params) == "fused" or (kernels.resolve(params) == "fast" and params.method != "full")
-        head = kernels.head_of(model) if trained_only and chunked else None
+        head = kernels.head_of(model) if trained_only and kernels.chunked_loss(params) else None
         loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
         columns = ["input_ids", "labels", *(["images"] if vision else [])]
         trainer = Trainer(
