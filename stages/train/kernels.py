@@ -81,7 +81,8 @@ def resolve(params: TrainParams, on_cpu: bool | None = None) -> str:
     issue-table settings on a 2-vCPU AVX2 EPYC (bench/train_bench.py --issue-table, 20 steps,
     2 rounds, 2 threads) fast ran 103 tokens/s vs plain's 94 (the same final loss); fused ran
     79-88 vs plain's 93-99 in an earlier run (its recomputation costs more than the saved bytes
-    gain there) at 4.0 vs 6.0-6.1 GB peak RSS: choose `fused` when memory is what limits you. Neither runs with
+    gain there). fast now keeps no more for backward than fused (a 1,550-token batch: 1.34 vs
+    1.71 GiB) and is faster; fused still covers bases fast leaves to peft (4-bit QLoRA). Neither runs with
     gradient checkpointing (whole layers are recomputed: nothing left for fused to save, and
     fast was not tested there), and both are refused under DeepSpeed ZeRO-3, which gathers a
     weight only inside its own module's forward while they read base, adapter and head weights
