@@ -517,6 +517,8 @@ def _source(fn: Any) -> str:
 def apply(model: Any, kind: str = "fused") -> dict[str, int]:
     """Swap in the `kind` (`fast` or `fused`) forwards on one model instance (its classes stay
     untouched); returns how many modules of each kind were swapped."""
+    import torch
+
     from stages.train.attention import FP32_FLAG, GQA_FLAG
 
     counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0}
@@ -525,7 +527,14 @@ def apply(model: Any, kind: str = "fused") -> dict[str, int]:
             if _is_lora_linear(module):
                 module.forward = types.MethodType(_fast_lora_forward, module)
                 counts["lora_linear"] += 1
-            elif _is_swiglu_mlp(module) and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+            elif (
+                _is_swiglu_mlp(module)
+                and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
+                and _is_lora_linear(module.down_proj)  # else nothing to make again: not swapped, not counted
+                # fp32 bases: train.precision bf16 puts a bf16 base under autocast, where the
+                # MLP keeps transformers' forward (SwigluDownLora is fp32-without-autocast only)
+                and module.down_proj.base_layer.weight.dtype == torch.float32
+            ):
                 module.forward = types.MethodType(_fast_mlp_forward, module)
                 counts["swiglu_mlp"] += 1
             elif hasattr(module, "num_key_value_groups"):  # an attention module: see attention.FP32_FLAG
