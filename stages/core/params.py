@@ -220,7 +220,8 @@ class TrainParams:
     # (fp32: per-step losses within 1e-5, tested). plain: transformers + peft as they are.
     # fast: peft's LoRA linear as one autograd function (dropout in one pass, the branch added
     # in place, faster GEMM layouts, the dropout mask kept as bits), SDPA broadcasting k/v heads,
-    # LM head + loss in chunks (peak RSS 3.42 -> 2.51 GB on 8 batches of 620-970 tokens). fused: LoRA dropout keeping a bool mask instead of two
+    # LM head + loss in chunks, each LoRA input kept once, a SiLU MLP's product made again in
+    # backward (peak RSS 3.42 -> 2.04 GB on 8 batches of 620-970 tokens). fused: LoRA dropout keeping a bool mask instead of two
     # fp32 copies of each layer input, SwiGLU recomputed in backward, LM head + cross-entropy in
     # chunks of trained rows: activations kept for backward 7.5 -> 3.2 GiB on a 3310-token batch
     # of SmolLM2-135M, 0.85-0.89x plain's speed. auto: fast on the CPU (bench/train_bench.py

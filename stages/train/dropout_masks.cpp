@@ -214,8 +214,8 @@ inline void apply_bits_scalar(const float* x, float* dropped, const uint8_t* bit
   for (int64_t i = begin; i < end; ++i) dropped[i] = x[i] * ((bits[i / 8] >> (i % 8)) & 1 ? scale : 0.0f);
 }
 
-inline void apply_bits_low(const uint16_t* x, uint16_t* dropped, const uint8_t* bits, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+inline void apply_bits_low(const uint16_t* x, uint16_t* dropped, const uint8_t* bits, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
     const uint16_t v = x[i];
     const uint16_t zero = (v & 0x7f80u) == 0x7f80u ? 0x7fc0u : (v & 0x8000u);
     dropped[i] = (bits[i / 8] >> (i % 8)) & 1 ? v : zero;
@@ -263,6 +263,7 @@ __attribute__((target("avx2,fma"))) void masked_add_low_avx2(uint16_t* acc, cons
   masked_add_low_scalar(acc, t, bits, i, end);
 }
 
+// `begin` a multiple of 8 (each byte of `bits` covers 8 elements), as masked_fma_avx2's.
 __attribute__((target("avx2"))) void apply_bits_avx2(const float* x, float* dropped, const uint8_t* bits, int64_t begin,
                                                      int64_t end, float scale) {
   const __m256 s = _mm256_set1_ps(scale);
@@ -287,16 +288,12 @@ __attribute__((target("avx2"))) void apply_bits_low_avx2(const uint16_t* x, uint
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dropped + i), packed);
   }
-  for (; i < n; ++i) {
-    const uint16_t v = x[i];
-    const uint16_t zero = (v & 0x7f80u) == 0x7f80u ? 0x7fc0u : (v & 0x8000u);
-    dropped[i] = (bits[i / 8] >> (i % 8)) & 1 ? v : zero;
-  }
+  apply_bits_low(x, dropped, bits, i, n);
 }
 
 // Asked on first use, not in a static initializer: __builtin_cpu_supports reads data that
 // __builtin_cpu_init fills, and the order of static initializers across objects is unspecified.
-bool has_avx2() {
+bool has_avx2_fma() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -304,7 +301,7 @@ bool has_avx2() {
   return yes;
 }
 #else
-bool has_avx2() { return false; }
+bool has_avx2_fma() { return false; }
 #endif
 
 template <typename Fill>
@@ -361,9 +358,9 @@ void sftflow_apply_bits(const void* x, void* dropped, const uint8_t* bits, int64
   const auto* xl = static_cast<const uint16_t*>(x);
   auto* dl = static_cast<uint16_t*>(dropped);
 #if defined(__x86_64__)
-  if (has_avx2()) return low ? apply_bits_low_avx2(xl, dl, bits, n) : apply_bits_avx2(xf, df, bits, 0, n, scale);
+  if (has_avx2_fma()) return low ? apply_bits_low_avx2(xl, dl, bits, n) : apply_bits_avx2(xf, df, bits, 0, n, scale);
 #endif
-  if (low) return apply_bits_low(xl, dl, bits, n);
+  if (low) return apply_bits_low(xl, dl, bits, 0, n);
   apply_bits_scalar(xf, df, bits, 0, n, scale);
 }
 
@@ -377,11 +374,11 @@ void sftflow_masked_addcmul(void* acc, const void* t, const uint8_t* bits, int64
   if (low) {
     auto* a = static_cast<uint16_t*>(acc);
     const auto* f = static_cast<const uint16_t*>(t);
-    has_avx2() ? masked_add_low_avx2(a, f, bits, 0, n) : masked_add_low_scalar(a, f, bits, 0, n);
+    has_avx2_fma() ? masked_add_low_avx2(a, f, bits, 0, n) : masked_add_low_scalar(a, f, bits, 0, n);
   } else {
     auto* a = static_cast<float*>(acc);
     const auto* f = static_cast<const float*>(t);
-    has_avx2() ? masked_fma_avx2(a, f, bits, 0, n, scale) : masked_fma_scalar(a, f, bits, 0, n, scale);
+    has_avx2_fma() ? masked_fma_avx2(a, f, bits, 0, n, scale) : masked_fma_scalar(a, f, bits, 0, n, scale);
   }
 }
 

@@ -20,6 +20,11 @@ broadcast by SDPA instead of repeated (`enable_gqa`, as `fused`), and the LM hea
 chunks of trained rows (`ChunkedTrainedLoss`, as `fused`). On a 1,550-token packed batch of
 SmolLM2-135M (r8 all-linear) autograd kept 3.28 -> 2.17 GiB, the step's peak in use 3.79 -> 2.31
 GiB; 8 batches of 620-970 tokens (bench/allocator_steps.py) peaked at 2.51 instead of 3.42 GB RSS.
+Then each LoRA linear kept its input x instead of its dropped-out copy (the adapters reading one
+input keep it once; backward multiplies x by the mask bits again, dropout_masks.dropped_again),
+and a SiLU-gated MLP over an fp32 base keeps gate and up only (`SwigluDownLora`): 2.17 -> 1.34
+GiB kept on that batch (fused: 1.71), peak in use 1.47 GiB, the 8 batches 2.57 -> 2.04 GB RSS,
+at the same speed and bit for bit the same gradients.
 
 Measured on SmolLM2-135M, LoRA r8 all-linear with dropout 0.05, one packed batch of 2114
 tokens in fp32: autograd kept 5.0 GiB of activations (peak RSS 8.5 GB). Half of it was LoRA
@@ -53,7 +58,8 @@ for the kept values; gradients equal the plain path's up to summation order):
 
 `plain` is transformers + peft as they are, and what `auto` means (see `resolve`). On that
 batch fused keeps 2.5 GiB instead of 5.0 (peak RSS 8.5 -> 5.7 GiB); on an idle AVX2 CPU it ran
-0.85x plain's speed (docs/benchmarks.md), so it is the choice when memory limits. Every piece
+0.85x plain's speed (docs/benchmarks.md). fast now keeps no more than fused on frozen
+`nn.Linear` bases and runs faster; fused still covers bases fast leaves to peft (4-bit). Every piece
 is plain torch, so it runs on CUDA too, where flash-attention already avoids the repeated k/v;
 only CPU runs were measured.
 """
@@ -309,17 +315,26 @@ def _lora_linear_low_fn() -> Any:
     return LoraLinearLow
 
 
-def _fast_parts(layer: Any, x: Any) -> tuple | None:
-    """`(w, bias, a, b, p, scaling, low)` when `fast` covers peft LoRA layer `layer` on input x:
-    one vanilla adapter, unmerged, over a frozen `nn.Linear`, every tensor in one dtype without
-    autocast (`low` None), or fp32 adapters under a bf16/fp16 autocast (`low` that dtype); else None."""
+def _fast_covers(layer: Any) -> bool:
+    """Whether `fast` can run peft LoRA layer `layer` itself, whatever its input: one vanilla
+    adapter (not DoRA), unmerged, over a frozen `nn.Linear`."""
     import torch
 
     base = getattr(layer, "base_layer", None)
-    if type(base) is not torch.nn.Linear or "forward" not in layer.__dict__ or not _lora_ready(layer):
+    if type(base) is not torch.nn.Linear or not _lora_ready(layer):
+        return False
+    return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+
+
+def _fast_parts(layer: Any, x: Any) -> tuple | None:
+    """`(w, bias, a, b, p, scaling, low)` when `fast` covers `layer` (`_fast_covers`, its forward
+    swapped) on input x: every tensor in one dtype without autocast (`low` None), or fp32
+    adapters under a bf16/fp16 autocast (`low` that dtype); else None."""
+    import torch
+
+    if "forward" not in layer.__dict__ or not _fast_covers(layer):
         return None
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
+    base = layer.base_layer
     name = layer.active_adapters[0]
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     parts = (base.weight, base.bias, a, b, _dropout_p(layer, name), layer.scaling[name])
@@ -350,8 +365,8 @@ def _swiglu_down_fn() -> Any:
     class SwigluDownLora(torch.autograd.Function):
         """`down(silu(gate) * up)` for a `fast` LoRA down projection (fp32, no autocast), keeping
         gate, up and the dropout bits: silu(gate), the product and its dropped-out copy are made
-        again in backward (what autograd would keep of them: 3 of the MLP's 5 [T, intermediate]
-        tensors). The same float operations as transformers' MLP + `LoraLinear`, forward and
+        again in backward (autograd would keep silu(gate) and the dropped-out product: 2 of the 4
+        [T, intermediate] tensors it keeps for the MLP). The same float operations as transformers' MLP + `LoraLinear`, forward and
         backward (aten's silu_backward, the products' gradients as autograd's mul), bit for bit."""
 
         @staticmethod
@@ -371,15 +386,16 @@ def _swiglu_down_fn() -> Any:
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
             gate, up, w, a, b, h, noise = ctx.saved_tensors
+            need_gate, need_up, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
             act = torch.nn.functional.silu(gate)
-            hidden = act * up
-            needs = (True, *ctx.needs_input_grad[4:6])  # (x, a, b): gate and up want theirs
-            grad_hidden, _, _, grad_a, grad_b, _, _ = _lora_linear_grads(
-                ctx, grad, w, a, b, hidden.view(-1, hidden.shape[-1]), h, noise, needs
-            )
-            del hidden
-            grad_up = grad_hidden * act
-            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            rows = (act * up).reshape(-1, up.shape[-1]) if need_a else None
+            needs = (need_gate or need_up, need_a, need_b)  # LoraLinear's (x, a, b)
+            grad_hidden, _, _, grad_a, grad_b, _, _ = _lora_linear_grads(ctx, grad, w, a, b, rows, h, noise, needs)
+            del rows
+            if grad_hidden is None:
+                return None, None, None, None, grad_a, grad_b, None, None
+            grad_up = grad_hidden * act if need_up else None
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate) if need_gate else None
             return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 
     return SwigluDownLora
@@ -390,9 +406,11 @@ def _fast_mlp_forward(self: Any, x: Any) -> Any:
     `SwigluDownLora` where `_fast_parts` covers the down projection without autocast; else
     transformers' `down(act(gate) * up)`."""
     gate, up = self.gate_proj(x), self.up_proj(x)
-    parts = _fast_parts(self.down_proj, gate)
-    if parts is None or parts[-1] is not None or not gate.dtype == up.dtype == parts[0].dtype:
-        return self.down_proj(self.act_fn(gate) * up)
+    down = self.down_proj
+    parts = _fast_parts(down, gate)
+    hooked = down._forward_hooks or down._forward_pre_hooks  # they see down's call: keep it
+    if parts is None or parts[-1] is not None or hooked or not gate.dtype == up.dtype == parts[0].dtype:
+        return down(self.act_fn(gate) * up)
     return _swiglu_down_fn().apply(gate, up, *parts[:-1])
 
 
@@ -524,13 +542,16 @@ def apply(model: Any, kind: str = "fused") -> dict[str, int]:
     counts = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0}
     if kind == "fast":
         for module in model.modules():
-            if _is_lora_linear(module):
+            # swapped (and counted in the report) only where the function runs: DoRA, 4-bit
+            # bases and trained bases keep peft's forward
+            if _is_lora_linear(module) and _fast_covers(module):
                 module.forward = types.MethodType(_fast_lora_forward, module)
                 counts["lora_linear"] += 1
             elif (
                 _is_swiglu_mlp(module)
                 and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
                 and _is_lora_linear(module.down_proj)  # else nothing to make again: not swapped, not counted
+                and _fast_covers(module.down_proj)
                 # fp32 bases: train.precision bf16 puts a bf16 base under autocast, where the
                 # MLP keeps transformers' forward (SwigluDownLora is fp32-without-autocast only)
                 and module.down_proj.base_layer.weight.dtype == torch.float32
