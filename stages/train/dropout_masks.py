@@ -112,11 +112,7 @@ def dropout_bits(x: Any, p: float) -> tuple[Any, Any]:
 
     if not _packable(x, torch.float32):
         return dropout_noise(x, p)
-    scale = _kept_value(p)
-    bits, dropped = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8), torch.empty_like(x)
-    if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, scale, 0):
-        raise RuntimeError("torch's CPU generator is not in a valid state")
-    return bits, dropped
+    return _draw_bits(x, p)
 
 
 def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
@@ -136,8 +132,24 @@ def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
     if not _packable(x, torch.bfloat16):
         mask = keep_mask(x, 1 - p).to(x.dtype)
         return mask, x * mask
+    return _draw_bits(x, p)
+
+
+def _bits_scale(dtype: Any, p: float) -> tuple[float, int]:
+    """`(scale, low)` for the library's bit functions: fp32 keeps F.dropout's 1/(1-p) (low 0);
+    bf16 the 0/1 mask (scale 1, low 1)."""
+    import torch
+
+    return (_kept_value(p), 0) if dtype == torch.float32 else (1.0, 1)
+
+
+def _draw_bits(x: Any, p: float) -> tuple[Any, Any]:
+    """The library's one pass for a packable x: (mask bits, dropped-out x)."""
+    import torch
+
     bits, dropped = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8), torch.empty_like(x)
-    if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, 1.0, 1):
+    scale, low = _bits_scale(x.dtype, p)
+    if _State.lib.sftflow_dropout_bits(x.data_ptr(), dropped.data_ptr(), bits.data_ptr(), x.numel(), 1 - p, scale, low):
         raise RuntimeError("torch's CPU generator is not in a valid state")
     return bits, dropped
 
@@ -158,11 +170,10 @@ def dropped_again(x: Any, keep: Any, p: float) -> Any:
 
     if keep.dtype != torch.uint8:  # dropout_noise's noise, or the low path's mask in x's dtype
         return x * keep
-    low = int(x.dtype != torch.float32)
     if not (x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16) and keep.numel() == (x.numel() + 7) // 8):
         raise ValueError(f"dropped_again: {x.dtype} {tuple(x.shape)} input, {keep.numel()} bytes of mask")
     out = torch.empty_like(x)
-    _State.lib.sftflow_apply_bits(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), _kept_value(p) if not low else 1.0, low)
+    _State.lib.sftflow_apply_bits(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), *_bits_scale(x.dtype, p))
     return out
 
 
@@ -183,11 +194,9 @@ def addcmul_kept_(acc: Any, t: Any, keep: Any, p: float) -> Any:
 
     if keep.dtype != torch.uint8:  # dropout_noise's noise, or the low path's mask in x's dtype
         return acc.addcmul_(t, keep)
-    low = int(acc.dtype != torch.float32)
     if not (acc.is_contiguous() and t.is_contiguous() and t.dtype == acc.dtype and keep.numel() == (acc.numel() + 7) // 8):
         raise ValueError(f"addcmul_kept_: {acc.dtype} {tuple(acc.shape)} accumulator, {t.dtype} {tuple(t.shape)} factor")
-    scale = _kept_value(p) if not low else 1.0
-    _State.lib.sftflow_masked_addcmul(acc.data_ptr(), t.data_ptr(), keep.data_ptr(), acc.numel(), scale, low)
+    _State.lib.sftflow_masked_addcmul(acc.data_ptr(), t.data_ptr(), keep.data_ptr(), acc.numel(), *_bits_scale(acc.dtype, p))
     return acc
 
 

@@ -213,16 +213,9 @@ def _lora_linear_fn() -> Any:
         @staticmethod
         def forward(ctx: Any, x: Any, w: Any, bias: Any, a: Any, b: Any, p: float, scaling: float) -> Any:
             rows = x.reshape(-1, x.shape[-1])
-            y = torch.nn.functional.linear(rows, w, bias)
-            if p > 0:  # exactly F.dropout's CPU computation: a 0/1 mask divided by 1-p, times x;
-                # the mask kept as bits for backward, not as the fp32 noise (see _lora_linear_grads)
-                noise, dropped = dropout_masks.dropout_bits(rows, p)
-            else:
-                noise, dropped = None, rows
-            h = torch.mm(dropped, a.t())
-            # peft adds (h @ B.T) * scaling to the base output as a new tensor; addmm_ writes
-            # it into y in place (y + scaling * (h @ B.T): the same value when scaling is 2^k)
-            y.addmm_(h, b.t(), alpha=scaling)
+            # exactly F.dropout's CPU computation (a 0/1 mask divided by 1-p, times x), the mask
+            # kept as bits for backward, not as the fp32 noise (see _lora_linear_grads)
+            y, h, noise = _base_plus_branch(rows, w, bias, a, b, p, scaling, dropout_masks.dropout_bits)
             # x itself is kept, not its dropped-out copy: the adapters reading one input (q, k, v
             # after the norm; gate, up) keep it once, and backward multiplies it by the mask again
             ctx.save_for_backward(w, a, b, rows if ctx.needs_input_grad[3] else None, h, noise)
@@ -234,6 +227,22 @@ def _lora_linear_fn() -> Any:
             return _lora_linear_grads(ctx, grad, *ctx.saved_tensors)
 
     return LoraLinear
+
+
+def _base_plus_branch(
+    rows: Any, w: Any, bias: Any, a: Any, b: Any, p: float, alpha: float, draw: Any
+) -> tuple[Any, Any, Any]:
+    """The forward the fast LoRA functions share: `(y, h, keep)` with y = rows @ w.T + bias +
+    alpha * (h @ b.T), h = dropped @ a.T, `(keep, dropped) = draw(rows, p)` (no dropout: rows).
+    peft adds (h @ B.T) * scaling to the base output as a new tensor; addmm_ writes it into y in
+    place (y + scaling * (h @ B.T): the same value when scaling is 2^k)."""
+    import torch
+
+    y = torch.nn.functional.linear(rows, w, bias)
+    keep, dropped = draw(rows, p) if p > 0 else (None, rows)
+    h = torch.mm(dropped, a.t())
+    y.addmm_(h, b.t(), alpha=alpha)
+    return y, h, keep
 
 
 def _lora_linear_grads(
@@ -299,11 +308,9 @@ def _lora_linear_low_fn() -> Any:
             with torch.autocast(x.device.type, enabled=False):
                 rows = x.reshape(-1, x.shape[-1]).to(dtype)
                 wl, al, bl = w.to(dtype), a.to(dtype), b.to(dtype)
-                y = torch.nn.functional.linear(rows, wl, None if bias is None else bias.to(dtype))
-                mask, dropped = dropout_masks.dropout_bits_low(rows, p) if p > 0 else (None, rows)
                 alpha = scaling / (1 - p) if p > 0 else scaling
-                h = torch.mm(dropped, al.t())
-                y.addmm_(h, bl.t(), alpha=alpha)
+                bias_l = None if bias is None else bias.to(dtype)
+                y, h, mask = _base_plus_branch(rows, wl, bias_l, al, bl, p, alpha, dropout_masks.dropout_bits_low)
             ctx.save_for_backward(wl, al, bl, rows if ctx.needs_input_grad[3] else None, h, mask)
             ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.p = alpha, x.shape, x.dtype, a.dtype, p
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -375,10 +382,7 @@ def _swiglu_down_fn() -> Any:
         ) -> Any:
             hidden = torch.nn.functional.silu(gate) * up
             rows = hidden.reshape(-1, hidden.shape[-1])
-            y = torch.nn.functional.linear(rows, w, bias)
-            noise, dropped = dropout_masks.dropout_bits(rows, p) if p > 0 else (None, rows)
-            h = torch.mm(dropped, a.t())
-            y.addmm_(h, b.t(), alpha=scaling)
+            y, h, noise = _base_plus_branch(rows, w, bias, a, b, p, scaling, dropout_masks.dropout_bits)
             ctx.save_for_backward(gate, up, w, a, b, h, noise)
             ctx.alpha, ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.p = scaling, hidden.shape, hidden.dtype, a.dtype, p
             return y.view(*hidden.shape[:-1], y.shape[-1])
