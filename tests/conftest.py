@@ -18,6 +18,8 @@ import pytest
 
 from stages.core.params import LoraParams, TrainParams
 
+pytest_plugins = ["tests.vlm"]  # the vision tests' session fixtures (vlm_base, images)
+
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -174,3 +176,4 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+

@@ -7,7 +7,7 @@ freed blocks to the next request (cut to its size with the tail kept, or several
 by moving their pages), joins freed
 neighbours again, and at the end of each step unmaps blocks that waited through it unused while
 more than the run's peak in use is mapped. Only where blocks live changes, not a single float:
-the losses are the same bit for bit (tests/test_allocator.py).
+the losses are the same bit for bit (tests/train/cpu/test_allocator.py).
 
 Measured on a 2-vCPU AVX2 EPYC (SmolLM2-135M, LoRA r8 all-linear, batch 4, 2 threads): over 20
 steps of bench/train_bench.py --issue-table, peak RSS 5.93 -> 4.69 GB with plain kernels and

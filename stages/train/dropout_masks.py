@@ -6,7 +6,7 @@ does not hand it to MKL) runs torch's mt19937 one element at a time, two 32-bit 
 token, and it was 16 % of the default pipeline's train step (py-spy, 2-vCPU AVX2 EPYC: 24 of
 147 s). `dropout_masks.cpp` (next to this file) runs the same generator over the same state in
 blocks — 1.3 ns an element — and leaves it where `bernoulli_` would: every mask, every later
-random number and so every loss are the ones torch gives (tests/test_dropout_masks.py).
+random number and so every loss are the ones torch gives (tests/train/cpu/test_dropout_masks.py).
 
 Whether this build of torch draws its masks that way is checked, not assumed: `activate` draws
 a probe with both and compares the masks and the generator's state after (on Intel CPUs some

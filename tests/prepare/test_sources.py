@@ -15,7 +15,7 @@ from stages.core.errors import SftflowError
 from stages.core.io import read_json
 from stages.core.params import ColumnsParams, DataParams, SourceParams
 from stages.prepare.shards import prepare
-from tests.test_masks import CHATS
+from tests.prepare.test_masks import CHATS
 
 RECORDS = [{"messages": c} for c in CHATS]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, assert_ran_every_stage, bin_path, copy_project, read_json, repro, run
-from tests.test_evaluate import tiny_model_dir
+from tests.evaluate.test_evaluate import tiny_model_dir
 
 
 def converter_or_skip() -> Path:

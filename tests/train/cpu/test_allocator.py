@@ -131,7 +131,7 @@ def test_blocks_are_reused_cut_joined_and_unmapped_over_the_budget() -> None:
         print("ok")
         """
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 

@@ -353,12 +353,12 @@ def test_memory_estimate_tells_what_fits_before_a_run() -> None:
 def test_real_hardware_presets_are_valid_and_reuse_the_stages(preset: str) -> None:
     from stages.core.params import load_params
 
-    folder = Path(__file__).resolve().parents[1] / "pipelines" / preset
+    folder = Path(__file__).resolve().parents[2] / "pipelines" / preset
     params = load_params(folder / "params.yaml")  # every key known, every combination allowed
     stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["base", "prepare", "train", "merge", "eval_base", "eval"]
     assert stages["train"]["cmd"].startswith("sftflow train --params params.yaml")
-    assert "../../stages/train" in stages["train"]["deps"]  # tests/test_dvc_deps.py checks the rest
+    assert "../../stages/train" in stages["train"]["deps"]  # tests/core/test_dvc_deps.py checks the rest
     launch = resolve_launch(params.train.distributed, {})
     assert launch.world_size == {"qlora-7b-1gpu": 1, "full-7b-zero3-8gpu": 8, "lora-2node-16gpu": 16}[preset]
     readme = (folder / "README.md").read_text()

@@ -10,7 +10,7 @@ from datasets import load_from_disk
 
 from stages.core.params import DataParams, SourceParams
 from stages.prepare.shards import prepare
-from tests.test_masks import CHATS
+from tests.prepare.test_masks import CHATS
 
 
 def test_two_workers_equal_one(tmp_path: Path, smollm_tokenizer_dir: Path) -> None:

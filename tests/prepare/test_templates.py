@@ -13,7 +13,7 @@ from stages.base.build import read_chat_template
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
 from stages.prepare.shards import prepare
-from tests.test_masks import CHATS, assert_trained_replies
+from tests.prepare.test_masks import CHATS, assert_trained_replies
 
 
 def tokenizer_with_template(src: Path, template: str, dest: Path) -> Path:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
 from stages.prepare.shards import prepare
-from tests.test_masks import trained_runs
+from tests.prepare.test_masks import trained_runs
 
 TOOLS = [
     {

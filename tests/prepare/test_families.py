@@ -24,7 +24,7 @@ from stages.base.build import read_chat_template
 from stages.core.params import DataParams, MergeParams, SourceParams
 from stages.core.turns import special_token_ids
 from stages.prepare.shards import prepare
-from tests.test_masks import CHATS, trained_runs
+from tests.prepare.test_masks import CHATS, trained_runs
 
 FAMILIES = {
     "smollm2_chatml": ("smollm_tokenizer_dir", "<|im_end|>"),

@@ -19,7 +19,7 @@ import yaml
 
 from stages.core.cli import COMMANDS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "stages"
 DVC_FILES = sorted([ROOT / "dvc.yaml", *ROOT.glob("pipelines/*/dvc.yaml")])
 

@@ -11,7 +11,7 @@ from stages.core.cli import cli
 from stages.core.errors import SftflowError
 from stages.core.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

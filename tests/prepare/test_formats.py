@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
 from stages.prepare.shards import prepare
-from tests.test_masks import CHATS, assert_trained_replies, trained_runs
+from tests.prepare.test_masks import CHATS, assert_trained_replies, trained_runs
 
 SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import bin_path
-from tests.test_evaluate import tiny_model_dir
+from tests.evaluate.test_evaluate import tiny_model_dir
 
 SYSTEM = "You are a helpful assistant."
 TURNS = ["Who are you?", "Tell me more."]

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 from test_distributed import GLOBAL_BATCH, STEPS, cli_train, train_section
-from test_vision import vlm_base  # noqa: F401  (the session fixture: the tiny VLM's models/base)
 
 from stages.core.params import DataParams, ImageParams, SourceParams
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def vlm_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def vlm_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stages.prepare.shards import prepare
 
     out = tmp_path_factory.mktemp("vlm_prepared") / "out"
@@ -30,7 +29,7 @@ def vlm_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.slow
 @pytest.mark.parametrize("deepspeed", ["zero2", "zero3"])
 def test_vlm_two_processes_equal_one_process(
-    vlm_base: Path, vlm_prepared: Path, tmp_path: Path, deepspeed: str  # noqa: F811
+    vlm_base: Path, vlm_prepared: Path, tmp_path: Path, deepspeed: str
 ) -> None:
     extra = {"vision": {"tune_projector": True}}
     one = cli_train(tmp_path / "one", vlm_base, vlm_prepared, train_section("lora", 1, **extra))
@@ -43,7 +42,7 @@ def test_vlm_two_processes_equal_one_process(
 
 
 @pytest.mark.slow
-def test_vlm_train_killed_with_sigkill_resumes(vlm_base: Path, vlm_prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_vlm_train_killed_with_sigkill_resumes(vlm_base: Path, vlm_prepared: Path, tmp_path: Path) -> None:
     """`sftflow train` on image chats killed with SIGKILL after checkpoint-2: the re-run resumes
     from a checkpoint and ends on the curve of the run that was never killed."""
     import json
