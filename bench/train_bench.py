@@ -8,10 +8,10 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     seed_pad_max      pad every sample to max_length (the seed scripts' finetune.py)
     hf_dynamic        HF Trainer: dynamic padding + length grouping, full logits
     hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
-    sftflow           per-sample SDPA on flattened rows, logits only at trained positions, kernels fused
+    sftflow           per-sample SDPA on flattened rows, logits only at trained positions, the run plan's
+                      CPU wing (train.kernels auto = fast, the caching allocator, block-drawn masks)
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
     *_plain           the same with train.kernels=plain (transformers + peft as they are)
-    *_fast            the same with train.kernels=fast (peft's LoRA linear as one autograd function)
     *_sysalloc        the same with train.allocator=system (glibc's heap; sftflow modes otherwise use
                       auto = the caching allocator where a C++ compiler is found; baselines: system)
     *_torchmasks      the same with train.dropout_masks=torch (torch draws the LoRA dropout masks;
@@ -26,11 +26,11 @@ every mode, so equal losses mean equal work), and MFU against matmul ceilings (f
 measured in this same run on this machine.
 
     python bench/train_bench.py [--samples 32] [--pad-max-samples 8] [--modes sftflow,hf_dynamic]
-    python bench/train_bench.py --issue-table [--repeats 2]   # the README table's settings
+    python bench/train_bench.py --chats-400 [--repeats 2]   # the reference workload
 
-`--issue-table`: 400 chats (median ~152 / p90 ~419 tokens), 20 steps, lr 1e-4 linear, the
-modes hf_dynamic, hf_padding_free, sftflow_plain_sysalloc, sftflow_sysalloc, sftflow_plain,
-sftflow, sftflow_bf16_plain, sftflow_bf16.
+`--chats-400`, the reference workload: 400 chats (median ~152 / p90 ~419 tokens), batch 4,
+20 steps, lr 1e-4 linear, the modes hf_dynamic, hf_padding_free, sftflow_plain_sysalloc,
+sftflow_sysalloc, sftflow_plain, sftflow, sftflow_bf16_plain, sftflow_bf16.
 bf16 modes are skipped (and said so) when this CPU's bf16 matmul ceiling, measured first, is
 below its fp32 one: without avx512_bf16/AMX torch emulates bf16 and a 20-step run takes hours.
 """
@@ -66,7 +66,7 @@ MODES = (  # qlora_bf16 runs too (--modes), but bitsandbytes' bf16 path on CPU i
     "full_bf16",
 )
 BASELINES = ("seed_pad_max", "hf_dynamic", "hf_padding_free")
-ISSUE_MODES = (
+CHATS_400_MODES = (
     "hf_dynamic",
     "hf_padding_free",
     "sftflow_plain_sysalloc",
@@ -145,6 +145,7 @@ def run_mode(
 
     import stages.train.trainer as train_module
     from stages.core.params import LoraParams, QLoraParams, TrainParams
+    from stages.train.plan import decide, probe_machine, with_attention
 
     torch.set_num_threads(threads)
     knobs = {
@@ -159,7 +160,7 @@ def run_mode(
         "threads": threads,
         "report_to": (),
         "packing": "padding_free",
-        "kernels": "fused",  # sftflow modes: fused; *_plain: plain; *_fast: fast
+        "kernels": "auto",  # sftflow modes: what the plan picks (fast on the CPU); *_plain: plain
         **(schedule or {}),
     }
     if mode.endswith("_torchmasks"):
@@ -171,9 +172,6 @@ def run_mode(
     if mode.endswith("_plain"):
         knobs["kernels"] = "plain"
         mode = mode[: -len("_plain")]
-    if mode.endswith("_fast"):
-        knobs["kernels"] = "fast"
-        mode = mode[: -len("_fast")]
     if mode in BASELINES:
         knobs.update(
             trained_logits_only=False,
@@ -182,7 +180,7 @@ def run_mode(
             allocator="system",  # and glibc's heap
             dropout_masks="torch",  # and torch's dropout
         )
-        force_attention = "sdpa"  # what transformers picks by itself
+        attention = "sdpa"  # what transformers picks by itself
         if mode == "seed_pad_max":
             from transformers import DataCollatorForSeq2Seq
 
@@ -193,9 +191,6 @@ def run_mode(
 
             train_module.build_collator = pad_to_max
             knobs["packing"] = "none"
-        import stages.train.model as trainable
-
-        trainable.attention_for = lambda packing: force_attention
     if mode.endswith("_gc"):
         knobs["gradient_checkpointing"] = True
         mode = mode[: -len("_gc")]
@@ -206,10 +201,11 @@ def run_mode(
         knobs["qlora"] = QLoraParams(compute_dtype="bfloat16" if mode.endswith("_bf16") else "float32")
     if mode.startswith("full"):
         knobs.update(method="full", learning_rate=2e-5)
-    report = train_module.train(
-        TrainParams(**knobs), base, prepared, out / "model", out / "ckpt", out / "loss.csv"
-    )
-    return report
+    params = TrainParams(**knobs)
+    plan = decide(params, probe_machine())
+    if mode in BASELINES:
+        plan = with_attention(plan, attention)
+    return train_module.train(params, base, prepared, out / "model", out / "ckpt", out / "loss.csv", plan=plan)
 
 
 def ensure_base(model: str | None, work: Path) -> Path:
@@ -250,15 +246,15 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=-1, help="stop each mode after N steps (default: one epoch)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--scheduler", default="constant")
-    ap.add_argument("--issue-table", action="store_true", help="the README table: 400 chats, 20 steps, lr 1e-4 linear")
+    ap.add_argument("--chats-400", action="store_true", help="the reference workload: 400 chats, 20 steps, lr 1e-4 linear")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 modes even on a CPU without native bf16")
     ap.add_argument("--_child", nargs=3, metavar=("MODE", "BASE", "PREPARED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.issue_table:
+    if args.chats_400:
         args.samples, args.lr, args.scheduler = 400, 1e-4, "linear"
         args.max_steps = args.max_steps if args.max_steps > 0 else 20
         if args.modes == ",".join(MODES):
-            args.modes = ",".join(ISSUE_MODES)
+            args.modes = ",".join(CHATS_400_MODES)
     schedule = {"max_steps": args.max_steps, "learning_rate": args.lr, "lr_scheduler": args.scheduler}
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 

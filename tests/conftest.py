@@ -105,6 +105,7 @@ def four_adamw_steps(**changes: object) -> TrainParams:
     1 thread: any difference in the gradients shows in the later losses. For tests that compare
     two ways of computing the same training."""
     settings: dict[str, object] = dict(
+        kernels="plain",  # the path a GPU runs; tests of the CPU wing ask for fast
         lora=LoraParams(dropout=0.05),
         batch_size=4,
         max_steps=4,

@@ -103,6 +103,15 @@ def trained_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
 
 
 def train_params(**train: object) -> object:
-    return parse_params({"train": {"lora": {"dropout": 0.0}, "learning_rate": 1e-2, "threads": 1, **train}}).train
+    knobs = {"kernels": "plain", "lora": {"dropout": 0.0}, "learning_rate": 1e-2, "threads": 1, **train}
+    return parse_params({"train": knobs}).train
+
+
+def vision_model(params: object, base: Path) -> object:
+    """The trainable VLM the train stage builds for `params` on this CPU."""
+    from stages.train.model import build_model
+    from stages.train.plan import Machine, decide
+
+    return build_model(params, decide(params, Machine(), vision=True, env={}), base)
 
 

@@ -204,7 +204,8 @@ class TrainParams:
     precision: Literal["fp32", "bf16"] = "fp32"
     # none: length-grouped dynamic padding; padding_free: samples concatenated into one row,
     # position_ids restarting per sample, attention within each sample only (stages/train/attention.py);
-    # auto: padding_free, the faster and leaner one on CPU and GPU (`sftflow bench train`)
+    # auto: padding_free, the faster and leaner one on CPU and GPU (bench/train_bench.py:
+    # docs/benchmarks.md#short-and-longer-chats)
     packing: Literal["none", "padding_free", "auto"] = "auto"
     save_steps: int = 50  # checkpoint every N steps into models/checkpoints (resume); 0 = never
     gradient_checkpointing: bool = False
@@ -216,28 +217,24 @@ class TrainParams:
     # of fp32 logits is 0.8 GB, most of it on masked prompt tokens. Needs a model whose forward
     # takes `logits_to_keep` (all transformers decoder LMs); others fall back to full logits.
     trained_logits_only: bool = True
-    # How the step is computed (stages/train/kernels.py); all the same computation as plain
-    # (fp32: per-step losses within 1e-5, tested). plain: transformers + peft as they are.
-    # fast: peft's LoRA linear as one autograd function (dropout in one pass, the branch added
-    # in place, faster GEMM layouts, the dropout mask kept as bits), SDPA broadcasting k/v heads,
-    # LM head + loss in chunks, each LoRA input kept once, a SiLU MLP's product made again in
-    # backward (peak RSS 3.42 -> 2.04 GB on 8 batches of 620-970 tokens). fused: LoRA dropout keeping a bool mask instead of two
-    # fp32 copies of each layer input, SwiGLU recomputed in backward, LM head + cross-entropy in
-    # chunks of trained rows: activations kept for backward 7.5 -> 3.2 GiB on a 3310-token batch
-    # of SmolLM2-135M, 0.85-0.89x plain's speed. auto: fast on the CPU (bench/train_bench.py
-    # --issue-table, 2-vCPU AVX2 CPU: 103 vs plain's 94 tokens/s), plain on a GPU (fast not measured there).
-    # fast and fused are refused under ZeRO-3 (it partitions the weights they read directly;
-    # auto: plain) and do nothing with gradient checkpointing.
-    kernels: Literal["auto", "plain", "fast", "fused"] = "auto"
+    # How the step is computed; fast computes the same as plain (fp32: per-step losses within
+    # 1e-5, tested). plain: transformers + peft as they are, the path a GPU runs. fast (CPU only,
+    # stages/train/cpu/kernels.py): peft's LoRA linear as one autograd function keeping fewer
+    # bytes for backward, and the LM head + loss in chunks of trained rows. auto: fast on the CPU,
+    # plain on a GPU (docs/benchmarks.md#reference-workload-400-chats). fast is refused under
+    # ZeRO-3 (it reads weights ZeRO-3 keeps partitioned; auto: plain) and does nothing with
+    # gradient checkpointing.
+    kernels: Literal["auto", "plain", "fast"] = "auto"
     # caching: large CPU tensors in mappings of their own, reused across steps (cut, joined,
-    # grown) and unmapped when unused beyond the run's peak (stages/train/allocator.py), instead
-    # of glibc's heap, which keeps freed activation pages: same losses bit for bit, lower peak
-    # RSS, fewer pages faulted in afresh (docs/benchmarks.md, "allocator").
-    # auto: caching when training on the CPU under Linux with a C++ compiler (built once, ~2 s).
+    # grown) and unmapped when unused beyond the run's peak (stages/train/cpu/allocator.py),
+    # instead of glibc's heap, which keeps freed activation pages: same losses bit for bit, lower
+    # peak RSS, fewer pages faulted in afresh (docs/benchmarks.md#cpu-speed-work-in-ab-pairs).
+    # auto: caching when training on the CPU under Linux with a C++ compiler (built once per torch build).
     allocator: Literal["auto", "system", "caching"] = "auto"
-    # LoRA dropout masks. auto: drawn in blocks by stages/train/dropout_masks.cpp from torch's
+    # LoRA dropout masks. auto: drawn in blocks by stages/train/cpu/dropout_masks.cpp from torch's
     # generator, the same bits as torch's bernoulli_ (checked on this machine at start, else
-    # torch's), 8x faster: 16 % of the default pipeline's train step was torch drawing them.
+    # torch's): torch's CPU bernoulli_ draws one element at a time, a visible share of a CPU
+    # train step (docs/benchmarks.md#cpu-speed-work-in-ab-pairs).
     # torch: torch's own dropout (the same losses; slower on CPUs where torch draws serially).
     dropout_masks: Literal["auto", "torch"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,
@@ -281,7 +278,7 @@ class EvalParams:
     tasks: tuple[str, ...] = ("sftflow_replies", "sftflow_perplexity", "sftflow_choice")
     include_path: str | None = None  # a folder of your own lm-eval task YAMLs (dataset_path: json, ...)
     limit: int | None = None  # docs per task; None = all
-    batch_size: int = 32  # 24 demo docs in one batch: 67 s vs 81 s at 8 (measured)
+    batch_size: int = 32  # the 24 demo docs in one batch (docs/benchmarks.md#eval-settings)
     num_fewshot: int | None = None  # your tasks only (the shipped ones are zero-shot chats); None: the task's own
     chat_template: bool = True  # your tasks: lm-eval applies the model's chat template (if it has one)
     num_choices: int = 4  # sftflow_choice: the reference + up to 3 other held-out replies
@@ -290,10 +287,9 @@ class EvalParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # lm-eval's seeds (sampling, few-shot draws)
-    # torch threads; 0 = all cores. Measured on 2 vCPUs, the default pipeline's eval of the base
-    # (24 docs, 3 tasks; whole process, 2 A/B pairs): 0.72x the wall time of 1 thread, the same
-    # scores and replies. Set 1 when other processes share the cores: oversubscribed torch
-    # threads wait on each other (decoding ran 3x slower so).
+    # torch threads; 0 = all cores: most of an eval is batched log-likelihood, which gains from
+    # every core, with the same scores and replies (docs/benchmarks.md#eval-settings). Set 1
+    # when other processes share the cores: oversubscribed torch threads wait on each other.
     threads: int = 0
     # auto: a GPU when torch sees one (bf16 where supported, else fp16; batch_size "auto"),
     # else the CPU in fp32 with batch_size above

@@ -201,7 +201,7 @@ def zero_stage(config: dict[str, Any] | None) -> int:
     return int((config or {}).get("zero_optimization", {}).get("stage", 0))
 
 
-def init_process_group(config: dict[str, Any] | None) -> None:
+def init_process_group(device: str, config: dict[str, Any] | None) -> None:
     """Join the job's process group (gloo on CPU through DeepSpeed's CPU accelerator, nccl on
     GPUs). Called after TrainingArguments is built and before the model is loaded: ZeRO-3
     partitions weights while `from_pretrained` creates them, which needs the group (measured: without it the model loads unpartitioned)."""
@@ -209,7 +209,7 @@ def init_process_group(config: dict[str, Any] | None) -> None:
 
     if world_size() == 1:
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device == "cuda" else "gloo"
     if config is not None:
         import deepspeed
 
@@ -327,7 +327,7 @@ def check_saved(out: Path, model: Any, gathered: dict[str, Any], is_peft: bool) 
     }
 
 
-def memory_estimate(model: Any, launch: Launch, config: dict[str, Any] | None) -> dict[str, Any]:
+def memory_estimate(model: Any, launch: Launch, config: dict[str, Any] | None, device: str) -> dict[str, Any]:
     """Model-state memory per device (weights, grads, optimizer states) for this method x ZeRO
     stage x offload, from DeepSpeed's own estimators for the trainable weights plus the frozen
     ones (LoRA's base: replicated unless ZeRO-3 shards it). Activations come on top. Compared
@@ -362,7 +362,7 @@ def memory_estimate(model: Any, launch: Launch, config: dict[str, Any] | None) -
         )
         frozen_device = frozen_bytes
     device_bytes = device + frozen_device
-    if torch.cuda.is_available():
+    if device == "cuda":
         capacity = torch.cuda.get_device_properties(0).total_memory
         need = device_bytes
     else:  # CPU: the node's RAM holds every local process's "device" share and the offloaded part
@@ -378,7 +378,7 @@ def memory_estimate(model: Any, launch: Launch, config: dict[str, Any] | None) -
         "per_device_gib": round(device_bytes / gib, 3),
         "cpu_gib_per_node": round(cpu / gib, 3),
         "capacity_gib": round(capacity / gib, 2),
-        "device": "cuda" if torch.cuda.is_available() else "cpu (RAM shared by the node's processes)",
+        "device": "cuda" if device == "cuda" else "cpu (RAM shared by the node's processes)",
         "fits": need <= capacity,
         "note": "model states only (DeepSpeed estimators: 16-bit weights + fp32 grads/Adam); activations extra",
     }
@@ -403,22 +403,22 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def fingerprint(params: DistributedParams) -> dict[str, Any]:
+def fingerprint(params: DistributedParams, launch: Launch) -> dict[str, Any]:
     """What of the launch changes the steps a run computes (and its checkpoints' layout):
     the world size and the DeepSpeed setup, not which address or port the job met on."""
     return {
-        "world_size": resolve_launch(params).world_size,
+        "world_size": launch.world_size,
         "deepspeed": params.deepspeed,
         "offload": params.offload,
     }
 
 
-def describe(trainer: Any, params: DistributedParams) -> dict[str, Any]:
+def describe(trainer: Any, params: DistributedParams, launch: Launch) -> dict[str, Any]:
     """The job as it ran, for the report: who wrapped the model (DeepSpeedEngine,
     DistributedDataParallel, or the model itself) and at which ZeRO stage."""
     config = getattr(trainer.args, "hf_deepspeed_config", None)
     return {
-        **fingerprint(params),
+        **fingerprint(params, launch),
         "zero_stage": zero_stage(config.config if config is not None else None),
         "engine": type(trainer.model_wrapped).__name__,
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -24,9 +23,20 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
-from stages.train import allocator, distributed, dropout_masks, kernels
-from stages.train.loss import KeepTrainedLogits, accepts_logits_to_keep, trained_logits_loss
+from stages.core.vision import is_vision_model
+from stages.train import cpu, distributed
+from stages.train.loss import (
+    ChunkedTrainedLoss,
+    KeepTrainedLogits,
+    accepts_logits_to_keep,
+    defer_head_for_kept_logits,
+    head_of,
+    trained_logits_loss,
+)
+from stages.train.metering import CountingCollator, LogTokensPerSecond, TokenMeter
 from stages.train.model import build_model, count_parameters
+from stages.train.plan import RunPlan, decide, probe_machine
+from stages.train.vision import build_vision_collator
 
 LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 RUN_FILE = "sftflow_run.json"  # in the checkpoints dir: which run its checkpoints belong to
@@ -76,10 +86,10 @@ def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sd
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-def run_fingerprint(params: TrainParams, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def run_fingerprint(params: TrainParams, plan: RunPlan, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run: params that change the steps, the base, the data."""
     knobs = {k: v for k, v in to_dict(params).items() if k not in RESUME_NEUTRAL}
-    knobs["distributed"] = distributed.fingerprint(params.distributed)  # not the address/port met on
+    knobs["distributed"] = distributed.fingerprint(params.distributed, plan.launch)  # not the address/port met on
     base = read_json(base_dir / POINTER_FILE) if (base_dir / POINTER_FILE).exists() else {}
     data = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     return {"train": knobs, "base": base.get("params"), "data": data}
@@ -120,103 +130,50 @@ def train(
     loss_csv: Path,
     tensorboard_dir: Path | None = None,
     callbacks: tuple[Any, ...] = (),
+    plan: RunPlan | None = None,
 ) -> dict[str, Any]:
     """Fine-tune into `out` (an empty temp dir); return the report. `callbacks` are extra
-    `TrainerCallback`s (notebooks, tests: they see the live model and every step)."""
+    `TrainerCallback`s (notebooks, tests: they see the live model and every step); `plan`
+    replaces the one `decide` would make (benchmarks run baselines this way)."""
     import torch
-    from transformers import Trainer, TrainerCallback, set_seed
+    from transformers import set_seed
 
+    # setup: the plan, the data, the run's identity and checkpoints, the process group
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
+    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir))
+    for warning in plan.warnings:
+        _say(warning)
     tok = load_tokenizer(base_dir)
     train_set, eval_set, manifest = load_prepared(prepared, tok)
-    run = run_fingerprint(params, base_dir, manifest)
-    has_eval = eval_set is not None
-    ds_config = distributed.deepspeed_config(params.distributed)
-    args = training_arguments(params, checkpoints, has_eval, ds_config)
-    distributed.init_process_group(
-        ds_config
-    )  # after the arguments, before the model: ZeRO-3 partitions while loading
+    run = run_fingerprint(params, plan, base_dir, manifest)
+    args = training_arguments(params, plan, checkpoints, has_eval=eval_set is not None)
+    distributed.init_process_group(plan.device, plan.deepspeed)  # after the arguments, before the model: ZeRO-3 partitions while loading
     resume = distributed.main_decides(lambda: resume_point(checkpoints, run))  # one decision, all ranks
-    on_cpu = not torch.cuda.is_available()
-    with allocator.active(
-        params.allocator, on_cpu
-    ) as step_memory:  # the model, its steps and their activations
-        model = build_model(params, base_dir)  # after the arguments: ZeRO-3 must be initialised first
-        masks = dropout_masks.activate(model, params.dropout_masks, on_cpu)  # LoRA dropout: torch's masks, drawn faster
-        model_params = count_parameters(model)
-        memory = distributed.memory_estimate(model, distributed.resolve_launch(params.distributed), ds_config)
+    with cpu.speedups(plan.cpu) as speed:  # the model, its steps and their activations
+        model = build_model(params, plan, base_dir)
+        speed.apply(model)
+        memory = distributed.memory_estimate(model, plan.launch, plan.deepspeed, plan.device)
         if distributed.is_main():
             _say(distributed.format_estimate(memory))
-        meter = _TokenMeter()
-
-        class LogTokensPerSecond(TrainerCallback):
-            """Adds tokens/s to the step's log entry, so checkpoints carry it across a resume."""
-
-            def on_log(
-                self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
-            ) -> None:
-                if logs and "loss" in logs and state.log_history:
-                    state.log_history[-1]["tokens_per_second"] = round(meter.rate(), 2)
-
-        collator = build_collator(tok, params.packing, model.config._attn_implementation)
-        vision = "images" in train_set.column_names  # image chats (stages/train/vision.py)
-        if vision:
-            from stages.train.vision import build_vision_collator
-
-            collator = build_vision_collator(base_dir, tok, params.packing, manifest)
-        trained_only = params.trained_logits_only and accepts_logits_to_keep(model)
-        if trained_only:
-            collator = KeepTrainedLogits(collator)
-        head = kernels.head_of(model) if trained_only and kernels.chunked_loss(params) else None
-        loss_func = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
-        columns = ["input_ids", "labels", *(["images"] if vision else [])]
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_set.select_columns([*columns, "length"]),
-            eval_dataset=eval_set.select_columns(columns) if has_eval else None,
-            data_collator=_CountingCollator(collator, meter),
-            compute_loss_func=loss_func,
-            callbacks=[
-                LogTokensPerSecond(),
-                *_tensorboard(params, checkpoints, tensorboard_dir, run),
-                *callbacks,
-                step_memory,
-            ],
-        )
-        if head is not None:
-            # The head returns hidden states only inside the loss computation (train and eval
-            # steps), where the chunked loss applies it; a callback's own forward gets logits.
-            compute_loss = trainer.compute_loss
-
-            def compute_loss_with_deferred_head(*args: Any, **kwargs: Any) -> Any:
-                with kernels.defer_head(head):
-                    return compute_loss(*args, **kwargs)
-
-            trainer.compute_loss = compute_loss_with_deferred_head
+        meter = TokenMeter()
+        collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
+        extra = [LogTokensPerSecond(meter), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
+        trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, [*extra, *speed.callbacks], meter)
+        # run
         started = time.perf_counter()
         meter.start()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - started
-        tokens = meter.tokens  # before evaluate(): eval batches are not training throughput
-        tokens, meter.trained_tokens, meter.slots = (
-            distributed.sum_over_ranks(n) for n in (tokens, meter.trained_tokens, meter.slots)
-        )
-        eval_loss = trainer.evaluate()["eval_loss"] if has_eval else None
+        # before evaluate(): eval batches are not training throughput
+        tokens, trained, slots = (distributed.sum_over_ranks(n) for n in (meter.tokens, meter.trained_tokens, meter.slots))
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+        wing = speed.report(model)
 
+    # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below
-    if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
-        model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
-    save_check = distributed.save_final(
-        trainer, model, out
-    )  # ZeRO-3: gathered, checked (it can save 0-size adapters)
-    sort_adapter_targets(out)
-    tok.save_pretrained(out)
-    if vision:  # the processor travels with the weights (merge and eval load it from there)
-        collator_processor(collator).save_pretrained(out)
-    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
+    save_check = _save(trainer, model, tok, out, params)
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
         for entry in trainer.state.log_history
@@ -233,8 +190,9 @@ def train(
         "packing": params.packing,
         "precision": params.precision,
         "attention": attention,
-        "trained_logits_only": trained_only,
-        "kernels": _kernels_report(params, model, head),
+        "plan": plan.report(),
+        "trained_logits_only": head is not None or _keeps_trained_logits(params, model),
+        "kernels": {**wing["kernels"], "chunked_loss": head is not None},
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,
@@ -242,23 +200,85 @@ def train(
         "best_loss": min(losses) if losses else None,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
-        "parameters": model_params,
+        "parameters": count_parameters(model),
         "tokens": tokens,
-        "trained_tokens": meter.trained_tokens,
-        "token_slots": meter.slots,
-        "packing_efficiency": round(tokens / meter.slots, 4) if meter.slots else None,
+        "trained_tokens": trained,
+        "token_slots": slots,
+        "packing_efficiency": round(tokens / slots, 4) if slots else None,
         "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if torch.cuda.is_available()
-        else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if plan.device == "cuda" else None,
         "wall_seconds": round(wall, 2),
         "losses": losses,
-        "distributed": {**distributed.describe(trainer, params.distributed), "zero3_save_check": save_check},
+        "distributed": {**distributed.describe(trainer, params.distributed, plan.launch), "zero3_save_check": save_check},
         "memory_estimate": memory,
-        "allocator": step_memory.report,
-        "dropout_masks": masks,
+        "allocator": wing["allocator"],
+        "dropout_masks": wing["dropout_masks"],
     }
+
+
+def _keeps_trained_logits(params: TrainParams, model: Any) -> bool:
+    """Whether the model computes logits at trained positions only (`train.trained_logits_only`,
+    where its forward takes `logits_to_keep`)."""
+    return params.trained_logits_only and accepts_logits_to_keep(model)
+
+
+def _collator(
+    params: TrainParams, plan: RunPlan, model: Any, tok: Any, base_dir: Path, manifest: dict[str, Any], vision: bool
+) -> Any:
+    """The batch builder: image chats' (pixels through the model's processor) or text rows'
+    (packed or padded), asking for logits at trained positions only where the model allows."""
+    if vision:
+        collator = build_vision_collator(base_dir, tok, params.packing, manifest)
+    else:
+        collator = build_collator(tok, params.packing, plan.attention)
+    return KeepTrainedLogits(collator) if _keeps_trained_logits(params, model) else collator
+
+
+def _trainer(
+    plan: RunPlan,
+    model: Any,
+    args: Any,
+    splits: tuple[Any, Any],
+    collator: Any,
+    callbacks: list[Any],
+    meter: TokenMeter,
+) -> tuple[Any, Any]:
+    """transformers.Trainer over the splits, with the loss the plan chose; (trainer, the LM
+    head the chunked loss stands in for, or None)."""
+    from transformers import Trainer
+
+    train_set, eval_set = splits
+    head = head_of(model) if plan.chunked_loss and isinstance(collator, KeepTrainedLogits) else None
+    if head is not None:  # the head is applied inside the loss, in chunks (stages/train/loss.py)
+        defer_head_for_kept_logits(model, head)
+    vision = "images" in train_set.column_names
+    columns = ["input_ids", "labels", *(["images"] if vision else [])]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set.select_columns([*columns, "length"]),
+        eval_dataset=eval_set.select_columns(columns) if eval_set is not None else None,
+        data_collator=CountingCollator(collator, meter),
+        compute_loss_func=ChunkedTrainedLoss(head) if head is not None else trained_logits_loss,
+        callbacks=callbacks,
+    )
+    return trainer, head
+
+
+def _save(trainer: Any, model: Any, tok: Any, out: Path, params: TrainParams) -> dict[str, Any] | None:
+    """The adapter (or full weights), tokenizer, processor and sftflow_train.json into `out`;
+    returns the ZeRO-3 save check (None without ZeRO-3)."""
+    if hasattr(model, "set_attn_implementation") and not hasattr(model, "peft_config"):
+        model.set_attn_implementation("sdpa")  # a saved full model must load without our kernel
+    save_check = distributed.save_final(trainer, model, out)  # ZeRO-3: gathered, checked (it can save 0-size adapters)
+    sort_adapter_targets(out)
+    tok.save_pretrained(out)
+    processor = collator_processor(trainer.data_collator)
+    if processor is not None:  # the processor travels with the weights (merge and eval load it from there)
+        processor.save_pretrained(out)
+    write_json(out / "sftflow_train.json", {"method": params.method, "params": to_dict(params)})
+    return save_check
 
 
 def sort_adapter_targets(out: Path) -> None:
@@ -276,17 +296,12 @@ def sort_adapter_targets(out: Path) -> None:
             tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def training_arguments(
-    params: TrainParams, checkpoints: Path, has_eval: bool, deepspeed: dict[str, Any] | None = None
-) -> Any:
-    """Every Trainer knob, from params alone (so a resumed run computes the same steps)."""
-    import torch
+def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, has_eval: bool) -> Any:
+    """Every Trainer knob, from the params and the plan (so a resumed run computes the same steps)."""
     from transformers import TrainingArguments
 
     _check_reporters(list(params.report_to))
     report_to = [r for r in params.report_to if r != "tensorboard"]  # ours: see _tensorboard()
-    if params.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
-        _say("train: this CPU has no native bf16 (avx512_bf16/AMX): bf16 will be emulated and slow")
     padded = params.packing == "none"
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -315,26 +330,9 @@ def training_arguments(
         length_column_name="length",
         remove_unused_columns=False,
         dataloader_num_workers=params.dataloader_workers,  # image chats: decode + resize overlap the step
-        use_cpu=not torch.cuda.is_available(),
-        deepspeed=deepspeed,
+        use_cpu=plan.device == "cpu",
+        deepspeed=plan.deepspeed,
     )
-
-
-def _kernels_report(params: TrainParams, model: Any, head: Any) -> dict[str, Any]:
-    """The train report's `kernels`: what ran (`plain` where `train.kernels` resolved to fast or
-    fused but nothing was swapped: full fine-tuning under fast, vision models) and the counts."""
-    counts = kernels.applied(model)
-    ran = any(counts.values()) or head is not None
-    return {"kind": kernels.resolve(params) if ran else "plain", **counts, "chunked_loss": head is not None}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this x86 CPU computes bf16 natively (otherwise autocast to bf16 only costs time)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: let torch decide
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def peak_rss_mb() -> float:
@@ -375,46 +373,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class _TokenMeter:
-    """Counts real (non-pad) tokens fed to the model, for honest tokens/s."""
-
-    def __init__(self) -> None:
-        self.start()
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-        self.tokens = self.trained_tokens = self.slots = 0
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return self.tokens / dt if dt > 0 else math.nan
-
-
-class _CountingCollator:
-    """Collates like `inner`; counts tokens only for training batches (not eval ones).
-
-    Training rows carry a `length` column (for length grouping) and eval rows do not: that,
-    not `model.training`, tells them apart, since Trainer fetches a step's batches before it
-    switches the model to train mode."""
-
-    def __init__(self, inner: Any, meter: _TokenMeter) -> None:
-        self.inner, self.meter = inner, meter
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner([{k: f[k] for k in ("input_ids", "labels", "images") if k in f} for f in features])
-        if "length" not in features[0]:
-            return batch
-        mask = batch.get("attention_mask")
-        padded = mask is not None and mask.dim() == 2  # packed rows carry a 4-D mask, no padding
-        self.meter.tokens += int(mask.sum()) if padded else batch["input_ids"].numel()
-        self.meter.trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        self.meter.slots += batch["input_ids"].numel()
-        return batch
-
-
 def collator_processor(collator: Any) -> Any:
-    """The image processor inside a (possibly wrapped) vision collator."""
+    """The image processor inside a (possibly wrapped) vision collator; None for text collators."""
     while not hasattr(collator, "processor"):
+        if not hasattr(collator, "inner"):
+            return None
         collator = collator.inner
     return collator.processor
 

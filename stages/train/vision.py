@@ -21,7 +21,6 @@ per sample, so attention and positions equal those of each chat alone.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -37,32 +36,29 @@ from stages.core.vision import (
     vision_tokens,
     vision_tower_prefix,
 )
+from stages.train.adapters import add_adapters, enable_checkpointing, freeze, rank_device, trainable_in_fp32
+from stages.train.plan import RunPlan
 
 
-def build_vision_model(params: TrainParams, base_dir: Path, attn: str, dtype: str, params_file: str) -> Any:
+def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype: str, params_file: str) -> Any:
     """The VLM to hand to Trainer, with exactly the parts `train.vision` names trainable."""
-    from stages.train.model import _add_adapters, _freeze
-
     # the vision tower splits its own sequences (one per image): plain SDPA there
-    attention = {"text_config": attn, "vision_config": "sdpa", "": attn}
+    attention = {"text_config": plan.attention, "vision_config": "sdpa", "": plan.attention}
     if params.method == "qlora":
-        model = _load_vlm_4bit(params, base_dir, attention)
+        model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device))
     else:
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
     if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     if params.method == "full":
         freeze_parts(model, params.vision)
         if params.full.frozen_modules:
-            _freeze(model, params.full.frozen_modules, params_file)
+            freeze(model, params.full.frozen_modules, params_file)
         return model
-    model = _add_adapters(model, vision_lora(params, model), params_file)
+    model = add_adapters(model, vision_lora(params, model), params_file)
     if params.gradient_checkpointing:
         model.enable_input_require_grads()
-    for p in model.parameters():  # adapters may inherit the base's bf16; they train in fp32
-        if p.requires_grad and p.dtype.is_floating_point and p.element_size() < 4:
-            p.data = p.data.float()
+    trainable_in_fp32(model)
     return model
 
 
@@ -127,10 +123,9 @@ def vision_lora(params: TrainParams, model: Any) -> TrainParams:
     return dataclasses.replace(params, lora=dataclasses.replace(lora, target_modules=targets, modules_to_save=to_save))
 
 
-def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any) -> Any:
+def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str) -> Any:
     """The VLM with its language model quantized (NF4/FP4); the vision tower and lm_head stay
     in full precision, as 4-bit ViT weights cost accuracy for little memory."""
-    import torch
     from peft import prepare_model_for_kbit_training
 
     from stages.core.loading import bnb_4bit_config
@@ -139,7 +134,6 @@ def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any) -> Any:
     # transformers matches these from the start of a module's name (or as its suffix):
     # "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout
     config.llm_int8_skip_modules = ["model.visual", "visual", "lm_head"]
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
                      attn_implementation=attention)
     return prepare_model_for_kbit_training(

@@ -104,7 +104,7 @@ def cli_train(
     report = read_json(run / "train.json")
     report["cli_wall_seconds"] = round(time.perf_counter() - started, 1)
     report["log"] = proc.stdout + proc.stderr
-    if os.environ.get("SFTFLOW_DIST_RESULTS"):  # a JSON line per run, for the issue note's table
+    if os.environ.get("SFTFLOW_DIST_RESULTS"):  # a JSON line per run, for a results table (bench/results)
         keep = ("losses", "wall_seconds", "cli_wall_seconds", "distributed", "resumed_from")
         with open(os.environ["SFTFLOW_DIST_RESULTS"], "a") as f:
             f.write(json.dumps({"run": str(run), **{k: report[k] for k in keep}}) + "\n")
@@ -337,7 +337,7 @@ def test_memory_estimate_tells_what_fits_before_a_run() -> None:
         ("zero3_offload", 8, "zero3", "all"),
     ):
         params = DistributedParams(nproc_per_node=nproc, deepspeed=ds, offload=offload)
-        est[name] = memory_estimate(full, resolve_launch(params, {}), deepspeed_config(params))
+        est[name] = memory_estimate(full, resolve_launch(params, {}), deepspeed_config(params), "cpu")
     assert est["ddp"]["trainable_params"] == 6_738_415_616  # Llama-2-7B
     per_device = [est[k]["per_device_gib"] for k in ("ddp", "zero2", "zero3", "zero3_offload")]
     assert per_device == sorted(per_device, reverse=True) and per_device[0] > 100  # 20 B/param unsharded
@@ -345,7 +345,7 @@ def test_memory_estimate_tells_what_fits_before_a_run() -> None:
     assert est["zero3_offload"]["cpu_gib_per_node"] > est["zero3"]["cpu_gib_per_node"]
     for p in full.parameters():  # LoRA: the base is frozen; only the (tiny) adapters carry optimizer state
         p.requires_grad_(False)
-    lora = memory_estimate(full, resolve_launch(DistributedParams(), {}), None)
+    lora = memory_estimate(full, resolve_launch(DistributedParams(), {}), None, "cpu")
     assert lora["trainable_params"] == 0 and 25.0 < lora["per_device_gib"] < 25.2  # the fp32 base alone
 
 

@@ -31,6 +31,7 @@ class _LiveLogits(TrainerCallback):
 
 def _train(tmp: Path, base: Path, data: Path, callbacks: tuple = (), **overrides: object) -> dict:
     knobs = {
+        "kernels": "plain",  # the path a GPU runs (tests/train/cpu compares fast with it)
         "max_steps": 12,
         "learning_rate": 5e-3,
         "lr_scheduler": "constant",
@@ -230,7 +231,7 @@ def test_tensorboard_gets_the_loss_curve_and_a_missing_reporter_is_named(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     report = train(
-        TrainParams(max_steps=3, save_steps=0, threads=1, batch_size=8),
+        TrainParams(kernels="plain", max_steps=3, save_steps=0, threads=1, batch_size=8),
         tiny_base,
         prepared,
         tmp_path / "out",

@@ -53,6 +53,7 @@ def test_batch_8_equals_batch_4_times_accumulation_2(
     reports = {}
     for batch, accum in ((8, 1), (4, 2)):
         params = TrainParams(
+            kernels="plain",
             batch_size=batch,
             grad_accum=accum,
             max_steps=1,
@@ -81,6 +82,7 @@ def test_method_learns_and_its_saved_output_merges_exactly(
     from stages.merge.fold import merge
 
     params = TrainParams(
+        kernels="plain",
         method=method,
         max_steps=12,
         learning_rate=5e-3 if method == "lora" else 1e-3,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vlm import BOUNDS, PAD, chats_in_each_shape, prepare_rows, train_params
+from tests.vlm import BOUNDS, PAD, chats_in_each_shape, prepare_rows, train_params, vision_model
 
 
 def _batch(vlm_base: Path, images: Path, tmp_path: Path, packing: bool) -> dict:
@@ -65,10 +65,9 @@ def test_rope_positions_equal_the_models(tmp_path: Path, vlm_base: Path, images:
 )
 def test_lora_targets_follow_the_switches(vlm_base: Path, vision: dict, trainable_parts: set) -> None:
     from stages.core.vision import language_model_prefix, vision_tower_prefix
-    from stages.train.model import build_model
     from stages.train.vision import part_of
 
-    model = build_model(train_params(vision=vision), vlm_base)
+    model = vision_model(train_params(vision=vision), vlm_base)
     llm, visual = language_model_prefix(model), vision_tower_prefix(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert {part_of(n, llm, visual) for n in trainable} == trainable_parts
@@ -85,10 +84,10 @@ def test_full_sft_frozen_parts_stay_bit_identical(tmp_path: Path, vlm_base: Path
     import torch
 
     from stages.core.vision import language_model_prefix, vision_tower_prefix
-    from stages.train.model import build_model, count_parameters
+    from stages.train.model import count_parameters
     from stages.train.vision import part_of
 
-    model = build_model(train_params(method="full", vision={"tune_projector": True}), vlm_base)
+    model = vision_model(train_params(method="full", vision={"tune_projector": True}), vlm_base)
     llm, visual = language_model_prefix(model), vision_tower_prefix(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     parts = {n: part_of(n, llm, visual) for n in before}
@@ -138,9 +137,8 @@ def test_qlora_quantizes_only_the_language_model_and_trains(tmp_path: Path, vlm_
     import bitsandbytes as bnb
     import torch
 
-    from stages.train.model import build_model
 
-    model = build_model(train_params(method="qlora"), vlm_base)
+    model = vision_model(train_params(method="qlora"), vlm_base)
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7 and not any("visual" in n or "lm_head" in n for n in quantized)
     batch = _batch(vlm_base, images, tmp_path, packing=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.errors import SftflowError
-from stages.train import allocator, native
+from stages.train.cpu import allocator, native
 from stages.train.trainer import train
 from tests.conftest import four_adamw_steps
 
@@ -50,7 +50,7 @@ def test_blocks_are_reused_cut_joined_and_unmapped_over_the_budget() -> None:
     code = textwrap.dedent(
         """
         import torch
-        from stages.train import allocator, native
+        from stages.train.cpu import allocator, native
 
         MiB = 1 << 20
 
@@ -137,27 +137,30 @@ def test_blocks_are_reused_cut_joined_and_unmapped_over_the_budget() -> None:
 
 
 def test_auto_falls_back_to_glibc_and_caching_fails_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.core.params import TrainParams
+    from stages.train.plan import decide, probe_machine
+
     monkeypatch.setattr(native, "compiler", lambda: None)
     monkeypatch.setattr(sys, "platform", "linux")
-    kind, why = allocator.resolve("auto", on_cpu=True)
-    assert kind == "system" and "no C++ compiler" in why
+    plan = decide(TrainParams(), probe_machine(), env={})
+    assert plan.cpu.allocator == "system" and "no C++ compiler" in plan.why["allocator"]
     with pytest.raises(SftflowError, match=r"train\.allocator: caching: no C\+\+ compiler"):
-        allocator.resolve("caching", on_cpu=True)
+        decide(TrainParams(allocator="caching"), probe_machine(), env={})
     monkeypatch.setattr(native, "compiler", lambda: "/usr/bin/c++")
-    assert allocator.resolve("auto", on_cpu=True) == ("caching", "auto: training on the CPU")
-    assert allocator.resolve("auto", on_cpu=False)[0] == "system"
+    plan = decide(TrainParams(), probe_machine(), env={})
+    assert (plan.cpu.allocator, plan.why["allocator"]) == ("caching", "auto: training on the CPU")
 
 
 def test_auto_falls_back_when_the_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     def unwritable() -> None:
         raise SftflowError("train.allocator: caching: cannot write its build cache /nope: denied")
 
-    monkeypatch.setattr(allocator, "resolve", lambda choice, on_cpu: ("caching", "auto: training on the CPU"))
     monkeypatch.setattr(allocator, "install", unwritable)
-    kind, why = allocator.start("auto", on_cpu=True)
-    assert kind == "system" and "cannot write its build cache /nope" in why
+    with allocator.active("caching", "auto: training on the CPU") as step_memory:
+        assert step_memory.report["kind"] == "system" and "cannot write its build cache /nope" in step_memory.report["why"]
     with pytest.raises(SftflowError, match="cannot write"):
-        allocator.start("caching", on_cpu=True)
+        with allocator.active("caching", "train.allocator: caching", strict=True):
+            pass
 
 
 @needs_compiler

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.train import dropout_masks, native
+from stages.train.cpu import dropout_masks, native
 from stages.train.trainer import train
 from tests.conftest import four_adamw_steps
 
@@ -26,7 +26,7 @@ class _Lora(torch.nn.Module):
 @needs_compiler
 def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
     layer = _Lora(0.05)
-    report = dropout_masks.activate(layer, "auto", on_cpu=True)
+    report = dropout_masks.activate(layer)
     if report["kind"] != "sftflow":
         pytest.skip(f"this torch build draws its masks another way: {report['why']}")
     assert report["modules"] == 1 and type(layer.lora_dropout["off"]) is torch.nn.Dropout
@@ -60,7 +60,7 @@ def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: to
     again in backward), the generator's state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask / (1 - p); bf16:
     the 0/1 mask) are the unpacked path's bit for bit, at sizes that end mid-byte and cross the
     library's 4096-element chunks, with zeros of both signs, infinities and NaNs in x."""
-    if dropout_masks.activate(_Lora(0.1), "auto", on_cpu=True)["kind"] != "sftflow":
+    if dropout_masks.activate(_Lora(0.1))["kind"] != "sftflow":
         pytest.skip("this torch build draws its masks another way")
     packed, unpacked = {
         torch.float32: (dropout_masks.dropout_bits, dropout_masks.dropout_noise),
@@ -95,7 +95,7 @@ def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: to
 @needs_compiler
 def test_dropout_module_gives_f_dropout_outputs_and_gradients() -> None:
     layer = _Lora(0.1)
-    if dropout_masks.activate(layer, "auto", on_cpu=True)["kind"] != "sftflow":
+    if dropout_masks.activate(layer)["kind"] != "sftflow":
         pytest.skip("this torch build draws its masks another way")
     fast = layer.lora_dropout["default"]
     assert type(fast) is not torch.nn.Dropout and isinstance(fast, torch.nn.Dropout)
@@ -148,9 +148,7 @@ def test_a_build_whose_masks_differ_keeps_torchs_dropout(monkeypatch: pytest.Mon
     monkeypatch.setattr(dropout_masks, "_probe", lambda lib: "this torch build draws bernoulli_ masks another way (MKL)")
     monkeypatch.setattr(dropout_masks._State, "lib", None)
     layer = _Lora(0.05)
-    report = dropout_masks.activate(layer, "auto", on_cpu=True)
+    report = dropout_masks.activate(layer)
     assert report == {"kind": "torch", "why": "this torch build draws bernoulli_ masks another way (MKL)", "modules": 0}
     assert type(layer.lora_dropout["default"]) is torch.nn.Dropout
-    assert dropout_masks.activate(layer, "auto", on_cpu=False)["why"] == "training on a GPU: its dropout runs there"
-    assert dropout_masks.activate(_Lora(0.0), "auto", on_cpu=True)["modules"] == 0
-    assert dropout_masks.activate(_Lora(0.05), "torch", on_cpu=True)["why"] == "train.dropout_masks: torch"
+    assert dropout_masks.activate(_Lora(0.0))["modules"] == 0

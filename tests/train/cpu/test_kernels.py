@@ -1,5 +1,5 @@
-"""`train.kernels` `fast` and `fused` are the same computation as `plain`: fast in fewer and
-faster operations, fused keeping fewer bytes for backward."""
+"""`train.kernels: fast` (the CPU wing) is the same computation as `plain` (transformers + peft),
+in fewer and faster operations keeping fewer bytes for backward."""
 
 from __future__ import annotations
 
@@ -9,27 +9,34 @@ import pytest
 import torch
 
 from stages.core.params import LoraParams, TrainParams
-from stages.train import kernels
+from stages.train.cpu import kernels
+from stages.train.model import build_model
+from stages.train.plan import Machine, decide
 from stages.train.trainer import train
 from tests.conftest import four_adamw_steps
 
 
+def fast_model(params: TrainParams, base: Path) -> object:
+    """The model train builds for `params` on this CPU, with the fast forwards swapped in."""
+    model = build_model(params, decide(params, Machine(), env={}), base)
+    kernels.apply(model)
+    return model
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
+def test_fast_kernels_give_the_plain_losses_step_by_step(
     tiny_base: Path, prepared: Path, tmp_path: Path, method: str
 ) -> None:
-    """4 AdamW steps with LoRA dropout 0.05 (fast and fused draw the same masks) at a large
-    learning rate, so any difference in the gradients would show in the later losses."""
+    """4 AdamW steps with LoRA dropout 0.05 (fast draws the same masks) at a large learning
+    rate, so any difference in the gradients would show in the later losses."""
     reports = {}
-    for kern in ("plain", "fast", "fused"):
+    for kern in ("plain", "fast"):
         lr = 1e-3 if method == "lora" else 1e-4
         params = four_adamw_steps(method=method, kernels=kern, learning_rate=lr)
         run = tmp_path / kern
         reports[kern] = train(params, tiny_base, prepared, run / "out", run / "ckpt", run / "loss.csv")
-    plain, fast, fused = reports["plain"], reports["fast"], reports["fused"]
-    nothing = {
-        "lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "frozen_norm": 0, "fp32_attention": 0, "chunked_loss": False
-    }
+    plain, fast = reports["plain"], reports["fast"]
+    nothing = {"lora_linear": 0, "swiglu_mlp": 0, "gqa_attention": 0, "fp32_attention": 0, "chunked_loss": False}
     assert plain["kernels"] == {"kind": "plain", **nothing}
     # fast swaps peft's LoRA linears and flags the attention modules (bf16 attends in fp32;
     # full SFT has no LoRA linears: plain forwards, plain report)
@@ -37,16 +44,10 @@ def test_fast_and_fused_kernels_give_the_plain_losses_step_by_step(
         "kind": "fast", **nothing, "lora_linear": 14, "swiglu_mlp": 2, "fp32_attention": 2, "gqa_attention": 2, "chunked_loss": True
     }  # fmt: skip
     assert fast["kernels"] == (fast_swapped if method == "lora" else {"kind": "plain", **nothing})
-    assert fused["kernels"]["kind"] == "fused"
-    assert fused["kernels"]["swiglu_mlp"] == 2 and fused["kernels"]["gqa_attention"] == 2
-    # LoRA: 2 norms per layer + the final one are frozen; full SFT trains them (none swapped)
-    assert fused["kernels"]["frozen_norm"] == (5 if method == "lora" else 0)
-    assert fused["kernels"]["chunked_loss"] is True
-    assert fused["kernels"]["lora_linear"] == (14 if method == "lora" else 0)
+    assert fast["plan"]["kernels"] == ("fast" if method == "lora" else "plain")
     assert len(plain["losses"]) == 4 and plain["losses"][0] != plain["losses"][-1]  # it trained
-    for other in (fast, fused):
-        for step, (a, b) in enumerate(zip(plain["losses"], other["losses"])):
-            assert abs(a - b) < 1e-5, (step, plain["losses"], other["losses"])
+    for step, (a, b) in enumerate(zip(plain["losses"], fast["losses"])):
+        assert abs(a - b) < 1e-5, (step, plain["losses"], fast["losses"])
     if method == "lora":  # the forward is peft's to the bit (alpha/r = 2); the chunked loss sums
         # the same cross-entropies in another order: the first loss to fp32 rounding
         assert abs(fast["losses"][0] - plain["losses"][0]) <= 1e-6 * abs(plain["losses"][0])
@@ -56,16 +57,13 @@ def test_fast_swaps_a_gated_mlp_only_where_its_down_projection_has_an_adapter(ti
     """The report counts what runs: with adapters on q and v only, the MLPs keep transformers'
     forward (nothing to make again) and `swiglu_mlp` is 0; on a layer subset, only those MLPs;
     DoRA adapters keep peft's forward, so nothing is swapped."""
-    from stages.train.model import build_model
-
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for lora, swapped in (
         (LoraParams(target_modules=("q_proj", "v_proj")), {"lora_linear": 4, "swiglu_mlp": 0}),
         (LoraParams(target_modules=linears, layers_to_transform=(1,)), {"lora_linear": 7, "swiglu_mlp": 1}),
         (LoraParams(use_dora=True), {"lora_linear": 0, "swiglu_mlp": 0}),  # DoRA: peft's forward
     ):
-        model = build_model(TrainParams(lora=lora, kernels="fast"), tiny_base)
-        counts = kernels.applied(model)
+        counts = kernels.applied(fast_model(TrainParams(lora=lora, kernels="fast"), tiny_base))
         assert {k: counts[k] for k in swapped} == swapped, (lora, counts)
 
 
@@ -80,7 +78,7 @@ def test_fast_lora_linear_equals_peft_forward_and_gradients() -> None:
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, lora_dropout=0.1, target_modules=["0"]))
     layer = model.base_model.model[0]
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at 0: no A gradient
-    assert kernels.apply(model, "fast")["lora_linear"] == 1
+    assert kernels.apply(model)["lora_linear"] == 1
     x = torch.randn(2, 9, 48)
     grad = torch.randn(2, 9, 40)
     results = {}
@@ -101,15 +99,15 @@ def test_fast_lora_linear_keeps_its_dropout_mask_as_bits() -> None:
     elements of x) where the mask library is active, not an fp32 noise tensor the size of x."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.train import dropout_masks, native
+    from stages.train.cpu import dropout_masks, native
 
     if native.unbuildable() is not None:
         pytest.skip(str(native.unbuildable()))
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(48, 40)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["0"]))
-    if dropout_masks.activate(model, "auto", on_cpu=True)["kind"] != "sftflow":
+    if dropout_masks.activate(model)["kind"] != "sftflow":
         pytest.skip("this torch build draws its masks another way")
-    kernels.apply(model, "fast")
+    kernels.apply(model)
     x = torch.randn(2, 9, 48, requires_grad=True)
     torch.manual_seed(1)
     out = model(x)
@@ -139,7 +137,7 @@ def test_fast_lora_linear_under_bf16_autocast_equals_peft_within_bf16_rounding()
     for name in ("lora_A", "lora_B"):
         getattr(layer, name)["default"].float()
         torch.nn.init.normal_(getattr(layer, name)["default"].weight)
-    assert kernels.apply(model, "fast")["lora_linear"] == 1
+    assert kernels.apply(model)["lora_linear"] == 1
     x = torch.randn(2, 9, 48, dtype=torch.bfloat16)
     grad = torch.randn(2, 9, 40, dtype=torch.bfloat16)
     results = {}
@@ -163,27 +161,23 @@ def test_fast_lora_linear_under_bf16_autocast_equals_peft_within_bf16_rounding()
         assert error(other, theirs) > 2**-6, name
 
 
-def test_fast_and_fused_kernels_keep_fewer_bytes_for_backward(
+def test_fast_kernels_keep_fewer_bytes_for_backward(
     tiny_base: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bytes autograd saves in one forward (distinct storages, weights excluded), and the
-    loss and gradients of that step, plain vs fast and fused on the same packed batch; what
-    fast's MLP makes again in backward (exactly two [tokens, intermediate] tensors a layer, at
-    the same gradients bit for bit), and what sharing the frozen norms' inputs saves in fused
-    (exactly one norm output per norm feeding LoRA layers)."""
+    loss and gradients of that step, plain vs fast on the same packed batch; and what fast's
+    MLP makes again in backward (exactly two [tokens, intermediate] tensors a layer, at the
+    same gradients bit for bit)."""
     from datasets import load_from_disk
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_from_disk(str(prepared / "train"))]
     saved, losses, grads = {}, {}, {}
-    for variant in ("plain", "fast", "fast_without_mlp", "fused", "fused_without_norm_sharing"):
+    for variant in ("plain", "fast", "fast_without_mlp"):
         kern = variant.split("_")[0]
         with monkeypatch.context() as patch:
-            if variant == "fused_without_norm_sharing":
-                patch.setattr(kernels, "_is_frozen_norm", lambda module: False)
             if variant == "fast_without_mlp":
                 patch.setattr(kernels, "_is_swiglu_mlp", lambda module: False)
             saved[variant], losses[variant], grads[variant], batch, model = _one_step(kern, rows, tiny_base)
-    assert saved["fused"] < 0.6 * saved["plain"], saved
     assert saved["fast"] < 0.6 * saved["plain"], saved
     config = model.config
     tokens = batch["input_ids"].numel()
@@ -191,19 +185,12 @@ def test_fast_and_fused_kernels_keep_fewer_bytes_for_backward(
     # the down projection's adapter reads: two [tokens, intermediate] fp32 tensors per layer
     mlp_made_again = config.num_hidden_layers * 2 * tokens * config.intermediate_size * 4
     assert saved["fast_without_mlp"] - saved["fast"] == mlp_made_again
-    one_norm_output = tokens * config.hidden_size * 4  # fp32
-    # every norm feeding LoRA layers but the first: it reads the frozen embeddings' output,
-    # which needs no gradient, so that norm keeps nothing the branches could share
-    shared_norms = 2 * config.num_hidden_layers - 1
-    assert saved["fused_without_norm_sharing"] - saved["fused"] == shared_norms * one_norm_output
-    assert losses["fused_without_norm_sharing"] == losses["fused"]
     assert losses["fast_without_mlp"] == losses["fast"]  # the same operations, bit for bit
     for name, g in grads["fast"].items():
         assert torch.equal(grads["fast_without_mlp"][name], g), name
-    for kern in ("fast", "fused"):
-        assert losses[kern] == pytest.approx(losses["plain"], abs=1e-6)
-        for name, g in grads["plain"].items():
-            torch.testing.assert_close(grads[kern][name], g, rtol=1e-4, atol=1e-6)
+    assert losses["fast"] == pytest.approx(losses["plain"], abs=1e-6)
+    for name, g in grads["plain"].items():
+        torch.testing.assert_close(grads["fast"][name], g, rtol=1e-4, atol=1e-6)
 
 
 def _one_step(kern: str, rows: list, tiny_base: Path) -> tuple:
@@ -211,19 +198,27 @@ def _one_step(kern: str, rows: list, tiny_base: Path) -> tuple:
     autograd saved (distinct storages, weights excluded), the loss, the adapters' gradients,
     the batch and the model."""
     from stages.core.loading import load_tokenizer
-    from stages.train import dropout_masks
-    from stages.train.loss import KeepTrainedLogits, trained_logits_loss
-    from stages.train.model import build_model
+    from stages.train.cpu import dropout_masks
+    from stages.train.loss import (
+        ChunkedTrainedLoss,
+        KeepTrainedLogits,
+        defer_head,
+        head_of,
+        trained_logits_loss,
+    )
     from stages.train.trainer import build_collator
 
     torch.manual_seed(0)
     params = TrainParams(lora=LoraParams(dropout=0.05), kernels=kern)
-    model = build_model(params, tiny_base).train()
-    dropout_masks.activate(model, "auto", on_cpu=True)  # as the train stage: the masks as bits where built
+    plan = decide(params, Machine(), env={})
+    model = build_model(params, plan, tiny_base).train()
+    if plan.kernels == "fast":
+        kernels.apply(model)
+    dropout_masks.activate(model)  # as the train stage: the masks as bits where built
     batch = KeepTrainedLogits(build_collator(load_tokenizer(tiny_base), "padding_free", "sdpa_varlen"))(rows[:4])
     labels = batch.pop("labels")
-    head = kernels.head_of(model) if kernels.chunked_loss(params, on_cpu=True) else None
-    loss_fn = kernels.ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
+    head = head_of(model) if plan.chunked_loss else None
+    loss_fn = ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
@@ -234,61 +229,13 @@ def _one_step(kern: str, rows: list, tiny_base: Path) -> tuple:
     torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if head is not None:
-            with kernels.defer_head(head):
+            with defer_head(head):
                 loss = loss_fn(model(**batch), labels)
         else:
             loss = loss_fn(model(**batch), labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return sum(storages.values()), loss.item(), grads, batch, model
-
-
-def test_chunked_loss_equals_the_plain_one_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several chunks, ignored rows inside them, and a head weight that trains (full SFT)."""
-    from types import SimpleNamespace
-
-    from stages.train.loss import trained_logits_loss, trained_positions
-
-    monkeypatch.setattr(kernels, "CHUNK_ROWS", 3)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50, bias=False)
-    hidden = torch.randn(1, 11, 8, requires_grad=True)
-    labels = torch.randint(0, 50, (1, 11))
-    labels[0, [0, 3, 4, 9]] = -100
-    kept = trained_positions(labels)
-    plain = trained_logits_loss(SimpleNamespace(logits=head(hidden[:, kept])), labels)
-    plain.backward()
-    expected = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad = head.weight.grad = None
-    fused = kernels.ChunkedTrainedLoss(head)(SimpleNamespace(logits=hidden[:, kept]), labels)
-    (fused * 3).backward()  # a non-unit upstream gradient is applied too
-    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
-    torch.testing.assert_close(hidden.grad, expected[0] * 3)
-    torch.testing.assert_close(head.weight.grad, expected[1] * 3)
-
-
-def test_zero3_runs_plain_and_refuses_an_explicit_fast_or_fused(tmp_path: Path) -> None:
-    """ZeRO-3 gathers a weight only inside its own module's forward; fast and fused read base,
-    adapter and head weights directly, so under ZeRO-3 (a shipped preset or a user's own JSON)
-    auto runs plain and an explicit fast or fused is an error naming the key."""
-    import json
-
-    from stages.core.errors import SftflowError
-    from stages.core.params import DistributedParams
-
-    own = tmp_path / "ds.json"
-    own.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    for ds in ("zero3", str(own)):
-        zero3 = DistributedParams(deepspeed=ds)
-        assert kernels.resolve(TrainParams(distributed=zero3), on_cpu=True) == "plain"
-        for kind in ("fast", "fused"):
-            with pytest.raises(SftflowError, match=rf"^train\.kernels: {kind} cannot run under ZeRO-3"):
-                kernels.resolve(TrainParams(kernels=kind, distributed=zero3))
-    zero2 = DistributedParams(deepspeed="zero2")
-    assert kernels.resolve(TrainParams(kernels="fused", distributed=zero2)) == "fused"
-    assert kernels.resolve(TrainParams(distributed=zero2), on_cpu=True) == "fast"
-    for kind in ("auto", "fast", "fused"):
-        assert kernels.resolve(TrainParams(kernels=kind, gradient_checkpointing=True), on_cpu=True) == "plain"
 
 
 def test_fast_kernels_in_bf16_stay_within_bf16s_own_noise(tiny_base: Path, prepared: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
-from stages.train import native
+from stages.train.cpu import native
 
 SOURCE = Path(__file__).with_name("dropout_masks.cpp")
 
@@ -259,10 +259,10 @@ def _probe(lib: Any) -> str | None:
         torch.set_rng_state(saved)
 
 
-def activate(model: Any, choice: str, on_cpu: bool) -> dict[str, Any]:
-    """`train.dropout_masks`: give the model's LoRA dropouts the fast masks (`auto`) when they
-    are the same as torch's here; the train report's `dropout_masks` entry: which masks, why,
-    how many modules."""
+def activate(model: Any) -> dict[str, Any]:
+    """Give the model's LoRA dropouts the block-drawn masks when they are the same as torch's
+    here (built and checked once per process); the train report's `dropout_masks` entry: which
+    masks, why, how many modules."""
     import torch
 
     dropouts = [  # peft's LoRA layers keep one dropout per adapter in `lora_dropout`
@@ -275,13 +275,7 @@ def activate(model: Any, choice: str, on_cpu: bool) -> dict[str, Any]:
     if not dropouts:
         return {"kind": "torch", "why": "no dropout to draw (lora.dropout: 0, or no LoRA)", "modules": 0}
     problem = None
-    if choice == "torch":
-        problem = "train.dropout_masks: torch"
-    elif not on_cpu:
-        problem = "training on a GPU: its dropout runs there"
-    else:
-        problem = native.unbuildable()
-    if problem is None and _State.lib is None:
+    if _State.lib is None:
         try:
             lib = _load()
         except (SftflowError, OSError) as err:
@@ -296,4 +290,4 @@ def activate(model: Any, choice: str, on_cpu: bool) -> dict[str, Any]:
     fast = _dropout_class()
     for parent, name in dropouts:
         parent[name] = fast(parent[name].p)
-    return {"kind": "sftflow", "why": "the same masks as torch's bernoulli_ (checked), 8x faster", "modules": len(dropouts)}
+    return {"kind": "sftflow", "why": "the same masks as torch's bernoulli_ (checked), drawn in blocks", "modules": len(dropouts)}

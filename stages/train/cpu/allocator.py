@@ -31,8 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from stages.core.errors import SftflowError
-from stages.train import native
+from stages.train.cpu import native
 
 SOURCE = Path(__file__).with_name("caching_allocator.cpp")
 STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "resizes", "fresh_bytes")
@@ -40,44 +42,6 @@ STATS = ("in_use", "cached", "peak_in_use", "peak_mapped", "maps", "reuses", "re
 
 class _Loaded:
     lib: Any = None  # the ctypes library once built and loaded
-
-
-def resolve(choice: str, on_cpu: bool) -> tuple[str, str]:
-    """(`caching` or `system`, why) for `train.allocator` on this machine.
-
-    auto = caching when training on the CPU under Linux with a C++ compiler: there it lowers
-    peak RSS at the same speed (figures above). On a GPU the activations are not in host memory.
-
-    >>> resolve("system", on_cpu=True)
-    ('system', 'train.allocator: system')
-    >>> resolve("auto", on_cpu=False)
-    ('system', 'training on a GPU: host memory holds no activations')
-    """
-    if choice == "system":
-        return "system", "train.allocator: system"
-    problem = native.unbuildable()
-    if choice == "caching":
-        if problem:
-            raise SftflowError(f"train.allocator: caching: {problem}; use auto or system")
-        return "caching", "train.allocator: caching"
-    if not on_cpu:
-        return "system", "training on a GPU: host memory holds no activations"
-    return ("system", problem) if problem else ("caching", "auto: training on the CPU")
-
-
-def start(choice: str, on_cpu: bool) -> tuple[str, str]:
-    """Resolve `train.allocator` and install the caching allocator if chosen; (kind, why).
-    Under `auto` a failed build (no writable cache, a compiler error) falls back to glibc's
-    heap and says why; an explicit `caching` fails instead."""
-    kind, why = resolve(choice, on_cpu)
-    if kind == "caching":
-        try:
-            install()
-        except (SftflowError, OSError) as err:
-            if choice == "caching":
-                raise
-            return "system", f"auto: the caching allocator is unavailable: {err}"
-    return kind, why
 
 
 def build(cache: Path | None = None) -> Path:
@@ -122,12 +86,20 @@ def stats(reset_peaks: bool = False) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def active(choice: str, on_cpu: bool) -> Iterator[Any]:
-    """`train.allocator` for the body: the caching allocator installed if chosen (and given
-    back to torch after it, error or not). Yields a TrainerCallback that ends an allocator step
-    after every micro-batch and optimizer step; its `report` is the train report's entry."""
-    kind, why = start(choice, on_cpu)
-    callback = _step_callback(kind, why)
+def active(kind: str, why: str, strict: bool = False) -> Iterator[Any]:
+    """The body runs with the caching allocator installed when `kind` is `caching` (given back
+    to torch after it, error or not). A failed build (no writable cache, a compiler error) falls
+    back to glibc's heap and says why, unless `strict` (train.allocator: caching asked for it).
+    Yields a TrainerCallback that ends an allocator step after every micro-batch and optimizer
+    step; its `report` is the train report's entry."""
+    if kind == "caching":
+        try:
+            install()
+        except (SftflowError, OSError) as err:
+            if strict:
+                raise
+            kind, why = "system", f"auto: the caching allocator is unavailable: {err}"
+    callback = ReleaseEachStep(kind, why)
     try:
         yield callback
     finally:
@@ -135,43 +107,42 @@ def active(choice: str, on_cpu: bool) -> Iterator[Any]:
             uninstall()
 
 
-def _step_callback(kind: str, why: str) -> Any:
-    from transformers import TrainerCallback
+class ReleaseEachStep(TrainerCallback):
+    """Ends an allocator step after every micro-batch and optimizer step (cached blocks no
+    request took are unmapped, above the run's peak in use); `report` sums the run up."""
 
-    class ReleaseEachStep(TrainerCallback):
-        peak_in_use = 0
-        peak_mapped = 0
-        fresh_at_start = stats()["fresh_bytes"] if kind == "caching" else 0
+    def __init__(self, kind: str, why: str) -> None:
+        self.kind, self.why = kind, why
+        self.peak_in_use = self.peak_mapped = 0
+        self.fresh_at_start = stats()["fresh_bytes"] if kind == "caching" else 0
 
-        def _done(self) -> None:
-            if kind != "caching":
-                return
-            now = stats(reset_peaks=True)
-            self.peak_in_use = max(self.peak_in_use, now["peak_in_use"])
-            self.peak_mapped = max(self.peak_mapped, now["peak_mapped"])
-            release()
+    def _done(self) -> None:
+        if self.kind != "caching":
+            return
+        now = stats(reset_peaks=True)
+        self.peak_in_use = max(self.peak_in_use, now["peak_in_use"])
+        self.peak_mapped = max(self.peak_mapped, now["peak_mapped"])
+        release()
 
-        def on_substep_end(self, *args: Any, **kwargs: Any) -> None:
-            self._done()
+    def on_substep_end(self, *args: Any, **kwargs: Any) -> None:
+        self._done()
 
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self._done()
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self._done()
 
-        @property
-        def report(self) -> dict[str, Any]:
-            if kind != "caching":
-                return {"kind": kind, "why": why}
-            mib = 2**20
-            return {
-                "kind": kind,
-                "why": why,
-                # the largest step's large blocks in use (the activations' true high-water mark), and
-                # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
-                "step_peak_in_use_mb": round(self.peak_in_use / mib, 1),
-                "step_peak_mapped_mb": round(self.peak_mapped / mib, 1),
-                # large blocks mapped afresh over the run (pages the kernel zeroed and faulted in):
-                # near the largest step's need when blocks are reused across steps
-                "fresh_mb": round((stats()["fresh_bytes"] - self.fresh_at_start) / mib, 1),
-            }
-
-    return ReleaseEachStep()
+    @property
+    def report(self) -> dict[str, Any]:
+        if self.kind != "caching":
+            return {"kind": self.kind, "why": self.why}
+        mib = 2**20
+        return {
+            "kind": self.kind,
+            "why": self.why,
+            # the largest step's large blocks in use (the activations' true high-water mark), and
+            # with the freed blocks awaiting reuse in that step: what RSS held beyond small objects
+            "step_peak_in_use_mb": round(self.peak_in_use / mib, 1),
+            "step_peak_mapped_mb": round(self.peak_mapped / mib, 1),
+            # large blocks mapped afresh over the run (pages the kernel zeroed and faulted in):
+            # near the largest step's need when blocks are reused across steps
+            "fresh_mb": round((stats()["fresh_bytes"] - self.fresh_at_start) / mib, 1),
+        }
