@@ -2,11 +2,11 @@
 `train.dropout_masks` choices in pairs.
 
 Loads the model with LoRA r8 / alpha 16 / dropout 0.05 on all linear layers (`--kernels plain`
-or `fused`), then runs 8 packed batches of 4 samples (620-970 tokens, random ids, every other
+or `fast`), then runs 8 packed batches of 4 samples (620-970 tokens, random ids, every other
 label trained): forward, backward, AdamW, as the train stage does, with the allocator chosen
-(`--allocator system`: glibc's heap; `caching`: stages/train/allocator.py, one allocator step per
+(`--allocator system`: glibc's heap; `caching`: stages/train/cpu/allocator.py, one allocator step per
 batch) and the LoRA dropout masks chosen (`--dropout-masks torch`: torch's dropout; `auto`:
-stages/train/dropout_masks.py where it draws the same masks). Prints each step's seconds and
+stages/train/cpu/dropout_masks.py where it draws the same masks). Prints each step's seconds and
 minor page faults, the process's peak RSS and the last loss (equal across choices).
 
 Time it as a whole process, A and B in turn so the machine's drift hits both alike, e.g.
@@ -14,7 +14,8 @@ Time it as a whole process, A and B in turn so the machine's drift hits both ali
     hyperfine -r 4 'python bench/allocator_steps.py --allocator caching' \\
                    'python bench/allocator_steps.py --allocator system'
 
-(docs/benchmarks.md, "Allocator" and "Dropout masks", has the figures of such pairs).
+(docs/benchmarks.md#cpu-speed-work-in-ab-pairs has the latest figures of such pairs; bench/results/
+holds every run).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ BATCHES = [[150, 90, 300, 120], [400, 200, 100, 60], [160, 150, 140, 170], [500,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--allocator", choices=("system", "caching"), default="caching")
-    ap.add_argument("--kernels", choices=("plain", "fast", "fused"), default="plain")
+    ap.add_argument("--kernels", choices=("plain", "fast"), default="plain")
     ap.add_argument("--dropout-masks", choices=("auto", "torch"), default="auto")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
     ap.add_argument("--threads", type=int, default=2)
@@ -44,19 +45,31 @@ def main() -> None:
     import torch
 
     from stages.core.params import LoraParams, TrainParams
-    from stages.train import allocator, dropout_masks, kernels
-    from stages.train.loss import trained_logits_loss, trained_positions
+    from stages.train.cpu import allocator, dropout_masks, kernels
+    from stages.train.loss import (
+        ChunkedTrainedLoss,
+        defer_head,
+        head_of,
+        trained_logits_loss,
+        trained_positions,
+    )
     from stages.train.model import build_model
+    from stages.train.plan import decide, probe_machine
 
     torch.set_num_threads(args.threads)
     if args.allocator == "caching":
         allocator.install()
     lora = LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
     params = TrainParams(lora=lora, kernels=args.kernels, precision=args.precision)
+    plan = decide(params, probe_machine(), env={})
     torch.manual_seed(0)  # the LoRA weights' initialisation too: equal runs give equal losses
-    model = build_model(params, args.model).train()
-    masks = dropout_masks.activate(model, args.dropout_masks, on_cpu=True)
-    head = kernels.head_of(model) if kernels.chunked_loss(params, on_cpu=True) else None  # as train does
+    model = build_model(params, plan, args.model).train()
+    if plan.kernels == "fast":
+        kernels.apply(model)
+    masks = {"kind": "torch", "why": "--dropout-masks torch"}
+    if args.dropout_masks == "auto":
+        masks = dropout_masks.activate(model)
+    head = head_of(model) if plan.chunked_loss else None  # as train does
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids_rng = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -72,9 +85,9 @@ def main() -> None:
         keep = trained_positions(labels)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
         if head is not None:
-            with autocast, kernels.defer_head(head):
+            with autocast, defer_head(head):
                 out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)
-                loss = kernels.ChunkedTrainedLoss(head)(out, labels)
+                loss = ChunkedTrainedLoss(head)(out, labels)
         else:
             with autocast:
                 out = model(input_ids=ids, position_ids=positions, logits_to_keep=keep)

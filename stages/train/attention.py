@@ -19,10 +19,8 @@ from typing import Any
 NAME = "sdpa_varlen"
 GQA_FLAG = "sftflow_gqa_in_sdpa"  # attribute on an attention module: let SDPA broadcast k/v heads
 # Attribute on an attention module (train.kernels fast): bf16/fp16 packed rows on the CPU attend in
-# fp32. torch's CPU flash kernel accumulates in fp32 either way, but its bf16 backward ran slower:
-# forward + backward of a layer's 4 samples, 9 query / 3 kv heads of 64, 2 threads, Zen 4 with
-# avx512_bf16: 16.2 -> 12.2 ms (150/90/300/120 tokens), 30.1 -> 26.7 ms (500/300/90/80),
-# casts included; and a 100-token sample's backward alone 3.1 ms in bf16 vs 0.74 ms in fp32.
+# fp32. torch's CPU flash kernel accumulates in fp32 either way, but its bf16 backward runs slower
+# than the fp32 one plus the casts (docs/benchmarks.md, "Reference workload").
 FP32_FLAG = "sftflow_attention_fp32"
 
 
@@ -64,9 +62,9 @@ def varlen_sdpa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
-    # GQA inside SDPA (train.kernels=fused sets the flag): k/v are not copied to every head
-    # and SDPA saves them at their own size; measured on CPU: same output, k/v gradients
-    # within 2e-6, the SDPA call ~20 % faster for 9 query / 3 kv heads
+    # GQA inside SDPA (train.kernels fast sets the flag): k/v are not copied to every head
+    # and SDPA saves them at their own size: the same output, k/v gradients summed in another
+    # order (tests/train/cpu/test_kernels.py)
     gqa = groups > 1 and getattr(module, GQA_FLAG, False)
     if groups > 1 and not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
