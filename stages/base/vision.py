@@ -11,25 +11,41 @@ PIL backend) and expand image tokens themselves (stages/core/vision.py).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from stages.base.source import load_or_build, source_tokenizer
 from stages.core.params import ModelParams
-from stages.core.vision import PROCESSOR_FILES
+from stages.core.vision import PROCESSOR_FILES, is_vision_config
+
+
+def is_vision_folder(folder: Path) -> bool:
+    """A folder whose config.json is a vision-language model."""
+    config = folder / "config.json"
+    return config.is_file() and is_vision_config(json.loads(config.read_text()))
+
+
+def save_hub_processor(name: str, out: Path, revision: str) -> dict[str, Any]:
+    """A hub VLM: its image processor saved next to the pointer, so prepare needs no hub access
+    (nothing for a text model)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name, revision=revision).to_dict()
+    if not is_vision_config(config):
+        return {}
+    save_processor_files(name, out, revision=revision)
+    return {"vision_language": config["model_type"]}
 
 
 def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str, Any]:
     """An HF VLM folder re-saved in model.dtype (or, with model.init: random, built from its config)."""
     from transformers import AutoModelForImageTextToText
 
-    from stages.base.build import load_or_build
-
     model, source = load_or_build(params, folder, AutoModelForImageTextToText)
     model.save_pretrained(out, safe_serialization=True)
-    from stages.base.build import _load_tokenizer
-
-    tok = _load_tokenizer(params, str(folder))
+    tok = source_tokenizer(params, str(folder))
     if not tok.chat_template:
         tok.chat_template = chat_template_from_processor(str(folder))
     tok.save_pretrained(out)
@@ -65,8 +81,6 @@ def save_processor_files(source: str, out: Path, revision: str | None = None) ->
 def chat_template_from_processor(source: str) -> str | None:
     """The chat template a VLM ships in its processor files (chat_template.json / .jinja), if any:
     some checkpoints keep it there rather than in tokenizer_config.json."""
-    import json
-
     local = Path(source)
     if (local / "chat_template.jinja").is_file():
         return (local / "chat_template.jinja").read_text()

@@ -22,17 +22,19 @@ and `eval.num_fewshot`.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.core.chats import validate_messages, with_system_prompt
+from stages.core.chats import with_system_prompt
 from stages.core.errors import SftflowError
+from stages.core.eval_chats import read_eval_chats, sampling_kwargs
 from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_causal_lm, load_tokenizer
 from stages.core.params import EvalParams, ImageParams, to_dict
 from stages.core.turns import end_of_turn, maybe_stop_at
+from stages.core.vision import is_vision_model
+from stages.evaluate.vision import score_vision_model
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -83,16 +85,11 @@ def score_model(
     system prompt, a hash of the eval data), so `compare` can refuse a base scored on other
     inputs than the tuned model. `system_prompt` is data.system_prompt: the prompts get it
     exactly as prepare gave it to the training chats. `image` (data.image) and
-    `shuffle_images` apply to vision-language models only.
+    `shuffle_images` apply to vision-language models only, which are scored with their images
+    (stages/evaluate/vision.py).
     """
-    # --- vision-language models: scored with their images (stages/evaluate/vision.py) ---
-    from stages.core.vision import is_vision_model
-
     if is_vision_model(Path(model_dir)):
-        from stages.evaluate.vision import score_vision_model
-
         return score_vision_model(params, Path(model_dir), system_prompt, image, shuffle_images)
-    # --- end vision-language models ---
     task_manager = task_manager or task_manager_for(params)
     chats = read_eval_chats(Path(params.data)) if chats is None else chats
     if "sftflow_choice" in params.tasks and len(chats) < 2:
@@ -165,42 +162,6 @@ def task_manager_for(params: EvalParams) -> TaskManager:
             field="eval.tasks",
         )
     return manager
-
-
-def read_eval_chats(path: Path) -> list[dict[str, Any]]:
-    """Held-out chats, one JSON object a line, each ending with the reference reply.
-
-        {"messages": [{"role": "user", "content": "Who are you?"},
-                      {"role": "assistant", "content": "I am Sftflow Assistant."}],
-         "expect_contains": ["Sftflow"]}   <- optional; default: the whole reference
-    """
-    if not path.exists():
-        raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
-    chats = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            chat = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=n) from e
-        chats.append(_check_chat(chat, path, n))
-    if not chats:
-        raise SftflowError("no chats in the eval data file", path=path, field="eval.data")
-    return chats
-
-
-def _check_chat(chat: Any, path: Path, n: int) -> dict[str, Any]:
-    """A training chat by the same validator prepare uses, that ends with the reference reply."""
-    messages = validate_messages(chat, path, n)
-    if messages[-1]["role"] != "assistant":
-        raise SftflowError("the last message must be the assistant's reference reply", path=path, line=n, field="messages")
-    keywords = chat.get("expect_contains")
-    if keywords is not None and not (
-        isinstance(keywords, list) and all(isinstance(k, str) and k for k in keywords)
-    ):
-        raise SftflowError("must be a list of non-empty strings", path=path, line=n, field="expect_contains")
-    return {**chat, "messages": messages}
 
 
 # ---------------------------------------------------------------- build
@@ -289,13 +250,6 @@ def task_spec(
             member["generation_kwargs"].update(sampling_kwargs(params) or {"do_sample": False})
         members.append(member)
     return {"group": GROUP, "task": members}
-
-
-def sampling_kwargs(params: EvalParams) -> dict[str, Any]:
-    """Generation settings beyond greedy decoding; empty when eval.do_sample is false."""
-    if not params.do_sample:
-        return {}
-    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
 
 
 def user_tasks(params: EvalParams) -> list[str]:

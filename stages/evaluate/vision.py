@@ -25,9 +25,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from stages.core.chats import validate_messages, with_system_prompt
+from stages.core.chats import with_system_prompt
 from stages.core.errors import SftflowError
-from stages.core.image_chats import ImageReader, is_image_record, parse_image_record
+from stages.core.eval_chats import read_eval_chats
+from stages.core.image_chats import ImageReader
 from stages.core.loading import load_tokenizer
 from stages.core.params import EvalParams, ImageParams, to_dict
 from stages.core.turns import end_of_turn
@@ -43,36 +44,6 @@ from stages.core.vision import (
 
 VISION_TASKS = ("sftflow_replies", "sftflow_perplexity")
 METRICS_FILE = Path(__file__).resolve().parent / "tasks" / "metrics.py"
-
-
-def read_image_chats(path: Path) -> list[dict[str, Any]]:
-    """Held-out chats (any of the three image record shapes, or text-only), each ending with
-    the reference reply: `{"messages", "images": [ImageRef], "expect_contains"}`."""
-    import json
-
-    if not path.exists():
-        raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
-    reader, chats = ImageReader(), []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=n) from e
-        if is_image_record(obj):
-            messages, images = parse_image_record(obj, path, n, reader)
-        else:
-            messages, images = validate_messages(obj, path, n), []
-        if messages[-1]["role"] != "assistant":
-            raise SftflowError("the last message must be the assistant's reference reply", path=path, line=n)
-        keywords = obj.get("expect_contains")
-        if keywords is not None and not (isinstance(keywords, list) and all(isinstance(k, str) and k for k in keywords)):
-            raise SftflowError("must be a list of non-empty strings", path=path, line=n, field="expect_contains")
-        chats.append({"messages": messages, "images": images, "expect_contains": keywords})
-    if not chats:
-        raise SftflowError("no chats in the eval data file", path=path, field="eval.data")
-    return chats
 
 
 def shuffled(chats: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,7 +82,7 @@ def score_vision_model(
             field="eval.tasks",
         )
     image = image or ImageParams()
-    chats = read_image_chats(Path(params.data))
+    chats = read_eval_chats(Path(params.data), ImageReader())
     if shuffle_images:
         chats = shuffled(chats)
     if params.limit is not None:
@@ -182,7 +153,7 @@ def vision_inputs(params: EvalParams, system_prompt: str | None, image: ImagePar
     """What the scores depend on besides the model: eval params, prompt, eval data and its images."""
     data = Path(params.data)
     h = hashlib.sha256(data.read_bytes())
-    for chat in read_image_chats(data):
+    for chat in read_eval_chats(data, ImageReader()):
         for im in chat["images"]:
             h.update(im.sha256.encode())
     return {"eval": to_dict(params), "system_prompt": system_prompt, "data_sha256": h.hexdigest()[:16],

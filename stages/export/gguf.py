@@ -23,8 +23,8 @@ GATED = ("f32", "f16")
 
 def export_gguf(params: Params, model_dir: Path, out: Path, report_path: Path) -> dict[str, Any]:
     """GGUFs + Modelfile into `out` (an empty temp dir), each verified; report written; raise on a gated miss."""
+    from stages.core.eval_chats import sampling_kwargs
     from stages.core.turns import end_of_turn
-    from stages.evaluate.harness import sampling_kwargs
     from stages.export.convert import find_converter, gguf_metadata, write_ggufs
     from stages.export.modelfile import modelfile_text
     from stages.export.verify import HFReference, check_gguf, held_out_prompts

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.chats import with_system_prompt
+from stages.core.eval_chats import read_eval_chats
 
 
 def held_out_prompts(eval_data: Path, system_prompt: str | None, n: int) -> list[list[dict[str, str]]]:
     """The first n held-out chats without their reference reply, system prompt put first."""
-    from stages.evaluate.harness import read_eval_chats
-
     chats = read_eval_chats(eval_data)[:n]
     return [with_system_prompt(c["messages"], system_prompt)[:-1] for c in chats]
 

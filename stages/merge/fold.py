@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
-from stages.core.io import read_json, write_json
+from stages.core.io import read_json
 from stages.core.loading import bnb_4bit_config, load_causal_lm, load_tokenizer, torch_dtype
-from stages.core.params import MergeParams, TrainParams, parse_params, to_dict
-from stages.core.turns import end_of_turn, maybe_stop_at
+from stages.core.params import MergeParams, TrainParams, parse_params
+from stages.core.vision import is_vision_model
+from stages.merge.check import build_report, check_rows, compare, write_report
+from stages.merge.save import save_merged
+from stages.merge.vision import merge_vision
 
 QLORA_BASES = ("original", "nf4_rounded")
 
@@ -41,18 +44,8 @@ QLORA_BASES = ("original", "nf4_rounded")
 def check_batches(prepared: Path, n: int) -> list[Any]:
     """Up to n prepared samples (eval split first, else train) as 1-row tensors."""
     import torch
-    from datasets import load_from_disk
 
-    counts = read_json(prepared / "manifest.json")["counts"]
-    rows: list[list[int]] = []
-    for split in ("eval", "train"):
-        path = prepared / split
-        if counts.get(split) and len(rows) < n:  # empty splits have no shards to load
-            ds = load_from_disk(str(path))
-            rows += [list(ds[i]["input_ids"]) for i in range(min(n - len(rows), len(ds)))]
-    if not rows:
-        raise SftflowError("no prepared samples to check the merge on", path=prepared)
-    return [torch.tensor([r], dtype=torch.long) for r in rows]
+    return [torch.tensor([list(r["input_ids"])], dtype=torch.long) for r in check_rows(prepared, n)]
 
 
 def logits_on(model: Any, batches: list[Any], dtype: str | None = "float32") -> list[Any]:
@@ -71,35 +64,31 @@ def logits_on(model: Any, batches: list[Any], dtype: str | None = "float32") -> 
         return [model(input_ids=b.to(input_device(model))).logits.double().cpu() for b in batches]
 
 
-def compare(reference: list[Any], other: list[Any]) -> dict[str, float]:
-    """max / mean |Δlogits| and how often the greedy next token agrees, over all positions."""
-    diffs = [(r - o).abs() for r, o in zip(reference, other, strict=True)]
-    tokens = sum(d.shape[1] for d in diffs)
-    agree = sum(int((r.argmax(-1) == o.argmax(-1)).sum()) for r, o in zip(reference, other, strict=True))
-    return {
-        "max_abs_diff": max(float(d.max()) for d in diffs),
-        "mean_abs_diff": sum(float(d.mean(-1).sum()) for d in diffs) / tokens,
-        "greedy_agreement": agree / tokens,
-    }
-
-
 def merge(
     params: MergeParams, base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
 ) -> dict[str, Any]:
-    """Merge into `out` (an empty temp dir), verify it, return the report; raise if it differs."""
+    """Merge into `out` (an empty temp dir), verify it, return the report; raise if it differs.
+    A vision-language model is checked on samples with their images (stages/merge/vision.py)."""
     from stages.core.devices import choose_placement, detect_hardware
 
     placement = choose_placement("merge", detect_hardware(), params.device).load_kwargs()
     trained = read_trained(adapter_dir)
-    method = trained["method"]
-    # --- vision-language models (stages/merge/vision.py) ---
-    from stages.core.vision import is_vision_model
-
     if is_vision_model(base_dir):
-        from stages.merge.vision import merge_vision
-
         return merge_vision(params, trained, base_dir, adapter_dir, prepared, out)
-    # --- end vision-language models ---
+    return _merge_text(params, trained, placement, base_dir, adapter_dir, prepared, out)
+
+
+def _merge_text(
+    params: MergeParams,
+    trained: dict[str, Any],
+    placement: dict[str, Any],
+    base_dir: Path,
+    adapter_dir: Path,
+    prepared: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """A text model: folded, saved, read back and checked on prepared samples."""
+    method = trained["method"]
     batches = check_batches(prepared, params.check_samples)
     extra: dict[str, Any] = {}
     if method == "full":  # nothing to fold in: merge only converts dtype/shards
@@ -123,41 +112,9 @@ def merge(
     check = compare(reference, saved)
     for name, ref in extra.pop("_compare_saved_with", {}).items():
         extra[name] = compare(ref, saved)
-    shards = sorted(out.glob("*.safetensors"))
-    report = {
-        "method": method,
-        "use_dora": trained["train"].lora.use_dora if method != "full" else False,
-        "dtype": params.dtype,
-        "check_dtype": params.check_dtype,
-        "max_abs_logit": max(float(r.abs().max()) for r in reference),
-        "samples_checked": len(batches),
-        "tokens_checked": sum(int(b.numel()) for b in batches),
-        **check,
-        "threshold": params.max_abs_diff,
-        "tied_embeddings": tied,
-        "size_bytes": sum(f.stat().st_size for f in shards),
-        "shards": len(shards),
-        "adapter_size_bytes": sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")),
-        **extra,
-        "params": to_dict(params),
-    }
+    checked = {"samples_checked": len(batches), "tokens_checked": sum(int(b.numel()) for b in batches)}
+    report = build_report(params, trained, reference, checked, check, tied, adapter_dir, out, extra)
     return write_report(report, check, params, adapter_dir, out)
-
-
-def write_report(
-    report: dict[str, Any], check: dict[str, float], params: MergeParams, adapter_dir: Path, out: Path
-) -> dict[str, Any]:
-    """Save the merge report beside the model, then refuse a merge whose logits moved too far
-    (the report stays, so the figures that failed can be read)."""
-    write_json(out / "sftflow_merge.json", report)
-    if check["max_abs_diff"] > params.max_abs_diff:
-        raise SftflowError(
-            f"merged logits differ from base+adapter by {check['max_abs_diff']:.3g}"
-            f" > merge.max_abs_diff {params.max_abs_diff:g}",
-            path=adapter_dir,
-            field="merge.max_abs_diff",
-        )
-    return report
 
 
 def read_trained(adapter_dir: Path) -> dict[str, Any]:
@@ -272,36 +229,3 @@ def _fp32_base(base_dir: Path, model4: Any, variant: str) -> Any:
     if variant == "nf4_rounded":
         rounded_weights(model4, model)
     return model
-
-
-# ---------------------------------------------------------------- save
-
-
-def save_merged(model: Any, tok: Any, out: Path, params: MergeParams) -> bool:
-    """Write safetensors shards, tokenizer + chat template and generation config; return
-    whether input and output embeddings are (and stay) one tied tensor.
-
-    A trained lm_head (modules_to_save) on a tied model no longer equals the embeddings:
-    saving it with `tie_word_embeddings: true` would drop it and reload the embeddings in
-    its place (the tie would otherwise be lost on load), so such a model is saved untied.
-    """
-    out_w, in_w = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    tied = out_w is in_w or out_w.data_ptr() == in_w.data_ptr()
-    if not tied and _config_ties(model.config):
-        _untie(model.config)
-    model = model.to(torch_dtype(params.dtype))
-    maybe_stop_at(model, tok, end_of_turn(tok))  # plain `generate` stops at the end of the turn
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=params.max_shard_size)
-    tok.save_pretrained(out)
-    return tied
-
-
-def _config_ties(config: Any) -> bool:
-    text = getattr(config, "get_text_config", lambda: config)()
-    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
-
-
-def _untie(config: Any) -> None:
-    config.tie_word_embeddings = False
-    text = getattr(config, "get_text_config", lambda: config)()
-    text.tie_word_embeddings = False

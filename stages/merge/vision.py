@@ -17,7 +17,7 @@ from typing import Any
 from stages.core.errors import SftflowError
 from stages.core.io import read_json
 from stages.core.loading import load_tokenizer, torch_dtype
-from stages.core.params import MergeParams, to_dict
+from stages.core.params import MergeParams
 from stages.core.vision import (
     PROCESSOR_FILES,
     VisionCollator,
@@ -26,25 +26,17 @@ from stages.core.vision import (
     model_config,
     vision_tokens,
 )
+from stages.merge.check import build_report, check_rows, compare, write_report
+from stages.merge.save import save_merged
 
 
 def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> list[dict[str, Any]]:
     """Up to n prepared samples (eval split first, else train), each a 1-row batch with its pixels."""
-    from datasets import load_from_disk
-
-    manifest = read_json(prepared / "manifest.json")
-    sizes = manifest["vision"]["image_processor"]
+    sizes = read_json(prepared / "manifest.json")["vision"]["image_processor"]
     processor = load_image_processor(base_dir, sizes["min_pixels"], sizes["max_pixels"])
     collate = VisionCollator(processor, vision_tokens(model_config(base_dir)), tok.pad_token_id, packing=False)
-    rows: list[dict[str, Any]] = []
-    for split in ("eval", "train"):
-        if manifest["counts"].get(split) and len(rows) < n:
-            ds = load_from_disk(str(prepared / split))
-            rows += [ds[i] for i in range(min(n - len(rows), len(ds)))]
-    if not rows:
-        raise SftflowError("no prepared samples to check the merge on", path=prepared)
     batches = []
-    for r in rows:
+    for r in check_rows(prepared, n):
         b = collate([{"input_ids": r["input_ids"], "labels": r["labels"], "images": r["images"]}])
         b.pop("labels")
         batches.append(b)
@@ -69,8 +61,6 @@ def merge_vision(
     params: MergeParams, trained: dict[str, Any], base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
 ) -> dict[str, Any]:
     """Merge a VLM run into `out`, verify it with images, return the report; raise if it differs."""
-    from stages.merge.fold import compare, save_merged, write_report
-
     method = trained["method"]
     tok = load_tokenizer(adapter_dir)
     batches = vision_check_batches(prepared, params.check_samples, base_dir, tok)
@@ -101,25 +91,12 @@ def merge_vision(
     saved = vision_logits(reloaded, batches, params.check_dtype)
     del reloaded
     check = compare(reference, saved)
-    shards = sorted(out.glob("*.safetensors"))
-    report = {
-        "method": method,
-        "vision_language": True,
-        "use_dora": trained["train"].lora.use_dora if method != "full" else False,
-        "dtype": params.dtype,
-        "check_dtype": params.check_dtype,
-        "max_abs_logit": max(float(r.abs().max()) for r in reference),
+    checked = {
         "samples_checked": len(batches),
         "tokens_checked": sum(int(b["input_ids"].numel()) for b in batches),
         "images_checked": sum(int(b["image_grid_thw"].shape[0]) for b in batches if "image_grid_thw" in b),
-        **check,
-        "threshold": params.max_abs_diff,
-        "tied_embeddings": tied,
-        "size_bytes": sum(f.stat().st_size for f in shards),
-        "shards": len(shards),
-        "adapter_size_bytes": sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")),
-        "params": to_dict(params),
     }
+    report = build_report(params, trained, reference, checked, check, tied, adapter_dir, out, vision=True)
     return write_report(report, check, params, adapter_dir, out)
 
 

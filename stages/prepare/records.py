@@ -234,7 +234,6 @@ def parse_record(
     for chats with images (vision-language models; without it such a chat is refused)."""
     if columns is not None and isinstance(obj, dict):
         obj = _renamed(obj, columns, path, line)
-    # --- chats with images (stages/core/image_chats.py) ---
     if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
         if images is None:
             raise SftflowError(
@@ -245,7 +244,6 @@ def parse_record(
             )
         messages, refs = parse_image_record(obj, path, line, images)
         return RawRecord(source=str(path), line=line, record=index, messages=messages, images=tuple(refs))
-    # --- end chats with images ---
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(

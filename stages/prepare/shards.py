@@ -2,7 +2,7 @@
 
 Output (the prepared-data contract train relies on), under the output dir:
   train/, eval/   `datasets` save_to_disk folders with input_ids, labels, length, source,
-                  record, num_trained
+                  record, num_trained (stages/core/shards.py)
   manifest.json   tokenizer fingerprint, template hash, params, counts, hub commits (train checks it)
 Every record read is accounted for in the report: kept, skipped (bad record, by reason),
 dropped (too long / nothing left to train, by reason) or removed as a duplicate.
@@ -17,8 +17,6 @@ the chosen rows are written as shards. Measured before this design (rows as Pyth
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import shutil
 import tempfile
@@ -30,15 +28,17 @@ import numpy as np
 
 from stages.core.chats import validate_tools
 from stages.core.errors import SftflowError
-from stages.core.io import atomic_file, sha256_of_files, write_json
-from stages.core.loading import load_tokenizer, tokenizer_fingerprint
-from stages.core.params import DataParams, SourceParams, to_dict
+from stages.core.io import atomic_file, write_json
+from stages.core.loading import load_tokenizer
+from stages.core.params import DataParams, SourceParams
+from stages.core.shards import COLUMNS
+from stages.core.vision import is_vision_model
+from stages.prepare.output import manifest, save_split
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import dedupe, sample_indices, split_off_eval
 from stages.prepare.sources import RawSource, open_source
-from stages.prepare.stream import COLUMNS, MAP_BATCH, RecordMapper, output_features, sample_hash
-
-__all__ = ["COLUMNS", "MAP_BATCH", "prepare"]
+from stages.prepare.stream import MAP_BATCH, RecordMapper, output_features, sample_hash
+from stages.prepare.vision_shards import prepare_vision
 
 TEXT_BATCH = 1000  # text rows read per step while packing blocks
 
@@ -46,15 +46,10 @@ TEXT_BATCH = 1000  # text rows read per step while packing blocks
 def prepare(
     params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None
 ) -> dict[str, Any]:
-    """Prepare train/eval shards into `out` (an empty temp dir); return the report."""
-    # --- vision-language models: image chats (stages/prepare/vision_shards.py) ---
-    from stages.core.vision import is_vision_model
-
+    """Prepare train/eval shards into `out` (an empty temp dir); return the report. A
+    vision-language model's data are image chats (stages/prepare/vision_shards.py)."""
     if is_vision_model(model_dir):
-        from stages.prepare.vision_shards import prepare_vision
-
         return prepare_vision(params, model_dir, out, rejects_path)
-    # --- end vision-language models ---
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):
         raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
@@ -130,24 +125,17 @@ def _prepare(
     splits = {"train": train, "eval": evals}
     stats = {}
     for name, index in splits.items():
-        shard = everything.select(index).select_columns(list(COLUMNS))
-        shard.save_to_disk(str(out / name))
-        pin_dataset_fingerprint(out / name)
+        save_split(everything.select(index).select_columns(list(COLUMNS)), out / name)
         lengths = everything.data.column("length").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
         trained = (
             everything.data.column("num_trained").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
         )
         stats[name] = (lengths.astype(np.int64), trained.astype(np.int64))
     report = build_report(reports, stats, rejects, duplicates)
-    manifest = {
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
-        "params": to_dict(params),
-        "counts": {k: len(v) for k, v in splits.items()},
-    }
+    written = manifest(tok, params, {k: len(v) for k, v in splits.items()})
     if hubs:
-        manifest["hub_sources"] = hubs  # the commits actually read, like the base model's revision
-    write_json(out / "manifest.json", manifest)
+        written["hub_sources"] = hubs  # the commits actually read, like the base model's revision
+    write_json(out / "manifest.json", written)
     if rejects_path is not None:
         with atomic_file(Path(rejects_path)) as tmp:
             if rejects_file.exists():
@@ -309,21 +297,3 @@ def _pack_texts(
         writer.close()
     return Dataset.from_file(str(path))
 
-
-def pin_dataset_fingerprint(folder: Path) -> str:
-    """Replace the random `_fingerprint` that `datasets` writes into a save_to_disk folder's
-    state.json by a hash of the Arrow files, so the same rows give the same bytes on disk.
-
-    Measured: two prepare runs over the same chats wrote identical Arrow files but different
-    state.json fingerprints, so DVC saw a new data/prepared and re-ran train for nothing.
-    The files are hashed in 1 MB reads: reading each 500 MB shard whole was prepare's largest
-    allocation (+130 MB of anonymous memory at 100k chats, growing with the data).
-    """
-    folder = Path(folder)
-    fingerprint = sha256_of_files(sorted(folder.glob("*.arrow")))[:16]
-    state_path = folder / "state.json"
-    state = json.loads(state_path.read_text())
-    state["_fingerprint"] = fingerprint
-    with atomic_file(state_path) as tmp:
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    return fingerprint

@@ -19,26 +19,22 @@ from typing import Any
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
+from stages.core.shards import shard_features
 from stages.core.turns import special_token_ids
 from stages.prepare.records import RawRecord, _reason_key, parse_record
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 
 MAP_BATCH = 256  # rows per map batch: one batched fast-tokenizer call each
-COLUMNS = ("input_ids", "labels", "length", "source", "record", "num_trained")  # the shards' columns
 
 
 def output_features() -> Any:
-    """The Arrow schema of the map's output (fixed, so empty batches and workers agree)."""
-    from datasets import Features, Sequence, Value
+    """The Arrow schema of the map's output (fixed, so empty batches and workers agree): the
+    shards' columns, then each row's outcome."""
+    from datasets import Features, Value
 
     return Features(
         {
-            "input_ids": Sequence(Value("int32")),
-            "labels": Sequence(Value("int32")),
-            "length": Value("int32"),
-            "source": Value("string"),
-            "record": Value("int64"),
-            "num_trained": Value("int32"),
+            **shard_features(),
             "line": Value("int64"),
             "kind": Value("string"),  # chat | text (text rows are packed into blocks afterwards)
             "status": Value("string"),  # "" kept, else the reason it was skipped or dropped

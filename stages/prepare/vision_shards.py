@@ -34,8 +34,9 @@ from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
 from stages.core.io import write_json, write_jsonl
-from stages.core.loading import load_tokenizer, tokenizer_fingerprint
-from stages.core.params import DataParams, SourceParams, to_dict
+from stages.core.loading import load_tokenizer
+from stages.core.params import DataParams, SourceParams
+from stages.core.shards import IMAGES, shard_features
 from stages.core.vision import (
     VisionTokens,
     check_tokenizer,
@@ -45,11 +46,11 @@ from stages.core.vision import (
     model_config,
     vision_tokens,
 )
+from stages.prepare.output import manifest, save_split
 from stages.prepare.records import RawRecord, read_records
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import sample_indices
-from stages.prepare.shards import pin_dataset_fingerprint
 
 
 class ImageChatTokenizer:
@@ -193,8 +194,7 @@ def prepare_vision(
         raise SftflowError("no training samples left after preparation", field="data.sources")
     splits = {"train": train, "eval": evals}
     for name, rows in splits.items():
-        to_dataset(rows).save_to_disk(str(out / name))
-        pin_dataset_fingerprint(out / name)
+        save_split(to_dataset(rows), out / name)
     lengths = {
         name: (
             np.array([len(r["input_ids"]) for r in rows], dtype=np.int64),
@@ -214,11 +214,8 @@ def prepare_vision(
     }
     write_json(
         out / "manifest.json",
-        {
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
-            "params": to_dict(params),
-            "counts": {k: len(v) for k, v in splits.items()},
+        manifest(tok, params, {k: len(v) for k, v in splits.items()})
+        | {
             # the data's identity includes the pixels: a changed image changes this manifest
             "vision": {
                 "model_type": config["model_type"],
@@ -255,20 +252,9 @@ def _dedupe(
 
 
 def to_dataset(rows: list[dict[str, Any]]) -> Any:
-    """The shards' columns: text prepare's, plus `images` (path, sha256, grid per image)."""
-    from datasets import Dataset, Features, Sequence, Value
+    """The shards' columns (stages/core/shards.py), with `images` (path, sha256, grid per image)."""
+    from datasets import Dataset
 
-    features = Features(
-        {
-            "input_ids": Sequence(Value("int32")),
-            "labels": Sequence(Value("int32")),
-            "length": Value("int32"),
-            "source": Value("string"),
-            "record": Value("int64"),
-            "num_trained": Value("int32"),
-            "images": [{"path": Value("string"), "sha256": Value("string"), "grid": Sequence(Value("int32"))}],
-        }
-    )
     return Dataset.from_dict(
         {
             "input_ids": [r["input_ids"] for r in rows],
@@ -277,7 +263,7 @@ def to_dataset(rows: list[dict[str, Any]]) -> Any:
             "source": [r["source"] for r in rows],
             "record": [r["record"] for r in rows],
             "num_trained": [sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows],
-            "images": [r["images"] for r in rows],
+            IMAGES: [r["images"] for r in rows],
         },
-        features=features,
+        features=shard_features(images=True),
     )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.base.build import base, resolve_local
+from stages.base.build import base
+from stages.base.source import resolve_local
 from stages.core.errors import SftflowError
 from stages.core.params import ModelParams
 

@@ -18,31 +18,9 @@ import pytest
 import yaml
 
 from stages.core.cli import COMMANDS
+from tests.imports import PACKAGE, ROOT, imported_modules, module_file
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "stages"
 DVC_FILES = sorted([ROOT / "dvc.yaml", *ROOT.glob("pipelines/*/dvc.yaml")])
-
-
-def module_file(name: str) -> Path | None:
-    """stages.a.b -> stages/a/b.py or stages/a/b/__init__.py (None when it is not a module)."""
-    base = ROOT.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """`stages...` modules this file imports anywhere (`from stages.x import y`: y if it is a module)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "stages"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "stages":
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}")}
-    return found
 
 
 def package_data(path: Path) -> set[Path]:

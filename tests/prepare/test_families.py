@@ -73,7 +73,7 @@ def tiny_model(vocab: int) -> Any:
 def test_family_masks_end_of_turn_and_merged_stop(
     family: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    from stages.merge.fold import save_merged
+    from stages.merge.save import save_merged
 
     fixture, end = FAMILIES[family]
     tok_dir = request.getfixturevalue(fixture)

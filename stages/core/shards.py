@@ -1,0 +1,33 @@
+"""What prepared shards carry: the columns `prepare` writes and `train` reads.
+
+One definition for text and image chats; a shard of image chats has one more column, `images`
+(per image its path, sha256 and patch grid (t, h, w)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = ("input_ids", "labels", "length", "source", "record", "num_trained")
+IMAGES = "images"
+
+
+def shard_features(images: bool = False) -> Any:
+    """The shards' Arrow schema (`datasets.Features`), with the `images` column when `images`.
+
+    >>> list(shard_features()) == list(COLUMNS), list(shard_features(images=True))[-1]
+    (True, 'images')
+    """
+    from datasets import Features, Sequence, Value
+
+    features = {
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "length": Value("int32"),
+        "source": Value("string"),
+        "record": Value("int64"),
+        "num_trained": Value("int32"),
+    }
+    if images:
+        features[IMAGES] = [{"path": Value("string"), "sha256": Value("string"), "grid": Sequence(Value("int32"))}]
+    return Features(features)
