@@ -9,11 +9,13 @@ Each mode runs in its own process (so peak RSS is its own) through `stages.train
     hf_dynamic        HF Trainer: dynamic padding + length grouping, full logits
     hf_padding_free   flattened rows + position_ids, SDPA block mask, full logits (TRL's padding-free)
     sftflow           per-sample SDPA on flattened rows, logits only at trained positions, the run plan's
-                      CPU wing (train.kernels auto = fast, the caching allocator, block-drawn masks)
+                      CPU wing (train.kernels auto = fast, jemalloc preloaded, block-drawn masks)
     sftflow_bf16      the same with bf16 base weights + autocast (fp32 adapters, fp32 loss)
     *_plain           the same with train.kernels=plain (transformers + peft as they are)
-    *_sysalloc        the same with train.allocator=system (glibc's heap; sftflow modes otherwise use
-                      auto = the caching allocator where a C++ compiler is found; baselines: system)
+    *_sysalloc        the same with train.allocator=system (glibc's malloc; sftflow modes otherwise use
+                      auto = jemalloc preloaded where installed; baselines: system)
+    *_jemalloc, *_tcmalloc   the same with that malloc preloaded (the child starts itself again with
+                      LD_PRELOAD, as the train command does; its report says the library was loaded)
     *_torchmasks      the same with train.dropout_masks=torch (torch draws the LoRA dropout masks;
                       sftflow modes otherwise draw the same masks faster; baselines: torch)
     *_gc              the same with gradient checkpointing (activations recomputed: less memory)
@@ -145,6 +147,7 @@ def run_mode(
 
     import stages.train.trainer as train_module
     from stages.core.params import LoraParams, QLoraParams, TrainParams
+    from stages.train import cpu
     from stages.train.plan import decide, probe_machine, with_attention
 
     torch.set_num_threads(threads)
@@ -166,9 +169,10 @@ def run_mode(
     if mode.endswith("_torchmasks"):
         knobs["dropout_masks"] = "torch"
         mode = mode[: -len("_torchmasks")]
-    if mode.endswith("_sysalloc"):
-        knobs["allocator"] = "system"
-        mode = mode[: -len("_sysalloc")]
+    for suffix, allocator in (("_sysalloc", "system"), ("_jemalloc", "jemalloc"), ("_tcmalloc", "tcmalloc")):
+        if mode.endswith(suffix):
+            knobs["allocator"] = allocator
+            mode = mode[: -len(suffix)]
     if mode.endswith("_plain"):
         knobs["kernels"] = "plain"
         mode = mode[: -len("_plain")]
@@ -203,6 +207,9 @@ def run_mode(
         knobs.update(method="full", learning_rate=2e-5)
     params = TrainParams(**knobs)
     plan = decide(params, probe_machine())
+    env = cpu.preload_environment(plan.cpu)
+    if env is not None:  # the plan's malloc serves this process from its start, as in `sftflow train`
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if mode in BASELINES:
         plan = with_attention(plan, attention)
     return train_module.train(params, base, prepared, out / "model", out / "ckpt", out / "loss.csv", plan=plan)
@@ -326,7 +333,12 @@ def main() -> None:
                     print(f"{mode}: FAILED\n{proc.stderr[-3000:]}", flush=True)
                     continue
                 runs.setdefault(mode, []).append(json.loads(line[len("RESULT ") :]))
-                print(f"{mode}: {runs[mode][-1]['tokens_per_second']} tokens/s", flush=True)
+                r = runs[mode][-1]
+                print(
+                    f"{mode}: {r['tokens_per_second']} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB,"
+                    f" final loss {r['final_loss']}, malloc {r['allocator']}",
+                    flush=True,
+                )
         ceilings = {d: statistics.median(c[d] for c in ceiling_runs) for d in ("float32", "bfloat16")}
         results = {}
         for mode, reports in runs.items():
@@ -346,14 +358,8 @@ def main() -> None:
                 "steps": report["steps"],
                 "mfu": round(tps * flops / ceiling, 3),
                 "trainable_pct": report["parameters"]["trainable_pct"],
-                # the caching allocator's count of the largest step's big tensors alive at once
-                "step_peak_in_use_gb": round(
-                    max(r["allocator"].get("step_peak_in_use_mb", 0) for r in reports) / 1024, 2
-                ) or None,
-                # ... and with the freed blocks it kept mapped at that step's peak
-                "step_peak_mapped_gb": round(
-                    max(r["allocator"].get("step_peak_mapped_mb", 0) for r in reports) / 1024, 2
-                ) or None,
+                "allocator": report["allocator"]["kind"],
+                "per_round": [{k: r[k] for k in ("tokens_per_second", "peak_rss_mb", "final_loss")} for r in reports],
             }
     print_table(results, ceilings, stats)
     if args.out:
@@ -367,7 +373,7 @@ def print_table(results: dict, ceilings: dict, stats: dict) -> None:
     base = max((results[m]["tokens_per_second"] for m in BASELINES if m in results), default=None)
     print(
         "\n| mode | real tokens/s | × pad-to-max | × best baseline | packing eff. | peak RSS GB | mean loss"
-        " | final loss | MFU | step peak in use / mapped GB |"
+        " | final loss | MFU | malloc |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
@@ -376,14 +382,8 @@ def print_table(results: dict, ceilings: dict, stats: dict) -> None:
         x_base = f"{tps / base:.2f}" if base else "-"
         print(
             f"| {mode} | {tps:.0f} | {x_pad} | {x_base} | {r['packing_efficiency']:.2f} | {r['peak_rss_gb']:.2f}"
-            f" | {r['mean_loss']:.3f} | {r['final_loss']:.5f} | {r['mfu']:.0%} | {_in_use_mapped(r)} |"
+            f" | {r['mean_loss']:.3f} | {r['final_loss']:.5f} | {r['mfu']:.0%} | {r['allocator']} |"
         )
-
-
-def _in_use_mapped(r: dict) -> str:
-    if not r.get("step_peak_in_use_gb"):
-        return "-"
-    return f"{r['step_peak_in_use_gb']} / {r.get('step_peak_mapped_gb') or '-'}"
 
 
 if __name__ == "__main__":

@@ -225,12 +225,12 @@ class TrainParams:
     # ZeRO-3 (it reads weights ZeRO-3 keeps partitioned; auto: plain) and does nothing with
     # gradient checkpointing.
     kernels: Literal["auto", "plain", "fast"] = "auto"
-    # caching: large CPU tensors in mappings of their own, reused across steps (cut, joined,
-    # grown) and unmapped when unused beyond the run's peak (stages/train/cpu/allocator.py),
-    # instead of glibc's heap, which keeps freed activation pages: same losses bit for bit, lower
-    # peak RSS, fewer pages faulted in afresh (docs/benchmarks.md#cpu-speed-work-in-ab-pairs).
-    # auto: caching when training on the CPU under Linux with a C++ compiler (built once per torch build).
-    allocator: Literal["auto", "system", "caching"] = "auto"
+    # The CPU's malloc during training: jemalloc or tcmalloc preloaded instead of glibc's heap,
+    # which keeps freed activation pages (peak RSS: docs/benchmarks.md, "CPU speed work"); the same
+    # losses bit for bit. auto: the first of jemalloc, tcmalloc installed when training on the CPU
+    # (setup.sh installs libjemalloc2 where it can), glibc's otherwise; the train command starts
+    # itself again with LD_PRELOAD set. system: glibc's malloc.
+    allocator: Literal["auto", "system", "jemalloc", "tcmalloc"] = "auto"
     # LoRA dropout masks. auto: drawn in blocks by stages/train/cpu/dropout_masks.cpp from torch's
     # generator, the same bits as torch's bernoulli_ (checked on this machine at start, else
     # torch's): torch's CPU bernoulli_ draws one element at a time, a visible share of a CPU

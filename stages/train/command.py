@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,19 +48,25 @@ def train_cmd(
     params = load(params_path)
     offline_by_default(model_dir)
     from stages.core.io import write_json
-    from stages.train import distributed
+    from stages.core.vision import is_vision_model
+    from stages.train import cpu, distributed
+    from stages.train.plan import decide, probe_machine
 
     options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}
     options |= {"--report": report, "--plot": plot, "--checkpoints": checkpoints}
     options |= {"--tensorboard": tensorboard_dir}
     argv = ["train", *(str(x) for pair in options.items() for x in pair)]
-    code = distributed.relaunch(params.train.distributed, argv)  # > 1 process: this command under torchrun
+    plan = decide(params.train, probe_machine(), vision=is_vision_model(model_dir), params_file=str(params_path))
+    env = cpu.preload_environment(plan.cpu)  # a malloc to preload that this process started without
+    if env is not None and not distributed.is_launched_child() and plan.launch.world_size == 1:
+        os.execve(sys.executable, distributed.module_command(argv), env)  # this command again, preloaded
+    code = distributed.relaunch(params.train.distributed, argv, env)  # > 1 process: this command under torchrun
     if code is not None:
         sys.exit(code)
     from stages.train.trainer import train
 
     with distributed.output_dir(out) as tmp:  # rank 0 writes outputs; other ranks a scratch dir
-        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot, tensorboard_dir)
+        summary = train(params.train, model_dir, prepared, tmp, checkpoints, plot, tensorboard_dir, plan=plan)
         if distributed.is_main():
             write_json(report, summary)
     if not distributed.is_main():

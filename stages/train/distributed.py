@@ -94,6 +94,11 @@ def is_launched_child(env: dict[str, str] | None = None) -> bool:
     return "LOCAL_RANK" in env or "WORLD_SIZE" in env
 
 
+def module_command(argv: list[str]) -> list[str]:
+    """`python -m stages.core.cli <argv>` with this interpreter (so the venv is kept)."""
+    return [sys.executable, "-m", "stages.core.cli", *argv]
+
+
 def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
     """`torchrun ... -m stages.core.cli <argv>`, with this interpreter (so the venv is kept)."""
     return [
@@ -103,13 +108,14 @@ def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
         f"--node_rank={launch.node_rank}",
         f"--master_addr={launch.master_addr}",
         f"--master_port={launch.master_port}",
-        "-m", "stages.core.cli", *argv,
+        *module_command(argv)[1:],
     ]  # fmt: skip
 
 
-def relaunch(params: DistributedParams, argv: list[str]) -> int | None:
+def relaunch(params: DistributedParams, argv: list[str], env: dict[str, str] | None = None) -> int | None:
     """Run `argv` under torchrun when more than one process is asked for and this process
-    is not already a launched child; return its exit code (None: train right here)."""
+    is not already a launched child, in `env` (os.environ when None); return its exit code
+    (None: train right here)."""
     if is_launched_child():
         die_with_parent()
         return None
@@ -121,7 +127,7 @@ def relaunch(params: DistributedParams, argv: list[str]) -> int | None:
         f"train: launching {launch.nproc_per_node} process(es) on node {launch.node_rank}/{launch.nnodes}: "
         + " ".join(cmd)
     )
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
     return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent_on_sigterm).returncode
 

@@ -27,12 +27,14 @@ from stages.train.attention import register as register_varlen_attention
 class Machine:
     """What the plan depends on besides the params: the CUDA GPUs torch sees (and whether they
     compute in bf16), whether this CPU computes bf16 natively, whether flash-attention is
-    installed, and why sftflow's C++ pieces cannot be built here (None: they can)."""
+    installed, why sftflow's C++ pieces cannot be built here (None: they can), and the mallocs
+    that can be preloaded (name -> shared library)."""
 
     hardware: Hardware = field(default_factory=Hardware)
     cpu_bf16: bool = True
     flash_attn: bool = False
     native_problem: str | None = None
+    allocators: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,15 @@ class RunPlan:
 
 def probe_machine() -> Machine:
     """Read this host: the one place in `train` that asks torch which devices there are."""
+    from stages.train.cpu import preload
+
+    found = {name: path for name in preload.LIBRARIES if (path := preload.find(name))}
     return Machine(
         hardware=detect_hardware(),
         cpu_bf16=_cpu_has_bf16(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         native_problem=cpu.native_problem(),
+        allocators=found,
     )
 
 
@@ -94,9 +100,9 @@ def decide(
     """The plan for `params` on `machine` (`vision`: the base is a vision-language model;
     `env`: the launch overrides, os.environ when None).
 
-    >>> plan = decide(TrainParams(), Machine(), env={})
+    >>> plan = decide(TrainParams(), Machine(allocators={"jemalloc": "/lib/libjemalloc.so.2"}), env={})
     >>> plan.device, plan.attention, plan.kernels, plan.chunked_loss, plan.cpu.allocator
-    ('cpu', 'sdpa_varlen', 'fast', True, 'caching')
+    ('cpu', 'sdpa_varlen', 'fast', True, 'jemalloc')
     >>> gpu = Machine(hardware=Hardware(gpus=1, bf16=True), flash_attn=True)
     >>> plan = decide(TrainParams(precision="bf16"), gpu, env={})
     >>> plan.device, plan.attention, plan.kernels, plan.cpu.allocator, plan.cpu.dropout_masks
@@ -118,6 +124,7 @@ def decide(
         zero_stage=distributed.zero_stage(deepspeed),
         vision=vision,
         native_problem=machine.native_problem,
+        allocators=machine.allocators,
     )
     why |= {"kernels": wing.kernels_why, "allocator": wing.allocator_why, "dropout_masks": wing.dropout_masks_why}
     chunked = wing.chunked_loss and params.trained_logits_only

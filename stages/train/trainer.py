@@ -151,25 +151,25 @@ def train(
     args = training_arguments(params, plan, checkpoints, has_eval=eval_set is not None)
     distributed.init_process_group(plan.device, plan.deepspeed)  # after the arguments, before the model: ZeRO-3 partitions while loading
     resume = distributed.main_decides(lambda: resume_point(checkpoints, run))  # one decision, all ranks
-    with cpu.speedups(plan.cpu) as speed:  # the model, its steps and their activations
-        model = build_model(params, plan, base_dir)
-        speed.apply(model)
-        memory = distributed.memory_estimate(model, plan.launch, plan.deepspeed, plan.device)
-        if distributed.is_main():
-            _say(distributed.format_estimate(memory))
-        meter = TokenMeter()
-        collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
-        extra = [LogTokensPerSecond(meter), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
-        trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, [*extra, *speed.callbacks], meter)
-        # run
-        started = time.perf_counter()
-        meter.start()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        wall = time.perf_counter() - started
-        # before evaluate(): eval batches are not training throughput
-        tokens, trained, slots = (distributed.sum_over_ranks(n) for n in (meter.tokens, meter.trained_tokens, meter.slots))
-        eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
-        wing = speed.report(model)
+    speed = cpu.Speedups(plan.cpu)  # the CPU wing's kernels and masks (nothing on a GPU)
+    model = build_model(params, plan, base_dir)
+    speed.apply(model)
+    memory = distributed.memory_estimate(model, plan.launch, plan.deepspeed, plan.device)
+    if distributed.is_main():
+        _say(distributed.format_estimate(memory))
+    meter = TokenMeter()
+    collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
+    extra = [LogTokensPerSecond(meter), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
+    trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, extra, meter)
+    # run
+    started = time.perf_counter()
+    meter.start()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - started
+    # before evaluate(): eval batches are not training throughput
+    tokens, trained, slots = (distributed.sum_over_ranks(n) for n in (meter.tokens, meter.trained_tokens, meter.slots))
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    wing = speed.report(model)
 
     # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below

@@ -12,8 +12,8 @@ from stages.core.errors import SftflowError
 from stages.core.params import DistributedParams, TrainParams
 from stages.train.plan import Machine, decide
 
-CPU = Machine()
-GPU = Machine(hardware=Hardware(gpus=1, bf16=True))
+CPU = Machine(allocators={"jemalloc": "/usr/lib/libjemalloc.so.2"})
+GPU = Machine(hardware=Hardware(gpus=1, bf16=True), allocators={"jemalloc": "/usr/lib/libjemalloc.so.2"})
 
 
 def test_a_gpu_runs_the_plain_path_and_the_cpu_its_speed_wing() -> None:
@@ -22,7 +22,7 @@ def test_a_gpu_runs_the_plain_path_and_the_cpu_its_speed_wing() -> None:
         "cuda", "plain", False, "system", "torch"
     )  # fmt: skip
     assert (cpu.device, cpu.kernels, cpu.chunked_loss, cpu.cpu.allocator, cpu.cpu.dropout_masks) == (
-        "cpu", "fast", True, "caching", "sftflow"
+        "cpu", "fast", True, "jemalloc", "sftflow"
     )  # fmt: skip
     assert cpu.report()["why"]["kernels"] == "auto on the CPU"
     assert gpu.why["dropout_masks"] == "training on a GPU: its dropout runs there"
@@ -38,12 +38,9 @@ def test_attention_follows_packing_and_flash_attention_only_on_cuda() -> None:
     assert decide(TrainParams(packing="none"), flash_gpu, env={}).attention == "sdpa"
 
 
-def test_no_compiler_keeps_torchs_allocator_and_masks_and_says_why() -> None:
+def test_no_compiler_keeps_torchs_masks_and_says_why() -> None:
     plan = decide(TrainParams(), Machine(native_problem="no C++ compiler found"), env={})
-    assert (plan.cpu.allocator, plan.cpu.dropout_masks) == ("system", "torch")
-    assert plan.why["allocator"] == plan.why["dropout_masks"] == "no C++ compiler found"
-    with pytest.raises(SftflowError, match=r"train\.allocator: caching: no C\+\+ compiler found"):
-        decide(TrainParams(allocator="caching"), Machine(native_problem="no C++ compiler found"), env={})
+    assert plan.cpu.dropout_masks == "torch" and plan.why["dropout_masks"] == "no C++ compiler found"
 
 
 def test_zero3_runs_plain_and_refuses_an_explicit_fast(tmp_path: Path) -> None:

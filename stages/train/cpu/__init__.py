@@ -1,24 +1,22 @@
 """CPU-only speed work, behind one entry point: what a run on a GPU never touches.
 
-Three pieces, each the same computation as the path GPU users run (transformers + peft, torch's
-allocator, torch's dropout), measured against it and against the library alternatives
-(docs/benchmarks.md):
+Three pieces, each the same computation as the path GPU users run (transformers + peft, glibc's
+malloc, torch's dropout), each kept because it beat that path and the library alternatives in a
+measurement (docs/benchmarks.md, "CPU speed work"):
 - `kernels.py` (`train.kernels: fast`): peft's LoRA linear as one autograd function;
-- `allocator.py` + `caching_allocator.cpp` (`train.allocator: caching`): large CPU tensors from
-  mappings reused across steps instead of glibc's heap;
+- `preload.py` (`train.allocator`): jemalloc or tcmalloc preloaded instead of glibc's heap;
 - `dropout_masks.py` + `dropout_masks.cpp` (`train.dropout_masks: auto`): torch's own LoRA dropout
-  masks, drawn in blocks.
-The C++ files are built on first use with the system's compiler (`native.py`).
+  masks, drawn in blocks and kept as bits (the C++ is built on first use: `native.py`).
 
-The train stage knows two functions of this package: `choose` (called by the run plan,
-stages/train/plan.py: which pieces run, and why) and `speedups` (a context the trainer builds
-and trains the model in). Nothing here is imported by the GPU path's modules.
+The train stage knows this package through `choose` (called by the run plan, stages/train/plan.py:
+which pieces run, and why), `Speedups` (applies them to the built model and reports them) and
+`preload` (the train command starts itself with the chosen malloc). Nothing here is imported by
+the GPU path's modules.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +30,12 @@ class CpuChoices:
 
     kernels: str  # plain | fast: which LoRA forwards run
     chunked_loss: bool  # the LM head + loss in chunks (stages/train/loss.py) goes with fast
-    allocator: str  # system | caching
+    allocator: str  # system (glibc's malloc) | jemalloc | tcmalloc
     dropout_masks: str  # torch | sftflow
     kernels_why: str
     allocator_why: str
     dropout_masks_why: str
-    allocator_required: bool = False  # train.allocator: caching (a failed build is an error, not glibc)
+    allocator_library: str | None = None  # the shared library to preload (None: glibc's malloc)
 
 
 def native_problem() -> str | None:
@@ -48,9 +46,17 @@ def native_problem() -> str | None:
 
 
 def choose(
-    params: TrainParams, *, on_cpu: bool, zero_stage: int, vision: bool = False, native_problem: str | None = None
+    params: TrainParams,
+    *,
+    on_cpu: bool,
+    zero_stage: int,
+    vision: bool = False,
+    native_problem: str | None = None,
+    allocators: Mapping[str, str] | None = None,
 ) -> CpuChoices:
-    """The wing's part of the run plan, a pure function of the params and the machine.
+    """The wing's part of the run plan, a pure function of the params and the machine
+(`native_problem`: why the C++ pieces cannot be built here; `allocators`: the preloadable mallocs
+found here, name -> library).
 
     `train.kernels: auto` is `fast` on the CPU and `plain` on a GPU. Neither fast nor the chunked
     loss runs with gradient checkpointing (whole layers are recomputed: fast was not written for
@@ -59,9 +65,9 @@ def choose(
     there). Full fine-tuning and vision-language models keep transformers' and peft's forwards;
     a VLM on the CPU still gets the chunked loss.
 
-    >>> c = choose(TrainParams(), on_cpu=True, zero_stage=0)
+    >>> c = choose(TrainParams(), on_cpu=True, zero_stage=0, allocators={"jemalloc": "/lib/libjemalloc.so.2"})
     >>> c.kernels, c.chunked_loss, c.allocator, c.dropout_masks
-    ('fast', True, 'caching', 'sftflow')
+    ('fast', True, 'jemalloc', 'sftflow')
     >>> c = choose(TrainParams(), on_cpu=False, zero_stage=0)
     >>> c.kernels, c.chunked_loss, c.allocator, c.dropout_masks
     ('plain', False, 'system', 'torch')
@@ -70,8 +76,8 @@ def choose(
     >>> c = choose(TrainParams(method="full"), on_cpu=True, zero_stage=0)
     >>> c.kernels, c.chunked_loss
     ('plain', False)
-    >>> choose(TrainParams(), on_cpu=True, zero_stage=0, native_problem="no C++ compiler").allocator
-    'system'
+    >>> choose(TrainParams(), on_cpu=True, zero_stage=0, native_problem="no C++ compiler").dropout_masks
+    'torch'
     """
     kind, kernels_why = _kernels(params, on_cpu, zero_stage)
     chunked = kind == "fast" and params.method != "full"
@@ -79,10 +85,10 @@ def choose(
         kind, kernels_why = "plain", "full fine-tuning: fast covers frozen LoRA bases only"
     elif kind == "fast" and vision:
         kind, kernels_why = "plain", "vision-language model: peft's forwards (the chunked loss still runs)"
-    allocator, allocator_why = _allocator(params.allocator, on_cpu, native_problem)
+    allocator, allocator_why = _allocator(params.allocator, on_cpu, allocators or {})
     masks, masks_why = _dropout_masks(params, on_cpu, native_problem)
-    required = params.allocator == "caching"
-    return CpuChoices(kind, chunked, allocator, masks, kernels_why, allocator_why, masks_why, required)
+    library = (allocators or {}).get(allocator)
+    return CpuChoices(kind, chunked, allocator, masks, kernels_why, allocator_why, masks_why, library)
 
 
 def _kernels(params: TrainParams, on_cpu: bool, zero_stage: int) -> tuple[str, str]:
@@ -105,16 +111,26 @@ def _kernels(params: TrainParams, on_cpu: bool, zero_stage: int) -> tuple[str, s
     return "fast", "train.kernels: fast" if params.kernels == "fast" else "auto on the CPU"
 
 
-def _allocator(choice: str, on_cpu: bool, problem: str | None) -> tuple[str, str]:
+def _allocator(choice: str, on_cpu: bool, found: Mapping[str, str]) -> tuple[str, str]:
+    from stages.train.cpu.preload import LIBRARIES
+
     if choice == "system":
         return "system", "train.allocator: system"
-    if choice == "caching":
-        if problem:
-            raise SftflowError(f"caching: {problem}; use auto or system", path="params.yaml", field="train.allocator")
-        return "caching", "train.allocator: caching"
+    if choice != "auto":
+        if choice not in found:
+            raise SftflowError(
+                f"{choice}: {LIBRARIES[choice]} is not installed (Debian/Ubuntu: apt-get install "
+                f"{'libjemalloc2' if choice == 'jemalloc' else 'libtcmalloc-minimal4'}); use auto or system",
+                path="params.yaml",
+                field="train.allocator",
+            )
+        return choice, f"train.allocator: {choice}"
     if not on_cpu:
         return "system", "training on a GPU: host memory holds no activations"
-    return ("system", problem) if problem else ("caching", "auto: training on the CPU")
+    for name in LIBRARIES:  # in the order measured best first
+        if name in found:
+            return name, f"auto on the CPU: {name} preloaded (glibc's heap keeps freed activation pages)"
+    return "system", f"auto on the CPU, but none of {', '.join(LIBRARIES.values())} is installed: glibc's malloc"
 
 
 def _dropout_masks(params: TrainParams, on_cpu: bool, problem: str | None) -> tuple[str, str]:
@@ -131,11 +147,10 @@ def _dropout_masks(params: TrainParams, on_cpu: bool, problem: str | None) -> tu
 
 class Speedups:
     """The wing inside one run: `apply` gives a built model its fast forwards and mask draws;
-    `callbacks` go to Trainer; `report` is what ran, for reports/train.json."""
+    `report` is what ran, for reports/train.json."""
 
-    def __init__(self, choices: CpuChoices, step_memory: Any) -> None:
+    def __init__(self, choices: CpuChoices) -> None:
         self.choices = choices
-        self.step_memory = step_memory
         self.masks: dict[str, Any] = {"kind": "torch", "why": choices.dropout_masks_why, "modules": 0}
 
     def apply(self, model: Any) -> None:
@@ -146,25 +161,26 @@ class Speedups:
         if self.choices.dropout_masks == "sftflow":
             self.masks = dropout_masks.activate(model)
 
-    @property
-    def callbacks(self) -> list[Any]:
-        return [self.step_memory]
-
     def report(self, model: Any) -> dict[str, Any]:
-        from stages.train.cpu import kernels
+        from stages.train.cpu import kernels, preload
 
+        library = self.choices.allocator_library
+        allocator = {"kind": self.choices.allocator, "why": self.choices.allocator_why}
+        if library is not None:
+            allocator |= {"library": library, "loaded": preload.loaded(library)}
         return {
             "kernels": {"kind": self.choices.kernels, **kernels.applied(model)},
-            "allocator": self.step_memory.report,
+            "allocator": allocator,
             "dropout_masks": self.masks,
         }
 
 
-@contextlib.contextmanager
-def speedups(choices: CpuChoices) -> Iterator[Speedups]:
-    """The body runs with the chosen allocator installed (given back to torch after it, error
-    or not); build the model and train inside it."""
-    from stages.train.cpu import allocator
+def preload_environment(choices: CpuChoices) -> dict[str, str] | None:
+    """The environment to start the train command in again so the chosen malloc serves it from
+    its first allocation; None when there is nothing to preload or it is loaded already."""
+    from stages.train.cpu import preload
 
-    with allocator.active(choices.allocator, choices.allocator_why, choices.allocator_required) as step_memory:
-        yield Speedups(choices, step_memory)
+    library = choices.allocator_library
+    if library is None or preload.loaded(library):
+        return None
+    return preload.environment(library)

@@ -5,7 +5,7 @@
 // torch's CPU kernel (ATen/native/cpu/DistributionTemplates.h, the path taken where no MKL
 // stream is used) draws, per element and one at a time, random64() = two mt19937 outputs
 // (first one high), takes its low 53 bits as a double u in [0, 1) and keeps the element when
-// u < keep: ~10 ns an element, serial, measured here on a 2-vCPU AVX2 EPYC. The same numbers
+// u < keep, serially. The same numbers
 // come out of the same mt19937 run in blocks: tempering a block of the state array, then
 // comparing the 53-bit integers against keep * 2^53 (exact: u = m * 2^-53 < keep exactly when
 // m < ceil(keep * 2^53)).
@@ -80,7 +80,7 @@ inline __attribute__((always_inline)) uint16_t bf16_times_bit(uint16_t v, bool k
 }
 
 // Built for AVX2 and for any x86-64 (or other CPU), chosen when the library loads: the
-// tempering and the comparisons vectorise; measured 1.7 vs 2.7 ns an element on AVX2.
+// tempering and the comparisons vectorise (AVX2 roughly halves the time of the baseline build).
 #if defined(__x86_64__)
 __attribute__((target_clones("avx2", "default")))
 #endif

@@ -1,12 +1,14 @@
-"""LoRA dropout with torch's own masks, drawn 8x faster: the same bits, checked at start.
+"""LoRA dropout with torch's own masks, drawn in blocks and kept as bits: the same bits, checked at start.
 
 On the CPU, `torch.nn.functional.dropout` draws its mask with `bernoulli_`, which (where torch
-does not hand it to MKL) runs torch's mt19937 one element at a time, two 32-bit draws each:
-~11 ns an element. With LoRA dropout on every linear layer that is a dropout per adapter per
-token, and it was 16 % of the default pipeline's train step (py-spy, 2-vCPU AVX2 EPYC: 24 of
-147 s). `dropout_masks.cpp` (next to this file) runs the same generator over the same state in
-blocks — 1.3 ns an element — and leaves it where `bernoulli_` would: every mask, every later
+does not hand it to MKL) runs torch's mt19937 one element at a time, two 32-bit draws each.
+With LoRA dropout on every linear layer that is a dropout per adapter per token: a visible share
+of a CPU train step. `dropout_masks.cpp` (next to this file) runs the same generator over the
+same state in blocks, vectorised, and leaves it where `bernoulli_` would: every mask, every later
 random number and so every loss are the ones torch gives (tests/train/cpu/test_dropout_masks.py).
+It also hands `train.kernels: fast` the mask packed 8 to a byte for backward, where F.dropout
+keeps a 4-byte float per element (`dropout_bits`). Speed and peak RSS against torch's own draw:
+docs/benchmarks.md, "CPU speed work".
 
 Whether this build of torch draws its masks that way is checked, not assumed: `activate` draws
 a probe with both and compares the masks and the generator's state after (on Intel CPUs some
@@ -92,7 +94,46 @@ def _kept_value(p: float) -> float:
 
 
 def _packable(x: Any, dtype: Any) -> bool:
-    return _State.lib is not None and x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous()
+    return x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous()
+
+
+def pack_bits(mask: Any) -> Any:
+    """A bool tensor packed 8 to a byte (uint8, bit i % 8 of byte i // 8), as the library packs.
+
+    >>> import torch
+    >>> pack_bits(torch.tensor([True, False, True, True, False, False, False, False, True])).tolist()
+    [13, 1]
+    """
+    import torch
+
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Any, like: Any) -> Any:
+    """The bool mask `pack_bits` packed, shaped like `like`.
+
+    >>> import torch
+    >>> m = torch.rand(3, 5) < 0.5
+    >>> torch.equal(unpack_bits(pack_bits(m), m), m)
+    True
+    """
+    import torch
+
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((bits[:, None] >> shifts) & 1).view(-1)[: like.numel()].view(like.shape).bool()
+
+
+def _torch_bits(x: Any, p: float) -> tuple[Any, Any]:
+    """`_draw_bits` with torch's own draw: F.dropout's mask and products, the mask then packed."""
+    mask = keep_mask(x, 1 - p)
+    scale = mask.to(x.dtype)
+    if _bits_scale(x.dtype, p)[1] == 0:  # fp32: F.dropout's noise, the kept value 1/(1-p)
+        scale.div_(1 - p)
+    return pack_bits(mask), x * scale
 
 
 def dropout_bits(x: Any, p: float) -> tuple[Any, Any]:
@@ -112,7 +153,7 @@ def dropout_bits(x: Any, p: float) -> tuple[Any, Any]:
 
     if not _packable(x, torch.float32):
         return dropout_noise(x, p)
-    return _draw_bits(x, p)
+    return _draw_bits(x, p) if _State.lib is not None else _torch_bits(x, p)
 
 
 def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
@@ -132,7 +173,7 @@ def dropout_bits_low(x: Any, p: float) -> tuple[Any, Any]:
     if not _packable(x, torch.bfloat16):
         mask = keep_mask(x, 1 - p).to(x.dtype)
         return mask, x * mask
-    return _draw_bits(x, p)
+    return _draw_bits(x, p) if _State.lib is not None else _torch_bits(x, p)
 
 
 def _bits_scale(dtype: Any, p: float) -> tuple[float, int]:
@@ -172,6 +213,8 @@ def dropped_again(x: Any, keep: Any, p: float) -> Any:
         return x * keep
     if not (x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16) and keep.numel() == (x.numel() + 7) // 8):
         raise ValueError(f"dropped_again: {x.dtype} {tuple(x.shape)} input, {keep.numel()} bytes of mask")
+    if _State.lib is None:
+        return x * _noise_from_bits(keep, x, p)
     out = torch.empty_like(x)
     _State.lib.sftflow_apply_bits(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), *_bits_scale(x.dtype, p))
     return out
@@ -196,8 +239,16 @@ def addcmul_kept_(acc: Any, t: Any, keep: Any, p: float) -> Any:
         return acc.addcmul_(t, keep)
     if not (acc.is_contiguous() and t.is_contiguous() and t.dtype == acc.dtype and keep.numel() == (acc.numel() + 7) // 8):
         raise ValueError(f"addcmul_kept_: {acc.dtype} {tuple(acc.shape)} accumulator, {t.dtype} {tuple(t.shape)} factor")
+    if _State.lib is None:
+        return acc.addcmul_(t, _noise_from_bits(keep, acc, p))
     _State.lib.sftflow_masked_addcmul(acc.data_ptr(), t.data_ptr(), keep.data_ptr(), acc.numel(), *_bits_scale(acc.dtype, p))
     return acc
+
+
+def _noise_from_bits(keep: Any, like: Any, p: float) -> Any:
+    """The noise `_torch_bits` multiplied by, made again from its packed mask."""
+    scale = unpack_bits(keep, like).to(like.dtype)
+    return scale.div_(1 - p) if _bits_scale(like.dtype, p)[1] == 0 else scale
 
 
 def _dropout_class() -> Any:

@@ -1,6 +1,6 @@
-"""Our two C++ pieces (the caching allocator, the dropout masks), compiled on first use.
+"""sftflow's C++ (the dropout masks, dropout_masks.cpp), compiled on first use.
 
-Each is one source file next to this module, built with the system's C++ compiler against the
+A source file next to this module is built with the system's C++ compiler against the
 installed torch's headers and libraries (they ship in the wheel) into the user cache,
 `$XDG_CACHE_HOME/sftflow/native/<key>/`, once per source, flags and torch build; loaded with
 ctypes (no Python headers, no build of a Python extension). Where there is no compiler the
@@ -41,7 +41,7 @@ def unbuildable() -> str | None:
 def build(source: Path, libs: tuple[str, ...], what: str, cache: Path | None = None) -> Path:
     """Compile `source` into a shared library linked with torch's `libs` (c10, torch_cpu);
     return its path. Cached per source, flags and torch build; written atomically (a finished
-    build or none). `what` names the params key in errors (train.allocator: caching)."""
+    build or none). `what` names the piece in errors (LoRA dropout masks)."""
     import torch
 
     torch_dir = Path(torch.__file__).parent

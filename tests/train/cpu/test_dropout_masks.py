@@ -53,14 +53,21 @@ def test_masks_and_generator_state_equal_torch_bernoulli() -> None:
             assert torch.equal(noise, ours.float().div_(1 - (1 - keep)))
 
 
-@needs_compiler
+@pytest.mark.parametrize("draw", ["library", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(dtype: torch.dtype) -> None:
-    """The fast kernels keep the dropout mask as bits: the dropped-out input (made in forward and
-    again in backward), the generator's state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask / (1 - p); bf16:
-    the 0/1 mask) are the unpacked path's bit for bit, at sizes that end mid-byte and cross the
-    library's 4096-element chunks, with zeros of both signs, infinities and NaNs in x."""
-    if dropout_masks.activate(_Lora(0.1))["kind"] != "sftflow":
+def test_packed_masks_give_the_noise_paths_tensors_and_input_gradients(
+    dtype: torch.dtype, draw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast kernels keep the dropout mask as bits, from the library's draw or torch's own
+    (packed with torch ops): the dropped-out input (made in forward and again in backward), the
+    generator's state after, and backward's `grad_x.addcmul_(t, noise)` (fp32: noise = mask /
+    (1 - p); bf16: the 0/1 mask) are the unpacked path's bit for bit, at sizes that end mid-byte
+    and cross the library's 4096-element chunks, with zeros of both signs, infinities and NaNs in x."""
+    if draw == "torch":
+        monkeypatch.setattr(dropout_masks._State, "lib", None)
+    elif native.unbuildable() is not None:
+        pytest.skip(str(native.unbuildable()))
+    elif dropout_masks.activate(_Lora(0.1))["kind"] != "sftflow":
         pytest.skip("this torch build draws its masks another way")
     packed, unpacked = {
         torch.float32: (dropout_masks.dropout_bits, dropout_masks.dropout_noise),
@@ -152,3 +159,12 @@ def test_a_build_whose_masks_differ_keeps_torchs_dropout(monkeypatch: pytest.Mon
     assert report == {"kind": "torch", "why": "this torch build draws bernoulli_ masks another way (MKL)", "modules": 0}
     assert type(layer.lora_dropout["default"]) is torch.nn.Dropout
     assert dropout_masks.activate(_Lora(0.0))["modules"] == 0
+
+
+@needs_compiler
+def test_build_is_cached_per_source_and_torch(tmp_path: Path) -> None:
+    lib = native.build(dropout_masks.SOURCE, ("torch_cpu", "c10"), "LoRA dropout masks", tmp_path)
+    stamp = lib.stat().st_mtime_ns
+    again = native.build(dropout_masks.SOURCE, ("torch_cpu", "c10"), "LoRA dropout masks", tmp_path)
+    assert again == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temp files left behind

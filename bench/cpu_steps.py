@@ -1,18 +1,19 @@
-"""One training process on fixed packed batches, to compare `train.allocator` or
-`train.dropout_masks` choices in pairs.
+"""One training process on fixed packed batches, to compare the CPU wing's choices in pairs:
+the malloc (`LD_PRELOAD`), `train.dropout_masks`, `train.kernels`.
 
 Loads the model with LoRA r8 / alpha 16 / dropout 0.05 on all linear layers (`--kernels plain`
 or `fast`), then runs 8 packed batches of 4 samples (620-970 tokens, random ids, every other
-label trained): forward, backward, AdamW, as the train stage does, with the allocator chosen
-(`--allocator system`: glibc's heap; `caching`: stages/train/cpu/allocator.py, one allocator step per
-batch) and the LoRA dropout masks chosen (`--dropout-masks torch`: torch's dropout; `auto`:
-stages/train/cpu/dropout_masks.py where it draws the same masks). Prints each step's seconds and
-minor page faults, the process's peak RSS and the last loss (equal across choices).
+label trained): forward, backward, AdamW, as the train stage does, with the LoRA dropout masks
+chosen (`--dropout-masks torch`: torch's draw; `auto`: stages/train/cpu/dropout_masks.py where it
+draws the same masks) under whichever malloc the process was started with (glibc's, or one
+preloaded: `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`). Prints each step's seconds
+and minor page faults, the process's peak RSS, the malloc loaded and the last loss (equal across
+choices).
 
 Time it as a whole process, A and B in turn so the machine's drift hits both alike, e.g.
 
-    hyperfine -r 4 'python bench/allocator_steps.py --allocator caching' \\
-                   'python bench/allocator_steps.py --allocator system'
+    hyperfine -r 4 'python bench/cpu_steps.py --dropout-masks auto' \\
+                   'python bench/cpu_steps.py --dropout-masks torch'
 
 (docs/benchmarks.md#cpu-speed-work-in-ab-pairs has the latest figures of such pairs; bench/results/
 holds every run).
@@ -34,7 +35,6 @@ BATCHES = [[150, 90, 300, 120], [400, 200, 100, 60], [160, 150, 140, 170], [500,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--allocator", choices=("system", "caching"), default="caching")
     ap.add_argument("--kernels", choices=("plain", "fast"), default="plain")
     ap.add_argument("--dropout-masks", choices=("auto", "torch"), default="auto")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "base", help="HF folder (run `dvc repro base`)")
@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from stages.core.params import LoraParams, TrainParams
-    from stages.train.cpu import allocator, dropout_masks, kernels
+    from stages.train.cpu import dropout_masks, kernels, preload
     from stages.train.loss import (
         ChunkedTrainedLoss,
         defer_head,
@@ -57,8 +57,6 @@ def main() -> None:
     from stages.train.plan import decide, probe_machine
 
     torch.set_num_threads(args.threads)
-    if args.allocator == "caching":
-        allocator.install()
     lora = LoraParams(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
     params = TrainParams(lora=lora, kernels=args.kernels, precision=args.precision)
     plan = decide(params, probe_machine(), env={})
@@ -80,7 +78,6 @@ def main() -> None:
         labels = ids.clone()
         labels[:, ::2] = -100
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fresh = allocator.stats()["fresh_bytes"] if args.allocator == "caching" else 0
         started = time.perf_counter()
         keep = trained_positions(labels)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -97,20 +94,18 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del out, loss
-        if args.allocator == "caching":
-            allocator.release()
         steps.append(
             (
                 sum(lengths),
                 round(time.perf_counter() - started, 2),
                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
-                (allocator.stats()["fresh_bytes"] - fresh) // 4096 if args.allocator == "caching" else 0,
             )
         )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    malloc = next((name for name in preload.LIBRARIES if (lib := preload.find(name)) and preload.loaded(lib)), "glibc")
     print(
-        f"{args.allocator} allocator, {args.precision}, {args.kernels} kernels, {masks['kind']} dropout masks ({masks['why']}):"
-        f" (tokens, seconds, minor faults, fresh large-block pages) per step {steps}"
+        f"{malloc} malloc, {args.precision}, {args.kernels} kernels, {masks['kind']} dropout masks ({masks['why']}):"
+        f" (tokens, seconds, minor faults) per step {steps}"
     )
     print(
         f"steps 2-{len(steps)}: {sum(s[1] for s in steps[1:]):.2f} s, {sum(s[2] for s in steps[1:])} faults;"
