@@ -226,7 +226,7 @@ class TrainParams:
     # gradient checkpointing.
     kernels: Literal["auto", "plain", "fast"] = "auto"
     # The CPU's malloc during training: jemalloc or tcmalloc preloaded instead of glibc's heap,
-    # which keeps freed activation pages (peak RSS: docs/benchmarks.md, "CPU speed work"); the same
+    # which keeps freed activation pages (docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives); the same
     # losses bit for bit. auto: the first of jemalloc, tcmalloc installed when training on the CPU
     # (setup.sh installs libjemalloc2 where it can), glibc's otherwise; the train command starts
     # itself again with LD_PRELOAD set. system: glibc's malloc.
@@ -234,7 +234,7 @@ class TrainParams:
     # LoRA dropout masks. auto: drawn in blocks by stages/train/cpu/dropout_masks.cpp from torch's
     # generator, the same bits as torch's bernoulli_ (checked on this machine at start, else
     # torch's): torch's CPU bernoulli_ draws one element at a time, a visible share of a CPU
-    # train step (docs/benchmarks.md#cpu-speed-work-in-ab-pairs).
+    # train step (docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives).
     # torch: torch's own dropout (the same losses; slower on CPUs where torch draws serially).
     dropout_masks: Literal["auto", "torch"] = "auto"
     # where metrics go besides plots/train_loss.csv: tensorboard (logs/tensorboard/<run>), wandb,

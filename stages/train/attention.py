@@ -20,7 +20,7 @@ NAME = "sdpa_varlen"
 GQA_FLAG = "sftflow_gqa_in_sdpa"  # attribute on an attention module: let SDPA broadcast k/v heads
 # Attribute on an attention module (train.kernels fast): bf16/fp16 packed rows on the CPU attend in
 # fp32. torch's CPU flash kernel accumulates in fp32 either way, but its bf16 backward runs slower
-# than the fp32 one plus the casts (docs/benchmarks.md, "Reference workload").
+# than the fp32 one plus the casts (docs/benchmarks.md#reference-workload-400-chats).
 FP32_FLAG = "sftflow_attention_fp32"
 
 

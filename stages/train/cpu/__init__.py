@@ -2,7 +2,7 @@
 
 Three pieces, each the same computation as the path GPU users run (transformers + peft, glibc's
 malloc, torch's dropout), each kept because it beat that path and the library alternatives in a
-measurement (docs/benchmarks.md, "CPU speed work"):
+measurement (docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives):
 - `kernels.py` (`train.kernels: fast`): peft's LoRA linear as one autograd function;
 - `preload.py` (`train.allocator`): jemalloc or tcmalloc preloaded instead of glibc's heap;
 - `dropout_masks.py` + `dropout_masks.cpp` (`train.dropout_masks: auto`): torch's own LoRA dropout

@@ -8,7 +8,7 @@ same state in blocks, vectorised, and leaves it where `bernoulli_` would: every 
 random number and so every loss are the ones torch gives (tests/train/cpu/test_dropout_masks.py).
 It also hands `train.kernels: fast` the mask packed 8 to a byte for backward, where F.dropout
 keeps a 4-byte float per element (`dropout_bits`). Speed and peak RSS against torch's own draw:
-docs/benchmarks.md, "CPU speed work".
+docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives.
 
 Whether this build of torch draws its masks that way is checked, not assumed: `activate` draws
 a probe with both and compares the masks and the generator's state after (on Intel CPUs some

@@ -22,7 +22,7 @@ backward (two [T, intermediate] tensors a layer fewer), with aten's own silu_bac
 Attention modules let SDPA broadcast the k/v heads (`enable_gqa`) instead of copying them to every
 query head. The LM head + loss in chunks of trained rows (stages/train/loss.py) goes with fast.
 
-Speed and memory against plain and the HF baselines: docs/benchmarks.md ("Train").
+Speed and memory against plain and the HF baselines: docs/benchmarks.md#reference-workload-400-chats.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _lora_linear_grads(
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         # Rank-r products with a [T, out] operand: MKL's sgemm runs g.T @ h and g @ B several
         # times slower than (h.T @ g).T and (B.T @ g.T).T, the same products in the layouts its
-        # kernels are written for (docs/benchmarks.md, "Train"); alpha multiplies the [out, r]
+        # kernels are written for (docs/benchmarks.md#reference-workload-400-chats); alpha multiplies the [out, r]
         # and [T, r] results in fp32 instead of the [T, out] gradient.
         grad_b = torch.mm(h.t(), g).t().to(acc).mul_(ctx.alpha).to(ctx.a_dtype) if need_b else None
         grad_h = torch.mm(b.t(), g.t()).t().to(acc).mul_(ctx.alpha).to(w.dtype)

@@ -4,7 +4,7 @@ glibc serves a training step's activations and temporaries from heaps whose free
 keeps: peak RSS grows well above what a step holds alive. jemalloc and tcmalloc return freed
 pages and reuse blocks of like sizes; preloaded (`LD_PRELOAD`) they serve every allocation
 torch's CPU allocator makes, with no change to a single float. Which one `auto` takes, and what
-each saves against glibc: docs/benchmarks.md ("CPU speed work").
+each saves against glibc: docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives.
 
 A malloc can only be preloaded when a process starts, so the train command starts itself again
 with `LD_PRELOAD` set (`environment`) when its plan asks for one that is not loaded yet; torchrun
