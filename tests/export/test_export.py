@@ -120,6 +120,8 @@ def test_default_pipeline_exports_a_verified_gguf(tmp_path: Path) -> None:
     start = time.perf_counter()
     proc = run([bin_path("dvc"), "repro", "pipelines/export/dvc.yaml"], root)
     assert "Running stage 'pipelines/export/dvc.yaml:export'" in proc.stdout, proc.stdout
+    for dvc_file in ("dvc.yaml", "pipelines/export/dvc.yaml"):  # both pipelines: nothing left to run
+        assert "up to date" in run([bin_path("dvc"), "status", dvc_file], root).stdout, dvc_file
     report = read_json(root / "reports" / "export.json")
     f16 = report["types"]["f16"]
     assert f16["replies_equal"] == f16["replies_compared"] == 8, report["hf_replies"]

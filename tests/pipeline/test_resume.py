@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bin_path, copy_project, read_json
+from tests.conftest import bin_path, copy_project, read_json, run
 
 
 @pytest.mark.slow  # ~2 min: a whole tiny pipeline killed and re-run (in-process resume: test_methods)
@@ -47,6 +47,7 @@ def test_killed_train_resumes_and_continues_the_curve(tiny_project: Path, tmp_pa
     # The curve continues: every step logged once, and equal to the run that was never killed.
     assert report["losses"] == pytest.approx(uninterrupted, abs=1e-4)
     assert list((pipeline / "models" / "checkpoints").glob("checkpoint-*")) == []  # finished: cleared
+    assert "up to date" in run([bin_path("dvc"), "status", "dvc.yaml"], pipeline).stdout  # the lock is whole
 
 
 def _complete(state: Path) -> bool:

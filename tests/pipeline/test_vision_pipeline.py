@@ -30,6 +30,7 @@ def vlm_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_tiny_vlm_pipeline(vlm_project: Path) -> None:
     assert_ran_every_stage(repro(vlm_project))
+    assert "up to date" in run([bin_path("dvc"), "status", "dvc.yaml"], vlm_project).stdout  # this pipeline's stages
     train = json.loads((vlm_project / "reports" / "train.json").read_text())
     assert train["final_loss"] < train["first_loss"] / 4
     merge = json.loads((vlm_project / "reports" / "merge.json").read_text())
