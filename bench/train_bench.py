@@ -336,7 +336,7 @@ def main() -> None:
                 r = runs[mode][-1]
                 print(
                     f"{mode}: {r['tokens_per_second']} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB,"
-                    f" final loss {r['final_loss']}, malloc {r['allocator']}",
+                    f" final loss {r['final_loss']}, malloc {r['allocator']['kind']}",
                     flush=True,
                 )
         ceilings = {d: statistics.median(c[d] for c in ceiling_runs) for d in ("float32", "bfloat16")}
