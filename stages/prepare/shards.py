@@ -11,8 +11,8 @@ Streaming, so memory stays flat as data grows: each source is opened as an on-di
 dataset (sources.py), one batched `map` (num_proc workers) turns its rows into samples and
 outcome columns (stream.py), continued-pre-training texts are packed into blocks by iterating
 those rows, and sampling, dedupe and the eval split work on index arrays (select.py) before
-the chosen rows are written as shards. Measured before this design (rows as Python lists):
-~135 bytes of RAM per token, 4.9 GB peak for 200k chats; see bench/prepare_bench.py for now.
+the chosen rows are written as shards, instead of holding every row as Python lists (memory
+growing with the data: docs/benchmarks.md#prepare-at-scale).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ inline __attribute__((always_inline)) void fill_bits_body(at::mt19937_data_pod& 
     // loops that each vectorise (one loop doing it all ran ~2x slower)
     if constexpr (sizeof(T) == 4) {
       // fill_noise's loop, the noise kept on the stack. Written out twice on purpose: one shared
-      // always_inline loop drew 970 x 1536 in 1.1 ms in some processes and 1.6-2.0 ms in others.
+      // always_inline loop vectorised in some processes and not in others (up to 2x slower).
       for (int64_t i = 0; i < len; ++i) {
         const float v = draw53(words, i) < threshold ? scale : 0.0f;
         noise[i] = v;
@@ -228,8 +228,8 @@ __attribute__((target("avx2"))) inline __m256 lanes_of(uint8_t byte) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit));
 }
 
-// The same operations 8 elements at a time: 970 x 576 elements, hot caches, 1.54 ms as the scalar
-// loop, 0.08-0.12 ms this way (torch's addcmul_ with the fp32 noise, 2 threads: 0.09 ms).
+// The same operations 8 elements at a time: an order of magnitude faster than the scalar loop, as
+// fast as torch's addcmul_ reading the fp32 noise.
 __attribute__((target("avx2,fma"))) void masked_fma_avx2(float* acc, const float* t, const uint8_t* bits,
                                                          int64_t begin, int64_t end, float scale) {
   const __m256 s = _mm256_set1_ps(scale);
@@ -274,7 +274,7 @@ __attribute__((target("avx2"))) void apply_bits_avx2(const float* x, float* drop
   apply_bits_scalar(x, dropped, bits, i, end, scale);
 }
 
-// The bf16 form 8 elements at a time (970 x 1536 elements, hot caches: 1.9 ms as the scalar loop).
+// The bf16 form 8 elements at a time (the scalar loop is an order of magnitude slower).
 __attribute__((target("avx2"))) void apply_bits_low_avx2(const uint16_t* x, uint16_t* dropped, const uint8_t* bits,
                                                          int64_t n) {
   const __m256i sign = _mm256_set1_epi32(0x8000), exponent = _mm256_set1_epi32(0x7f80), qnan = _mm256_set1_epi32(0x7fc0);
@@ -368,8 +368,8 @@ void sftflow_apply_bits(const void* x, void* dropped, const uint8_t* bits, int64
 void sftflow_masked_addcmul(void* acc, const void* t, const uint8_t* bits, int64_t n, float scale, int low) {
   // One thread, as the draws: at::parallel_for is OpenMP in torch's CPU builds and this file is
   // built without it (a second OpenMP runtime beside torch's own would compete for the cores).
-  // 970 x 1536 elements: 0.24-0.37 ms here vs addcmul_'s 0.19-0.20 on 2 threads; over 8 steps of
-  // bench/allocator_steps.py 0.50-0.59 s vs 0.34-0.40 s of ~35 s.
+  // One thread here is a little slower than addcmul_ on two, a fraction of a percent of a step
+  // (bench/cpu_steps.py).
   if (low) {
     auto* a = static_cast<uint16_t*>(acc);
     const auto* f = static_cast<const uint16_t*>(t);
