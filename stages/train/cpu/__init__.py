@@ -181,6 +181,6 @@ def preload_environment(choices: CpuChoices) -> dict[str, str] | None:
     from stages.train.cpu import preload
 
     library = choices.allocator_library
-    if library is None or preload.loaded(library):
-        return None
+    if library is None or preload.loaded(library) or preload.asked(library):
+        return None  # nothing to preload, loaded, or asked for already (never start again in a loop)
     return preload.environment(library)

@@ -49,6 +49,17 @@ def loaded(library: str) -> bool:
     return Path(library).name in maps
 
 
+def asked(library: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether LD_PRELOAD in `env` (os.environ when None) already names `library`: a process
+    started with it that still lacks it was refused by the loader, and must not start again.
+
+    >>> asked("/lib/libjemalloc.so.2", {"LD_PRELOAD": "/lib/libjemalloc.so.2:/lib/other.so"})
+    True
+    """
+    env = os.environ if env is None else env
+    return library in env.get("LD_PRELOAD", "").split(":")
+
+
 def environment(library: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`env` (os.environ when None) with `library` first in LD_PRELOAD.
 

@@ -59,3 +59,18 @@ def test_a_missing_malloc_is_named_with_its_package() -> None:
     assert plan.cpu.allocator == "system" and "glibc's malloc" in plan.why["allocator"]
     gpu = decide(TrainParams(), Machine(hardware=type(Machine().hardware)(gpus=1), allocators={"jemalloc": "/x"}), env={})
     assert gpu.cpu.allocator == "system" and gpu.cpu.allocator_library is None
+
+
+def test_a_malloc_the_loader_refused_is_not_asked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command starts itself again only once: a library already in LD_PRELOAD but not loaded
+    (the loader refused it) gives no new environment, so there is no loop of restarts."""
+    from stages.core.params import TrainParams
+    from stages.train.cpu import preload_environment
+    from stages.train.plan import Machine, decide
+
+    lib = "/nonexistent/libjemalloc.so.2"
+    choices = decide(TrainParams(), Machine(allocators={"jemalloc": lib}), env={}).cpu
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert preload_environment(choices)["LD_PRELOAD"] == lib
+    monkeypatch.setenv("LD_PRELOAD", lib)
+    assert preload_environment(choices) is None
