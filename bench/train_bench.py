@@ -147,7 +147,7 @@ def run_mode(
 
     import stages.train.trainer as train_module
     from stages.core.params import LoraParams, QLoraParams, TrainParams
-    from stages.train import cpu
+    from stages.train.cpu import entry as cpu
     from stages.train.plan import decide, probe_machine, with_attention
 
     torch.set_num_threads(threads)

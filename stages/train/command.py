@@ -49,7 +49,8 @@ def train_cmd(
     offline_by_default(model_dir)
     from stages.core.io import write_json
     from stages.core.vision import is_vision_model
-    from stages.train import cpu, distributed
+    from stages.train import distributed
+    from stages.train.cpu import entry as cpu
     from stages.train.plan import decide, probe_machine
 
     options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from stages.core.devices import Hardware, detect_hardware
 from stages.core.params import TrainParams
-from stages.train import cpu, distributed
+from stages.train import distributed
 from stages.train.attention import register as register_varlen_attention
+from stages.train.cpu import entry as cpu
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
-from stages.train import cpu, distributed
+from stages.train import distributed
+from stages.train.cpu import entry as cpu
 from stages.train.loss import (
     ChunkedTrainedLoss,
     KeepTrainedLogits,
@@ -191,7 +192,7 @@ def train(
         "precision": params.precision,
         "attention": attention,
         "plan": plan.report(),
-        "trained_logits_only": head is not None or _keeps_trained_logits(params, model),
+        "trained_logits_only": _keeps_trained_logits(params, model),
         "kernels": {**wing["kernels"], "chunked_loss": head is not None},
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,

@@ -1,6 +1,6 @@
 """`train.kernels: fast`: peft's LoRA linear as one autograd function, computing the same as
 transformers + peft (`plain`) in fewer operations and keeping fewer bytes for backward. CPU only:
-on a GPU `auto` is `plain` (stages/train/cpu/__init__.py decides).
+on a GPU `auto` is `plain` (stages/train/cpu/entry.py decides).
 
 peft's LoRA linear is `base(x) + lora_B(lora_A(dropout(x))) * scaling`: seven autograd nodes
 and four full-size element-wise passes. `LoraLinear` makes it one function:

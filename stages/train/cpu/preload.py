@@ -13,7 +13,6 @@ children inherit it.
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,11 +32,7 @@ def find(name: str) -> str | None:
     soname = LIBRARIES.get(name)
     if soname is None:
         return None
-    for folder in SEARCH:
-        if (Path(folder) / soname).is_file():
-            return str(Path(folder) / soname)
-    found = ctypes.util.find_library(soname.removeprefix("lib").split(".so")[0])
-    return found if found and Path(found).is_absolute() else None
+    return next((str(Path(d) / soname) for d in SEARCH if (Path(d) / soname).is_file()), None)
 
 
 def loaded(library: str) -> bool:

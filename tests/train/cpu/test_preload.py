@@ -65,7 +65,7 @@ def test_a_malloc_the_loader_refused_is_not_asked_for_again(monkeypatch: pytest.
     """The command starts itself again only once: a library already in LD_PRELOAD but not loaded
     (the loader refused it) gives no new environment, so there is no loop of restarts."""
     from stages.core.params import TrainParams
-    from stages.train.cpu import preload_environment
+    from stages.train.cpu.entry import preload_environment
     from stages.train.plan import Machine, decide
 
     lib = "/nonexistent/libjemalloc.so.2"
