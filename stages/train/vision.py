@@ -50,6 +50,7 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
     if params.gradient_checkpointing:
         enable_checkpointing(model)
+    keep_tower_in_step(model)
     if params.method == "full":
         freeze_parts(model, params.vision)
         if params.full.frozen_modules:
@@ -60,6 +61,60 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
         model.enable_input_require_grads()
     trainable_in_fp32(model)
     return model
+
+
+def blank_image(visual: Any) -> tuple[Any, Any]:
+    """`pixel_values` and `image_grid_thw` of the smallest image the tower takes: one merged
+    token (merge x merge patches) of zeros, in the tower's dtype and device.
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> embed = SimpleNamespace(in_channels=3, temporal_patch_size=2, patch_size=14)
+    >>> visual = SimpleNamespace(patch_embed=embed, spatial_merge_size=2, dtype=torch.float32,
+    ...                          device=torch.device("cpu"))
+    >>> pixels, grid = blank_image(visual)
+    >>> tuple(pixels.shape), grid.tolist()
+    ((4, 1176), [[1, 2, 2]])
+    """
+    import torch
+
+    embed, merge = visual.patch_embed, visual.spatial_merge_size
+    width = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+    pixels = torch.zeros(merge * merge, width, dtype=visual.dtype, device=visual.device)
+    return pixels, torch.tensor([[1, merge, merge]], device=visual.device)
+
+
+def keep_tower_in_step(model: Any) -> None:
+    """Run the vision tower on a blank image, with zero weight, in every training forward
+    whose batch holds no image.
+
+    Why: under ZeRO-3 each rank gathers the tower's parameters as it runs it; a rank whose
+    micro-batch is text-only would skip the tower while its peers gather, and the collectives
+    fall out of step (the hang LLaMA-Factory and others work around the same way). Under
+    ZeRO-2/DDP a trainable projector or tower would get a gradient on some ranks and none on
+    others. The blank image runs where the real images would (after the token embedding,
+    before the language model), so every rank gathers the same modules in the same order, and
+    `0 * tower_output.sum()` added to the embeddings leaves the loss and every gradient exactly
+    as they were (the tower's gradients from it are exact zeros). Its cost is one tower pass
+    over 4 patches per text-only micro-batch."""
+    tower = vision_tower_prefix(model)
+    owner = model.get_submodule(tower.rsplit(".", 1)[0]) if "." in tower else model
+    visual = model.get_submodule(tower)
+
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not module.training or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(ids)
+        pixels, grid = blank_image(visual)
+        out = visual(pixels, grid_thw=grid)
+        features = getattr(out, "pooler_output", out)
+        kwargs["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
+        return args, kwargs
+
+    owner.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def part_of(name: str, llm: str, visual: str) -> str:

@@ -151,3 +151,48 @@ def test_qlora_quantizes_only_the_language_model_and_trains(tmp_path: Path, vlm_
         opt.zero_grad()
         losses.append(float(out.loss))
     assert losses[2] < losses[0]
+
+
+def text_chat(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"Count to {i}."},
+                         {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 2))}]}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_text_only_batch_runs_the_tower_with_zero_weight(tmp_path: Path, vlm_base: Path, images: Path, packing: bool) -> None:
+    """A micro-batch of text-only chats in a VLM run still runs the vision tower (a blank image)
+    — what keeps ZeRO-3's gathers in step across ranks — and changes neither the loss nor any
+    gradient: the tower's gradients are exact zeros, the others equal those without it."""
+    import torch
+
+    from stages.core.vision import VisionCollator, load_image_processor, model_config, vision_tokens
+
+    params = train_params(method="full", vision={"tune_vision": True, "tune_projector": True})
+    rows, _, _ = prepare_rows(tmp_path, vlm_base, [text_chat(3), text_chat(5)])
+    assert all(not r["images"] for r in rows)
+    proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    collate = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)
+    batch = collate([{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows])
+    assert "pixel_values" not in batch
+
+    results = {}
+    for blank in (True, False):
+        torch.manual_seed(0)
+        model = vision_model(params, vlm_base)
+        if not blank:  # the same model without the hook: a plain text forward
+            for module in model.modules():
+                module._forward_pre_hooks.clear()
+        model.train()
+        calls = []
+        model.model.visual.register_forward_hook(lambda m, a, o, calls=calls: calls.append(a[0].shape))
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[blank] = (float(loss.detach()), grads, calls)
+    (loss_on, grads_on, calls_on), (loss_off, grads_off, calls_off) = results[True], results[False]
+    assert calls_on == [torch.Size([4, 1176])] and calls_off == []
+    assert loss_on == loss_off
+    tower = [n for n in grads_on if ".visual." in n]
+    assert tower and all(torch.count_nonzero(grads_on[n]) == 0 for n in tower)
+    assert set(grads_off) == set(grads_on) - set(tower)
+    assert all(torch.equal(grads_on[n], grads_off[n]) for n in grads_off)
