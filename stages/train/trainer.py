@@ -20,8 +20,9 @@ from typing import Any
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
+from stages.core.integrity import verify_dir
 from stages.core.io import atomic_file, read_json, write_json
-from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
+from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
 from stages.train import distributed
@@ -34,7 +35,7 @@ from stages.train.loss import (
     head_of,
     trained_logits_loss,
 )
-from stages.train.metering import CountingCollator, LogTokensPerSecond, TokenMeter
+from stages.train.metering import MeteredTrainer, TokenCounts, tokens_seen_mode
 from stages.train.model import build_model, count_parameters
 from stages.train.plan import RunPlan, decide, probe_machine
 from stages.train.vision import build_vision_collator
@@ -61,6 +62,7 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
     manifest_path = prepared / "manifest.json"
     if not manifest_path.exists():
         raise SftflowError("no manifest.json: run `sftflow prepare` first", path=prepared)
+    verify_dir(prepared)  # every shard as prepare wrote it, before a row of it is trained on
     manifest = read_json(manifest_path)
     expected = tokenizer_fingerprint(tok)
     if manifest["tokenizer_fingerprint"] != expected:
@@ -85,6 +87,17 @@ def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sd
     if packing in ("padding_free", "auto"):
         return PaddingFreeCollator(block_mask=attn_implementation in ("sdpa", "eager", None))
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+class ModelColumns:
+    """Collates like `inner` from the columns the model reads: training rows also carry
+    `length` (for length grouping), which is no model input."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.inner([{k: f[k] for k in ("input_ids", "labels", "images") if k in f} for f in features])
 
 
 def run_fingerprint(params: TrainParams, plan: RunPlan, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -158,23 +171,24 @@ def train(
     memory = distributed.memory_estimate(model, plan.launch, plan.deepspeed, plan.device)
     if distributed.is_main():
         _say(distributed.format_estimate(memory))
-    meter = TokenMeter()
     collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
-    extra = [LogTokensPerSecond(meter), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
-    trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, extra, meter)
+    extra = [TokenCounts(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
+    trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, extra)
     # run
     started = time.perf_counter()
-    meter.start()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
-    # before evaluate(): eval batches are not training throughput
-    tokens, trained, slots = (distributed.sum_over_ranks(n) for n in (meter.tokens, meter.trained_tokens, meter.slots))
+    # the whole run's counts (a resume restored them), over all processes; before evaluate()
+    counts = trainer.token_counts()
+    tokens, trained, slots = trainer.state.num_input_tokens_seen, counts.trained_tokens, counts.token_slots
+    session_tokens = tokens - counts.tokens_at_start  # this process's steps: tokens/s
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     wing = speed.report(model)
 
     # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below
     save_check = _save(trainer, model, tok, out, params)
+    carry_remote_code(base_dir, out)
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
         for entry in trainer.state.log_history
@@ -189,7 +203,7 @@ def train(
     return {
         "method": params.method,
         "packing": params.packing,
-        "precision": params.precision,
+        "precision": plan.precision,
         "attention": attention,
         "plan": plan.report(),
         "trained_logits_only": _keeps_trained_logits(params, model),
@@ -206,7 +220,7 @@ def train(
         "trained_tokens": trained,
         "token_slots": slots,
         "packing_efficiency": round(tokens / slots, 4) if slots else None,
-        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
+        "tokens_per_second": round(session_tokens / wall, 2) if wall > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if plan.device == "cuda" else None,
         "wall_seconds": round(wall, 2),
@@ -243,24 +257,21 @@ def _trainer(
     splits: tuple[Any, Any],
     collator: Any,
     callbacks: list[Any],
-    meter: TokenMeter,
 ) -> tuple[Any, Any]:
-    """transformers.Trainer over the splits, with the loss the plan chose; (trainer, the LM
-    head the chunked loss stands in for, or None)."""
-    from transformers import Trainer
-
+    """transformers.Trainer (counting tokens: stages/train/metering.py) over the splits, with
+    the loss the plan chose; (trainer, the LM head the chunked loss stands in for, or None)."""
     train_set, eval_set = splits
     head = head_of(model) if plan.chunked_loss and isinstance(collator, KeepTrainedLogits) else None
     if head is not None:  # the head is applied inside the loss, in chunks (stages/train/loss.py)
         defer_head_for_kept_logits(model, head)
     vision = "images" in train_set.column_names
     columns = ["input_ids", "labels", *(["images"] if vision else [])]
-    trainer = Trainer(
+    trainer = MeteredTrainer(
         model=model,
         args=args,
         train_dataset=train_set.select_columns([*columns, "length"]),
         eval_dataset=eval_set.select_columns(columns) if eval_set is not None else None,
-        data_collator=CountingCollator(collator, meter),
+        data_collator=ModelColumns(collator),
         compute_loss_func=ChunkedTrainedLoss(head) if head is not None else trained_logits_loss,
         callbacks=callbacks,
     )
@@ -311,12 +322,9 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         gradient_accumulation_steps=params.grad_accum,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
-        bf16=params.precision == "bf16",
+        **optimizer_and_precision(params, plan),
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=params.logging_steps,
@@ -330,10 +338,39 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         train_sampling_strategy="group_by_length" if padded else "random",
         length_column_name="length",
         remove_unused_columns=False,
+        include_num_input_tokens_seen=tokens_seen_mode(params.packing != "none"),  # real tokens: metering.py
         dataloader_num_workers=params.dataloader_workers,  # image chats: decode + resize overlap the step
         use_cpu=plan.device == "cpu",
         deepspeed=plan.deepspeed,
     )
+
+
+def optimizer_and_precision(params: TrainParams, plan: RunPlan) -> dict[str, Any]:
+    """The TrainingArguments of the optimizer, its schedule's warmup, the precision and DDP, from
+    the params and the plan (a GPU plan's are checked here without building the arguments, which
+    refuse fp16 and TF32 without a GPU).
+
+    >>> from stages.train.plan import Machine, decide
+    >>> from stages.core.devices import Hardware
+    >>> t4 = Machine(hardware=Hardware(gpus=1, capability=(7, 5)))
+    >>> knobs = optimizer_and_precision(TrainParams(warmup_steps=10), decide(TrainParams(), t4, env={}))
+    >>> knobs["fp16"], knobs["bf16"], knobs["tf32"], knobs["warmup_steps"], knobs["optim"]
+    (True, False, None, 10, 'adamw_torch_fused')
+    """
+    return {
+        "optim": params.optim,
+        "adam_beta1": params.adam_beta1,
+        "adam_beta2": params.adam_beta2,
+        "adam_epsilon": params.adam_epsilon,
+        "weight_decay": params.weight_decay,
+        "max_grad_norm": params.max_grad_norm,
+        # an int >= 1 counts steps; a float in [0, 1) is a ratio of the total steps
+        "warmup_steps": params.warmup_steps if params.warmup_steps > 0 else params.warmup_ratio,
+        "bf16": plan.precision == "bf16",
+        "fp16": plan.precision == "fp16",  # autocast + GradScaler's loss scaling
+        "tf32": True if plan.tf32 else None,  # None: leave torch's setting as it is
+        "ddp_find_unused_parameters": plan.find_unused_parameters,
+    }
 
 
 def peak_rss_mb() -> float:
