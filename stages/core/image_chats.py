@@ -8,18 +8,29 @@ Shapes, detected per record:
   "shapes/a.png"}, {"type": "text", "text": "What colour?"}]}, ...]}`;
 - MiniCPM-V: `{"image": "shapes/a.png", "conversations": [{"role": "user", "content":
   "<image>\\nWhat colour?"}, ...]}` — without a placeholder the image goes before the first
-  user turn's text, as MiniCPM-V's own data loader does.
+  user turn's text, as MiniCPM-V's own data loader does; several images as
+  `{"image": {"<image_00>": "a.png", "<image_01>": "b.png"}, ...}`, each name written where its
+  image goes.
 
 Every shape becomes messages whose user content is a list of parts (`{"type": "image"}` /
-`{"type": "text", "text"}`) plus the list of images in the order they appear. Image paths are
-resolved relative to the data file (absolute paths are kept). Each image is opened and hashed
+`{"type": "text", "text"}`) plus the list of images in the order they appear. An image is a path
+(resolved inside the data file's folder or `data.image.root`: `ImageReader`) or embedded bytes (a
+`datasets` Image cell from parquet, Arrow or the hub). Each image is opened, decoded and hashed
 here, so a missing, unreadable or non-image file is a `file:line: field: reason` error (or a
 counted skip), and the content hash makes a changed image re-run prepare.
 """
 
 from __future__ import annotations
 
+import atexit
+import base64
 import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +49,11 @@ IMAGE_REASONS = {
     "image_count_mismatch": "placeholders for",
     "image_in_assistant_turn": "image in an assistant",
     "bad_image_part": "image part",
+    "image_url": "an image URL",
+    "image_outside_root": "outside the image folder",
+    "image_symlink_loop": "a symlink loop",
+    "unknown_image_name": "is not a key of image",
+    "relative_image_path_without_root": "a relative image path",
 }
 
 
@@ -67,66 +83,258 @@ def is_image_record(obj: Any) -> bool:
     return isinstance(turns, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in turns)
 
 
+URL_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
+
+
 class ImageReader:
-    """Opens, checks and hashes image files once each (a chat set reuses the same images)."""
+    """Opens, checks and hashes each image once (a chat set reuses the same images).
 
-    def __init__(self) -> None:
-        self.seen: dict[Path, ImageRef | SftflowError] = {}
+    An image is a path, or embedded bytes (a `datasets` Image cell `{"bytes", "path"}`, raw bytes,
+    or a `data:image/...;base64,` URI). Paths resolve inside a base folder: `root`
+    (`data.image.root`) when given, else the data file's folder (`bases` maps a source's label to
+    its folder where that is not the label's parent: a save_to_disk folder; None for a hub data
+    set). A path leading out of the base (`..`, a symlink out of it) or a symlink loop is an
+    error; an absolute path is kept as given unless `root` is set, then it must lie inside it.
+    URLs are refused: prepare runs offline, and a URL's content can change under the same name.
 
-    def read(self, ref: Any, data_file: Path, line: int, field: str) -> ImageRef:
-        if not isinstance(ref, str) or not ref.strip():
-            raise SftflowError("image part has no path (a non-empty string)", path=data_file, line=line, field=field)
-        path = Path(ref) if Path(ref).is_absolute() else data_file.parent / ref
-        if path not in self.seen:
-            self.seen[path] = _open_image(path)
-        found = self.seen[path]
+    Embedded images are written once to `store`, named by content (`<sha256>.<ext>`), and
+    referred to as `store_as/<name>` (where `store` will be once the stage's output is in place),
+    so the shards and the collator treat them like files; without a store they go to a temporary
+    folder that lives as long as the process (eval)."""
+
+    def __init__(self, root: Path | None = None, store: Path | None = None, store_as: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.store, self.store_as = store, store_as if store_as is not None else store
+        self.bases: dict[str, Path | None] = {}
+        self.seen: dict[Any, ImageRef | SftflowError] = {}
+
+    def base_for(self, data_file: Path | str) -> Path | None:
+        """The folder relative image paths of `data_file` resolve in (None: there is none)."""
+        if self.root is not None:
+            return self.root
+        if str(data_file) in self.bases:
+            return self.bases[str(data_file)]
+        return Path(data_file).parent
+
+    def read(self, ref: Any, data_file: Path | str, line: int, field: str) -> ImageRef:
+        found = self._lookup(ref, data_file)
         if isinstance(found, SftflowError):
             raise SftflowError(found.reason, path=data_file, line=line, field=field)
         return found
 
+    def _lookup(self, ref: Any, data_file: Path | str) -> ImageRef | SftflowError:
+        if isinstance(ref, dict) and ref.get("bytes") is not None:  # a datasets Image cell
+            ref = ref["bytes"]
+        elif isinstance(ref, dict) and "path" in ref:
+            ref = ref["path"]
+        if isinstance(ref, str) and ref.startswith("data:image"):
+            try:
+                ref = base64.b64decode(ref.split(",", 1)[1], validate=True)
+            except (IndexError, ValueError):
+                return SftflowError("not a readable image: a data: URI that is not base64 image data")
+        if isinstance(ref, (bytes, bytearray)):
+            digest = hashlib.sha256(ref).hexdigest()
+            if digest not in self.seen:
+                self.seen[digest] = self._embedded(bytes(ref), digest)
+            return self.seen[digest]
+        if not isinstance(ref, str) or not ref.strip():
+            return SftflowError(
+                "image part has no path: give a path, or embedded image bytes (a datasets Image column)"
+            )
+        if ref.lower().startswith(URL_SCHEMES):
+            return SftflowError(
+                f"an image URL ({ref}): images are read from local files or embedded bytes only (prepare"
+                " runs offline and a URL's content can change under the same name): download the images"
+                " and give their paths, or embed them in a parquet/Arrow data set"
+            )
+        path = self._resolve(ref, data_file)
+        if isinstance(path, SftflowError):
+            return path
+        if path not in self.seen:
+            self.seen[path] = _open_image(path)
+        return self.seen[path]
 
-def _open_image(path: Path) -> ImageRef | SftflowError:
+    def _resolve(self, ref: str, data_file: Path | str) -> Path | SftflowError:
+        """`ref` as a path inside its base folder (as given, not resolved: shards keep it so)."""
+        given = Path(ref)
+        base = self.base_for(data_file)
+        if given.is_absolute() and self.root is None:
+            path, base = given, None
+        elif given.is_absolute():
+            path = given
+        elif base is None:
+            return SftflowError(
+                f"a relative image path ({ref}) in a data set that has no folder (a hub data set):"
+                " set data.image.root to the folder the paths are relative to"
+            )
+        else:
+            path = base / given
+        try:
+            real = path.resolve()
+        except (RuntimeError, OSError) as e:  # Python raises either for a symlink loop
+            return SftflowError(f"a symlink loop: {path} ({e})")
+        if base is None:
+            return path
+        inside = Path(os.path.normpath(base.absolute()))
+        if not Path(os.path.normpath(path.absolute())).is_relative_to(inside):
+            return SftflowError(
+                f"image path {ref} is outside the image folder {base} (set data.image.root to a folder"
+                " holding every image)"
+            )
+        if not real.is_relative_to(base.resolve()):
+            return SftflowError(
+                f"image path {ref} is a symlink out of the image folder {base} (to {real}): outside the"
+                " image folder, its changes would not re-run prepare"
+            )
+        return path
+
+    def _embedded(self, data: bytes, digest: str) -> ImageRef | SftflowError:
+        from PIL import Image
+
+        checked = _check_image(lambda: io.BytesIO(data), "embedded image bytes")
+        if isinstance(checked, SftflowError):
+            return checked
+        width, height, fmt = checked
+        if self.store is None:
+            self.store = self.store_as = Path(tempfile.mkdtemp(prefix="sftflow-images-"))
+            atexit.register(shutil.rmtree, self.store, True)
+        ext = Image.registered_extensions()
+        suffix = next((e for e, f in ext.items() if f == fmt), ".img")
+        name = f"{digest}{suffix}"
+        target = self.store / name
+        if not target.is_file():
+            from stages.core.io import atomic_file
+
+            with atomic_file(target) as tmp:
+                tmp.write_bytes(data)
+        assert self.store_as is not None
+        return ImageRef(str(self.store_as / name), digest, width, height)
+
+
+def _check_image(open_: Any, what: Any) -> tuple[int, int, str] | SftflowError:
+    """(width, height, format) of an image, fully decoded once, or why it is not one."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(open_()) as im:
+            im.verify()  # checks the file's structure without decoding all pixels
+        with Image.open(open_()) as im:
+            width, height, fmt = im.width, im.height, str(im.format)
+            im.load()  # a truncated file fails here, not in the middle of training
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return SftflowError(f"not a readable image: {what} ({type(e).__name__}: {e})")
+    return width, height, fmt
+
+
+def _open_image(path: Path) -> ImageRef | SftflowError:
     if not path.is_file():
         return SftflowError(f"image file not found: {path}")
     data = path.read_bytes()
-    try:
-        with Image.open(path) as im:
-            im.verify()  # checks the file's structure without decoding all pixels
-        with Image.open(path) as im:
-            width, height = im.size
-            im.load()  # a truncated file fails here, not in the middle of training
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return SftflowError(f"not a readable image: {path} ({type(e).__name__}: {e})")
+    checked = _check_image(lambda: io.BytesIO(data), path)
+    if isinstance(checked, SftflowError):
+        return checked
+    width, height, _ = checked
     return ImageRef(str(path), hashlib.sha256(data).hexdigest(), width, height)
 
 
-def parse_image_record(obj: dict[str, Any], data_file: Path, line: int, reader: ImageReader) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+def decode_json_cells(obj: Any) -> Any:
+    """A table row whose turn list or image list is stored as JSON text (a CSV cell holds no
+    lists) with those cells decoded; anything else is returned as it is (the validators then
+    name what is wrong).
+
+    >>> decode_json_cells({"images": '["a.png"]', "image": "b.png"})
+    {'images': ['a.png'], 'image': 'b.png'}
+    """
+    if not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    for key in ("messages", "conversations", "images", "image"):
+        value = obj.get(key)
+        if isinstance(value, str) and value.lstrip()[:1] in ("[", "{") and not (key == "image" and value.lstrip()[:1] == "["):
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+MINICPMV_NAME = re.compile(r"<image_\d+>")  # MiniCPM-V's multi-image placeholders: <image_00>, <image_01>, ...
+
+
+def parse_image_record(
+    obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
     """(messages with content parts, images in order of appearance) of one image chat."""
     if "images" in obj:
         shape = CHAT_SHAPES["sharegpt"] if "conversations" in obj else CHAT_SHAPES["messages"]
-        listed = obj["images"]
+        listed = obj["images"] if obj["images"] is not None else []  # a table row without images
         if not isinstance(listed, list):
-            raise SftflowError("must be a list of image paths", path=data_file, line=line, field="images")
-        return _placeholder_record(obj, shape, listed, "images", data_file, line, reader, prepend=False)
+            raise SftflowError("must be a list of images (paths or embedded)", path=data_file, line=line, field="images")
+        fields = [f"images[{k}]" for k in range(len(listed))]
+        return _placeholder_record(obj, shape, listed, fields, "images", data_file, line, reader, prepend=False)
     if "image" in obj:
-        listed = [obj["image"]]
-        return _placeholder_record(obj, MINICPMV_SHAPE, listed, "image", data_file, line, reader, prepend=True)
+        image = obj["image"]
+        if isinstance(image, dict) and "bytes" not in image:  # a table's struct has every row's names: drop nulls
+            image = {name: ref for name, ref in image.items() if ref is not None}
+        if isinstance(image, dict) and set(image) - {"<image>"} and "bytes" not in image:
+            return _named_images_record(obj, image, data_file, line, reader)
+        if isinstance(image, dict) and set(image) == {"<image>"}:  # MiniCPM-V's one-image dict
+            image = image["<image>"]
+        listed = [] if image is None else [image]
+        return _placeholder_record(obj, MINICPMV_SHAPE, listed, ["image"], "image", data_file, line, reader, prepend=True)
     return _parts_record(obj, data_file, line, reader)
+
+
+def _named_images_record(
+    obj: dict[str, Any], named: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """MiniCPM-V's several images: `{"image": {"<image_00>": path, ...}}`, each name written where
+    its image goes (`<image_00>` in a user turn); as MiniCPM-V's loader, an unknown name is an
+    error, and so is an image whose name is written nowhere."""
+    turns = obj.get("conversations")
+    listed, fields, renamed, used = [], [], [], set()
+    if isinstance(turns, list):
+        for i, m in enumerate(turns):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(content, str):
+                renamed.append(m)
+                continue
+            for name in MINICPMV_NAME.findall(content):
+                if name not in named:
+                    raise SftflowError(
+                        f"{name} is not a key of image (it has {', '.join(named)})",
+                        path=data_file, line=line, field=f"conversations[{i}].content",
+                    )
+                listed.append(named[name])
+                fields.append(f"image[{name}]")
+                used.add(name)
+            renamed.append({**m, "content": MINICPMV_NAME.sub(IMAGE_PLACEHOLDER, content)})
+    unused = [name for name in named if name not in used]
+    if unused and isinstance(turns, list):
+        raise SftflowError(
+            f"{len(listed)} {IMAGE_PLACEHOLDER} placeholders for {len(listed) + len(unused)} image(s):"
+            f" {', '.join(unused)} is written in no turn (each image's name goes where the image does)",
+            path=data_file, line=line, field="image",
+        )
+    return _placeholder_record(
+        {**obj, "conversations": renamed if isinstance(turns, list) else turns}, MINICPMV_SHAPE, listed, fields,
+        "image", data_file, line, reader, prepend=False,
+    )
 
 
 def _placeholder_record(
     obj: dict[str, Any],
     shape: ChatShape,
     listed: list[Any],
+    fields: list[str],
     key: str,
-    data_file: Path,
+    data_file: Path | str,
     line: int,
     reader: ImageReader,
     prepend: bool,
 ) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    """Text turns with `<image>` placeholders + a list of images (LLaMA-Factory, MiniCPM-V)."""
+    """Text turns with `<image>` placeholders + a list of images (LLaMA-Factory, MiniCPM-V);
+    `fields` names each listed image in errors, `key` the list."""
     messages = validate_messages(obj, data_file, line, shape)
     counts = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
     for i, (m, n) in enumerate(zip(messages, counts)):
@@ -145,9 +353,7 @@ def _placeholder_record(
             f" exactly one {IMAGE_PLACEHOLDER} in a user turn, in order",
             path=data_file, line=line, field=key,
         )
-    images = [
-        reader.read(ref, data_file, line, f"{key}[{k}]" if key == "images" else key) for k, ref in enumerate(listed)
-    ]
+    images = [reader.read(ref, data_file, line, field) for ref, field in zip(listed, fields)]
     out = []
     for m in messages:
         if m["role"] != "user" or IMAGE_PLACEHOLDER not in m["content"]:
@@ -164,7 +370,7 @@ def _placeholder_record(
 
 
 def _parts_record(
-    obj: dict[str, Any], data_file: Path, line: int, reader: ImageReader
+    obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
 ) -> tuple[list[dict[str, Any]], list[ImageRef]]:
     """HF / Qwen messages whose content may be a list of image and text parts."""
     flat, parts_of, images = [], {}, []
@@ -187,7 +393,7 @@ def _parts_record(
                         "an image in an assistant or system turn: images are input, only user turns may hold them",
                         path=data_file, line=line, field=where,
                     )
-                ref = part.get("image", part.get("path"))
+                ref = part["image"] if part.get("image") is not None else part.get("path")
                 images.append(reader.read(ref, data_file, line, f"{where}.image"))
                 parts.append({"type": "image"})
                 texts.append(IMAGE_PLACEHOLDER)

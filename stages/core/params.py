@@ -51,6 +51,8 @@ class ColumnsParams:
     system: str | None = None
     text: str | None = None  # continued pre-training
     tools: str | None = None  # the record's tools list (JSON schemas, or their JSON text)
+    images: str | None = None  # image chats: the image list of a LLaMA-Factory record (its `images` column)
+    image: str | None = None  # image chats: MiniCPM-V's `image` (one path, or {"<image_00>": path, ...})
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class ImageParams:
 
     min_pixels: int | None = None  # Qwen2.5-VL's own: 3136 (56x56, 4 tokens)
     max_pixels: int | None = None  # Qwen2.5-VL's own: 12845056; LLaMA-Factory users often set 589824 (768x768, 752 tokens)
+    # the folder image paths are relative to, and which they must stay inside (no `..`, no symlink
+    # out); null: each data file's own folder (a hub data set's paths then need a root)
+    root: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def prepare_cmd(params_path: Path, model_dir: Path, out: Path, report: Path, rej
     from stages.prepare.shards import prepare
 
     with atomic_dir(out) as tmp:
-        summary = prepare(params.data, model_dir, tmp, rejects_path=rejects)
+        summary = prepare(params.data, model_dir, tmp, rejects_path=rejects, final_out=out)
         write_json(report, summary)
     total = summary["total"]
     click.echo(

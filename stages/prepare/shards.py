@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.chats import validate_tools
 from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, write_json
 from stages.core.loading import load_tokenizer
@@ -36,7 +35,7 @@ from stages.core.vision import is_vision_model
 from stages.prepare.output import manifest, save_split
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import dedupe, sample_indices, split_off_eval
-from stages.prepare.sources import RawSource, open_source
+from stages.prepare.sources import RawSource, open_source, source_tools
 from stages.prepare.stream import MAP_BATCH, RecordMapper, output_features, sample_hash
 from stages.prepare.vision_shards import prepare_vision
 
@@ -44,12 +43,13 @@ TEXT_BATCH = 1000  # text rows read per step while packing blocks
 
 
 def prepare(
-    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None
+    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None, final_out: Path | None = None
 ) -> dict[str, Any]:
     """Prepare train/eval shards into `out` (an empty temp dir); return the report. A
-    vision-language model's data are image chats (stages/prepare/vision_shards.py)."""
+    vision-language model's data are image chats (stages/prepare/vision_shards.py); `final_out`
+    is where `out` will be renamed to (the shards name embedded images by that folder)."""
     if is_vision_model(model_dir):
-        return prepare_vision(params, model_dir, out, rejects_path)
+        return prepare_vision(params, model_dir, out, rejects_path, Path(final_out or out) / "images")
     tok = load_tokenizer(model_dir)
     if not getattr(tok, "is_fast", False):
         raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
@@ -149,12 +149,7 @@ def _map_source(
     raw: RawSource, tok: Any, params: DataParams, src: SourceParams, model_dir: Path, work: Path, where: str
 ) -> Any:
     """The source's rows through the RecordMapper: one output row per raw row, on disk."""
-    tools = None
-    if src.tools:
-        tools_path = Path(src.tools)
-        if not tools_path.is_file():
-            raise SftflowError("tools file not found", path=tools_path, field=f"{where}.tools")
-        tools = validate_tools(tools_path.read_text(), tools_path, None)
+    tools = source_tools(src, where)
     work.mkdir(parents=True, exist_ok=True)
     n = len(raw.data)
     return raw.data.map(

@@ -25,6 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
 from stages.core.shards import IMAGES, shard_features
+from stages.core.tables import undecoded
 from stages.core.vision import (
     VisionTokens,
     check_tokenizer,
@@ -47,10 +51,11 @@ from stages.core.vision import (
     vision_tokens,
 )
 from stages.prepare.output import manifest, save_split
-from stages.prepare.records import RawRecord, read_records
+from stages.prepare.records import RawRecord, _reason_key, parse_record
 from stages.prepare.render import TemplateError, label_tokens, render_chat
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import sample_indices
+from stages.prepare.sources import open_source, source_tools
 
 
 class ImageChatTokenizer:
@@ -62,12 +67,23 @@ class ImageChatTokenizer:
         # replies are closed by a special token (trained); the vision tokens never close one
         self.end_of_turn_ids = (frozenset(tok.all_special_ids) | {i for i in eos if i is not None}) - tokens.never_trained
 
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+        if tools:
+            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False)
+        return self.tok.apply_chat_template(messages, tokenize=False)
+
     def __call__(self, r: RawRecord) -> dict[str, Any]:
         """{"input_ids", "labels", "images", "drop", "truncated", "before_image"} of one chat."""
         p, t = self.params, self.tokens
         messages = with_system_prompt(r.messages, p.system_prompt)
         try:
-            chat = render_chat(lambda ms: self.tok.apply_chat_template(ms, tokenize=False), messages, p.train_on)
+            chat = render_chat(lambda ms: self._render(ms, r.tools), messages, p.train_on)
+            for tool in r.tools or ():
+                if tool["function"]["name"] not in chat.text:
+                    raise TemplateError(
+                        f"the chat template ignores the tools list (tool {tool['function']['name']!r} is not in"
+                        " the rendered chat): use a template with tool support"
+                    )
         except TemplateError as e:
             raise SftflowError(f"{e} (set model.chat_template)", path=r.source, line=r.line) from e
         enc = self.tok(chat.text, add_special_tokens=False, return_offsets_mapping=True)
@@ -131,30 +147,90 @@ def truncation_point(ids: list[int], max_length: int, t: VisionTokens) -> tuple[
     return cut, False
 
 
+def source_records(
+    src: SourceParams, where: str, work: Path, reader: ImageReader, on_bad_record: str, rejects: list[dict[str, Any]]
+) -> tuple[Iterator[RawRecord], dict[str, Any] | None]:
+    """(the validated records of one source of any kind, its hub commit or None), bad ones
+    going to `rejects` under on_bad_record: skip. JSON(L) rows are numbered by line, table rows
+    (parquet, CSV, Arrow, save_to_disk, hub) by 1-based row; a table's Image columns are read
+    undecoded, so embedded images are hashed as stored."""
+    raw = open_source(src, work, where)
+    tools = source_tools(src, where)
+    if raw.hub is not None:
+        reader.bases[raw.label] = None  # a hub data set has no folder: relative paths need data.image.root
+    data = raw.data if raw.kind == "json" else undecoded(raw.data)
+
+    def records() -> Iterator[RawRecord]:
+        for index, row in enumerate(data):
+            line = row["line"] if raw.kind == "json" else index + 1
+            try:
+                if raw.kind == "json":
+                    if row["error"] is not None:
+                        raise SftflowError(row["error"], path=raw.label, line=line)
+                    try:
+                        obj = json.loads(row["json"])
+                    except json.JSONDecodeError as e:
+                        raise SftflowError(
+                            f"malformed JSON: {e.msg} (column {e.colno})", path=raw.label, line=line
+                        ) from e
+                else:
+                    obj = row
+                yield parse_record(obj, src.format, raw.label, line, index, src.columns, tools, images=reader)
+            except SftflowError as e:
+                if on_bad_record != "skip":
+                    raise
+                rejects.append({"file": raw.label, "line": line, "reason": _reason_key(e), "detail": str(e)})
+
+    return records(), raw.hub
+
+
 def prepare_vision(
-    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None
+    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None, images_at: Path | None = None
 ) -> dict[str, Any]:
     """Prepare image chats into `out` (an empty temp dir); return the report (text prepare's
-    shape, plus image counts)."""
+    shape, plus image counts). Embedded images are written to `out/images/<sha256>.<ext>` and
+    referred to as `images_at/<name>` (where that folder will be once `out` is renamed into
+    place; default `out/images`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    try:
+        return _prepare_vision(params, model_dir, out, work, rejects_path, images_at or out / "images")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_vision(
+    params: DataParams, model_dir: Path, out: Path, work: Path, rejects_path: Path | None, images_at: Path
+) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
     config = model_config(model_dir)
     tokens = vision_tokens(config)
     check_tokenizer(tok, tokens, model_dir)
     processor = load_image_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
     chat_tokenizer = ImageChatTokenizer(tok, processor, tokens, params)
-    reader = ImageReader()
+    root = Path(params.image.root) if params.image.root else None
+    if root is not None and not root.is_dir():
+        raise SftflowError("image root folder not found", path=root, field="data.image.root")
+    reader = ImageReader(root=root, store=out / "images", store_as=images_at)
+    hubs: list[dict[str, Any]] = []
     reports: dict[str, SourceReport] = {}
     rejects: list[dict[str, Any]] = []
     before_image = 0
     rng = random.Random(params.seed)
 
-    def load(sources: tuple[SourceParams, ...]) -> list[dict[str, Any]]:
+    def load(sources: tuple[SourceParams, ...], group: str) -> list[dict[str, Any]]:
         nonlocal before_image
         rows: list[dict[str, Any]] = []
-        for src in sources:
-            rep = reports.setdefault(src.path, SourceReport())
+        for i, src in enumerate(sources):
+            rep = reports.setdefault(src.label, SourceReport())
             start = len(rejects)
-            records = list(read_records(Path(src.path), params.on_bad_record, rejects, src.format, images=reader))
+            found, hub = source_records(
+                src, f"data.{group}[{i}]", work / f"{group}-{i}", reader, params.on_bad_record, rejects
+            )
+            records = list(found)
+            if hub is not None:
+                hubs.append({"source": src.label, **hub})
             rep.skipped.update(r["reason"] for r in rejects[start:])
             rep.read += len(records) + len(rejects) - start
             kept = []
@@ -180,7 +256,7 @@ def prepare_vision(
             rows += picked
         return rows
 
-    train, evals = load(params.sources), load(params.eval_sources)
+    train, evals = load(params.sources, "sources"), load(params.eval_sources, "eval_sources")
     duplicates = 0
     if params.dedupe:
         train, evals, duplicates = _dedupe(train, evals)
@@ -212,9 +288,12 @@ def prepare_vision(
             name: sum(r["input_ids"].count(tokens.image_pad) for r in rows) for name, rows in splits.items()
         },
     }
+    written = manifest(tok, params, {k: len(v) for k, v in splits.items()})
+    if hubs:
+        written["hub_sources"] = hubs  # the commits actually read, as for text sources
     write_json(
         out / "manifest.json",
-        manifest(tok, params, {k: len(v) for k, v in splits.items()})
+        written
         | {
             # the data's identity includes the pixels: a changed image changes this manifest
             "vision": {

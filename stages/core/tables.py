@@ -1,0 +1,108 @@
+"""Data sets held as tables: a `save_to_disk` folder, or a `datasets` hub id loaded at a pinned
+revision (offline, from the local datasets cache). Shared by prepare (its sources) and eval (the
+held-out image chats), so both read a hub data set the same way and record the same commit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import SftflowError
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def load_folder(path: Path, split: str, field: str) -> Any:
+    """A save_to_disk folder: a Dataset, or one split of a DatasetDict (`field` names the split key)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise SftflowError(
+            "not a data folder written by datasets' save_to_disk (and not a file)", path=path
+        ) from e
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise SftflowError(
+                f"split {split!r} not in this DatasetDict (it has {', '.join(data)})", path=path, field=field
+            )
+        data = data[split]
+    return data
+
+
+def load_hub(
+    hub: str, name: str | None, split: str, revision: str, label: str, field: str, revision_field: str
+) -> tuple[Any, dict[str, Any]]:
+    """(the data set, {hub, name, split, revision, commit}) via `datasets.load_dataset`: from the
+    hub, or offline from the local cache. A pinned commit the cache does not hold is an error
+    (offline, `datasets` would silently load the newest cached one). `field` and `revision_field`
+    name the params keys that gave the id and the revision (errors name them)."""
+    import datasets
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(hub, name=name, split=split, revision=revision)
+    except Exception as e:  # any failure to find it: say where we looked, name the source
+        raise SftflowError(
+            f"cannot load hub data set {hub!r} (config {name}, split {split!r}, revision"
+            f" {revision!r}): neither the hub nor the local datasets cache"
+            f" ({datasets.config.HF_DATASETS_CACHE}) has it"
+            f"{' (offline mode is on)' if datasets.config.HF_HUB_OFFLINE else ''}: {type(e).__name__}: {e}",
+            path=label,
+            field=field,
+        ) from e
+    commit = cached_commit(data)
+    if COMMIT.fullmatch(revision) and commit is not None and commit != revision:
+        raise SftflowError(
+            f"revision {revision} was asked for but the datasets cache only holds {commit}"
+            " (offline, the newest cached version is loaded): go online once or pin that commit",
+            path=label,
+            field=revision_field,
+        )
+    return data, {"hub": hub, "name": name, "split": split, "revision": revision, "commit": commit}
+
+
+def cached_commit(data: Any) -> str | None:
+    """The commit a hub data set was loaded at: `datasets` caches it under a folder named
+    after the commit (…/org___name/config/version/<commit>/name-split.arrow)."""
+    for cache_file in getattr(data, "cache_files", []):
+        for part in reversed(Path(cache_file["filename"]).parts[:-1]):
+            if COMMIT.fullmatch(part):
+                return part
+    return None
+
+
+def undecoded(data: Any) -> Any:
+    """The data set with every `datasets` Image feature (at any depth) left undecoded: rows then
+    give `{"bytes", "path"}` — the stored bytes are hashed as they are, never re-encoded.
+
+    >>> from datasets import Dataset, Features, Image, List, Value
+    >>> ds = Dataset.from_dict({"images": [[]], "n": [1]}, features=Features({"images": List(Image()), "n": Value("int64")}))
+    >>> undecoded(ds).features["images"].feature.decode
+    False
+    """
+    from datasets import Image
+
+    def plain(feature: Any) -> Any:
+        if isinstance(feature, Image):
+            return Image(decode=False)
+        if isinstance(feature, dict):
+            return type(feature)({k: plain(v) for k, v in feature.items()})
+        if isinstance(feature, list):
+            return [plain(v) for v in feature]
+        if hasattr(feature, "feature"):  # List, LargeList, Sequence
+            import copy
+
+            out = copy.copy(feature)
+            out.feature = plain(feature.feature)
+            return out
+        return feature
+
+    features = data.features
+    if features is None:
+        return data
+    changed = plain(features)
+    return data if changed == features else data.cast(changed)
