@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core import json_text
 from stages.core.errors import SftflowError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -181,10 +182,7 @@ def _parse_json_text(value: Any, path: Path, line: int, where: str) -> Any:
     """A JSON value given as text (ShareGPT calls, CSV cells), or the value itself."""
     if not isinstance(value, str):
         return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=line, field=where) from e
+    return json_text.loads(value, path, line, where, "not valid JSON")
 
 
 def _tool_calls(calls: Any, path: Path, line: int, where: str) -> list[dict[str, Any]]:

@@ -3,10 +3,10 @@ for text and vision-language models, and what export checks each GGUF against.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from stages.core import json_text
 from stages.core.chats import validate_messages
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader, is_image_record, parse_image_record
@@ -31,10 +31,7 @@ def read_eval_chats(path: Path, images: ImageReader | None = None) -> list[dict[
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=n) from e
+        obj = json_text.loads(line, path, n, malformed="not valid JSON")
         chats.append(_eval_chat(obj, path, n, images))
     if not chats:
         raise SftflowError("no chats in the eval data file", path=path, field="eval.data")

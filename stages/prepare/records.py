@@ -23,15 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core import json_text
 from stages.core.chats import CHAT_SHAPES, validate_messages, validate_tools
 from stages.core.errors import SftflowError
-from stages.core.image_chats import (
-    IMAGE_REASONS,
-    ImageReader,
-    decode_json_cells,
-    is_image_record,
-    parse_image_record,
-)
+from stages.core.image_chats import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
+from stages.core.json_text import MAX_DEPTH, value_end
 from stages.core.params import ColumnsParams
 
 FORMATS = ("messages", "sharegpt", "alpaca", "text")
@@ -84,17 +80,21 @@ def alpaca_to_messages(obj: Any, path: Path, line: int) -> dict[str, Any]:
 ARRAY_CHUNK = 1 << 20  # characters read at a time from a JSON array file
 
 
-def iter_json_array(path: Path, chunk: int = ARRAY_CHUNK) -> Iterator[Any]:
-    r"""The items of a JSON array file, parsed one at a time from `chunk`-sized reads, so a
-    multi-GB array costs one item of memory, not the file (`json.load` of a 1.1 GB array of
-    chats peaks near 9 GB of Python objects). An array has no record boundaries to recover at,
-    so bad UTF-8 or JSON anywhere in it is an error naming the line, never a skippable record.
+def iter_json_array(path: Path, chunk: int = ARRAY_CHUNK) -> Iterator[str | SftflowError]:
+    r"""The items of a JSON array file, one at a time from `chunk`-sized reads, so a multi-GB
+    array costs one item of memory, not the file (`json.load` of a 1.1 GB array of chats peaks
+    near 9 GB of Python objects). Each item comes as its JSON text, as written in the file, to
+    be parsed by `stages.core.json_text.loads` like a JSONL line (duplicate keys, lone
+    surrogates and nesting are checked there); an item nested too deep for the parser comes as
+    the SftflowError saying so (a bad record: its brackets still say where it ends). An array
+    has no record boundaries to recover at otherwise, so bad UTF-8 or JSON anywhere in it is an
+    error naming the line, never a skippable record.
 
     >>> import tempfile
     >>> f = Path(tempfile.mkdtemp()) / "a.json"
     >>> _ = f.write_text('[{"a": 1},\n {"b": [2, 3]}, 4.5 ]')
     >>> list(iter_json_array(f, chunk=4))
-    [{'a': 1}, {'b': [2, 3]}, 4.5]
+    ['{"a": 1}', '{"b": [2, 3]}', '4.5']
     >>> _ = f.write_text('[{"a": 1},\n {"b": 2]')
     >>> list(iter_json_array(f, chunk=4))
     Traceback (most recent call last):
@@ -152,17 +152,27 @@ def iter_json_array(path: Path, chunk: int = ARRAY_CHUNK) -> Iterator[Any]:
                 skip_space()
             first = False
             want = len(buf) - pos + chunk
+            item: str | SftflowError
             while True:  # an item cut by the read boundary: read more (doubling) and parse again
                 try:
-                    item, end = decoder.raw_decode(buf, pos)
+                    _, end = decoder.raw_decode(buf, pos)
                     # a value is complete only where a delimiter follows it: "-25" may be the
                     # read boundary's cut of "-25.5", so a number needs the next character
                     if eof or (end < len(buf) and buf[end] in " \t\r\n,]"):
+                        item = buf[pos:end]
                         break
                 except json.JSONDecodeError as e:
                     if eof:
                         line += buf.count("\n", pos, e.pos)
                         raise fail(e.msg) from e
+                except RecursionError:  # nested past the parser's limit: skip to its closing bracket
+                    closed = value_end(buf, pos)
+                    if closed is not None:
+                        end = closed
+                        item = SftflowError(f"nested deeper than {MAX_DEPTH} levels", path=path, line=line)
+                        break
+                    if eof:
+                        raise fail("the array is not closed with ']'") from None
                 fill(want)
                 want *= 2
             line += buf.count("\n", pos, end)
@@ -195,7 +205,10 @@ def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
     raised. For arrays the "line" is the item's 1-based index."""
     if is_json_array(path):
         for i, item in enumerate(iter_json_array(path)):
-            yield i + 1, json.dumps(item, ensure_ascii=False), None
+            if isinstance(item, SftflowError):
+                yield i + 1, None, item.reason
+            else:
+                yield i + 1, item, None
         return
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -211,18 +224,15 @@ def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON or the SftflowError saying why that line is unreadable),
-    streaming (see `json_lines`). Array items are yielded as parsed, not dumped and re-read."""
-    if is_json_array(path):
-        yield from ((i + 1, item) for i, item in enumerate(iter_json_array(path)))
-        return
+    streaming (see `json_lines`)."""
     for line, text, error in json_lines(path):
         if error is not None:
             yield line, SftflowError(error, path=path, line=line)
             continue
         try:
-            yield line, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield line, SftflowError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=line)
+            yield line, json_text.loads(text, path, line)
+        except SftflowError as e:
+            yield line, e
 
 
 def parse_record(
@@ -240,8 +250,6 @@ def parse_record(
     for chats with images (vision-language models; without it such a chat is refused)."""
     if columns is not None and isinstance(obj, dict):
         obj = _renamed(obj, columns, path, line)
-    if images is not None:  # a table's turn or image list may be JSON text (a CSV cell)
-        obj = decode_json_cells(obj)
     if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
         if images is None:
             raise SftflowError(
@@ -251,10 +259,7 @@ def parse_record(
                 line=line,
             )
         messages, refs = parse_image_record(obj, path, line, images)
-        own_tools = validate_tools(obj.get("tools"), path, line)
-        return RawRecord(
-            source=str(path), line=line, record=index, messages=messages, tools=own_tools or tools, images=tuple(refs)
-        )
+        return RawRecord(source=str(path), line=line, record=index, messages=messages, images=tuple(refs))
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(
@@ -279,10 +284,7 @@ def parse_record(
             shape = dataclasses.replace(shape, turns=their_turns)
         turns = obj.get(shape.turns)
         if isinstance(turns, str) and turns.lstrip().startswith("["):  # a CSV cell holds JSON text
-            try:
-                obj = {**obj, shape.turns: json.loads(turns)}
-            except json.JSONDecodeError as e:
-                raise SftflowError(f"not valid JSON: {e.msg}", path=path, line=line, field=shape.turns) from e
+            obj = {**obj, shape.turns: json_text.loads(turns, path, line, shape.turns, "not valid JSON")}
     messages = validate_messages(obj, path, line, shape)
     own_tools = validate_tools(obj.get("tools"), path, line) if isinstance(obj, dict) else None
     return RawRecord(
@@ -347,6 +349,9 @@ def _reason_key(e: SftflowError) -> str:
         ("no_assistant_reply", "no assistant reply"),
         ("roles_out_of_order", "out of order"),
         ("misplaced_system", "system message"),
+        ("nested_too_deep", "nested deeper than"),
+        ("duplicate_key", "duplicate key"),
+        ("lone_surrogate", "lone surrogate"),
         ("malformed_json", "malformed JSON"),
         ("invalid_utf8", "invalid UTF-8"),
         ("no_messages", "' list"),

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stages.core import json_text
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
@@ -104,12 +105,7 @@ class RecordMapper:
                 if error is not None:
                     raise SftflowError(error, path=self.label, line=line)
                 if self.kind == "json":
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise SftflowError(
-                            f"malformed JSON: {e.msg} (column {e.colno})", path=self.label, line=line
-                        ) from e
+                    obj = json_text.loads(text, self.label, line)
                 else:
                     obj = {key: batch[key][k] for key in keys}
                 out.append(
