@@ -30,6 +30,11 @@ IMAGE_PLACEHOLDER = "<image>"
 # processor files copied verbatim from a source folder when present (they need no torchvision to copy)
 PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json")  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here"
 
+# QLoRA quantizes a VLM's language model only: these stay in full precision (4-bit ViT weights
+# cost accuracy for little memory). train builds the 4-bit model with them, merge rebuilds the
+# same one. transformers matches each from the start of a module's name (or as its suffix):
+# "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout.
+FULL_PRECISION_IN_4BIT = ("model.visual", "visual", "lm_head")
 
 @dataclass(frozen=True)
 class VisionTokens:

@@ -1,10 +1,16 @@
 """`merge` for vision-language models: the adapter folded into the VLM, saved with its processor,
 and the max |Δlogits| check run on prepared eval samples *with their images*.
 
-Same rules as text models (stages/merge/fold.py): merge in fp32, save in `merge.dtype`, reload
-from disk and compare with base+adapter in `merge.check_dtype`. The check feeds the
-pixels: a merge that broke the projector or the vision tower (both can carry trained weights
-here: `modules_to_save`, or LoRA on the ViT) would pass a text-only check.
+Same rules as text models (stages/merge/fold.py): merge in fp32 where `choose_placement` puts
+it (the GPUs when there are some, else the CPU), save in `merge.dtype`, reload from disk and
+compare with base+adapter in `merge.check_dtype`, in chunks on the model's device. The check
+feeds the pixels: a merge that broke the projector or the vision tower (both can carry trained
+weights here: `modules_to_save`, or LoRA on the ViT) would pass a text-only check.
+
+A QLoRA run merges as a text one does (stages/merge/qlora.py): the 4-bit VLM rebuilt as train
+quantized it (the language model's linear layers; the vision tower and lm_head in full
+precision), both candidate bases measured against it on the samples with their images, the
+adapter folded into the closer one.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import SftflowError
+from stages.core.devices import Placement
 from stages.core.io import read_json
 from stages.core.loading import load_tokenizer, torch_dtype
 from stages.core.params import MergeParams
@@ -26,7 +32,8 @@ from stages.core.vision import (
     model_config,
     vision_tokens,
 )
-from stages.merge.check import build_report, check_rows, compare, write_report
+from stages.merge.check import build_report, check_rows, compare_each, logits_of, logits_on, write_report
+from stages.merge.qlora import merge_qlora
 from stages.merge.save import save_merged
 
 
@@ -43,43 +50,34 @@ def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> li
     return batches
 
 
-def vision_logits(model: Any, batches: list[dict[str, Any]], dtype: str) -> list[Any]:
-    """Logits of `model` cast to `dtype` (in place), on batches with pixels, returned in float64."""
-    import torch
-
-    model.to(torch_dtype(dtype))
-    model.eval()
-    with torch.no_grad():
-        out = []
-        for b in batches:
-            b = {k: v.to(torch_dtype(dtype)) if k == "pixel_values" else v for k, v in b.items()}
-            out.append(model(**b).logits.double())
-        return out
-
-
 def merge_vision(
-    params: MergeParams, trained: dict[str, Any], base_dir: Path, adapter_dir: Path, prepared: Path, out: Path
+    params: MergeParams,
+    trained: dict[str, Any],
+    placement: Placement,
+    base_dir: Path,
+    adapter_dir: Path,
+    prepared: Path,
+    out: Path,
 ) -> dict[str, Any]:
     """Merge a VLM run into `out`, verify it with images, return the report; raise if it differs."""
+    from peft import PeftModel
+
     method = trained["method"]
     tok = load_tokenizer(adapter_dir)
     batches = vision_check_batches(prepared, params.check_samples, base_dir, tok)
-    if method == "qlora":
-        raise SftflowError(
-            "merging a qlora run of a vision-language model is not supported yet: train with method lora"
-            " (or merge the adapter into the original weights with peft yourself)",
-            path=adapter_dir,
-            field="method",
-        )
+    place = placement.load_kwargs()
+    extra: dict[str, Any] = {}
     if method == "full":
-        merged = load_vlm(adapter_dir, "float32")
-        reference = vision_logits(merged, batches, params.check_dtype)
+        merged = load_vlm(adapter_dir, "float32", **place)
+        reference = logits_on(merged, batches, params.check_dtype)
         merged.to(torch_dtype("float32"))
+    elif method == "qlora":
+        merged, reference, extra = merge_qlora(
+            params, trained["train"], base_dir, adapter_dir, batches, placement, vision=True
+        )
     else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_vlm(base_dir, "float32"), str(adapter_dir))
-        reference = vision_logits(model, batches, params.check_dtype)
+        model = PeftModel.from_pretrained(load_vlm(base_dir, "float32", **place), str(adapter_dir))
+        reference = logits_on(model, batches, params.check_dtype)
         model.to(torch_dtype("float32"))
         merged = model.merge_and_unload()
     tied = save_merged(merged, tok, out, params)
@@ -87,16 +85,19 @@ def merge_vision(
     del merged
     gc.collect()
 
-    reloaded = load_vlm(out, params.dtype)
-    saved = vision_logits(reloaded, batches, params.check_dtype)
+    reloaded = load_vlm(out, params.dtype, **place)
+    gaps = compare_each(
+        {"check": reference, **extra.pop("_compare_saved_with", {})}, logits_of(reloaded, batches, params.check_dtype)
+    )
     del reloaded
-    check = compare(reference, saved)
+    check = gaps.pop("check")
+    extra.update(gaps)
     checked = {
         "samples_checked": len(batches),
         "tokens_checked": sum(int(b["input_ids"].numel()) for b in batches),
         "images_checked": sum(int(b["image_grid_thw"].shape[0]) for b in batches if "image_grid_thw" in b),
     }
-    report = build_report(params, trained, reference, checked, check, tied, adapter_dir, out, vision=True)
+    report = build_report(params, trained, reference, checked, check, tied, adapter_dir, out, extra, vision=True)
     return write_report(report, check, params, adapter_dir, out)
 
 

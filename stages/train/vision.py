@@ -28,6 +28,7 @@ from typing import Any
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams, VisionParams
 from stages.core.vision import (
+    FULL_PRECISION_IN_4BIT,
     VisionCollator,
     language_model_prefix,
     load_image_processor,
@@ -186,9 +187,7 @@ def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: 
     from stages.core.loading import bnb_4bit_config
 
     config = bnb_4bit_config(params.qlora)
-    # transformers matches these from the start of a module's name (or as its suffix):
-    # "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout
-    config.llm_int8_skip_modules = ["model.visual", "visual", "lm_head"]
+    config.llm_int8_skip_modules = list(FULL_PRECISION_IN_4BIT)  # what merge rebuilds too
     model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
                      attn_implementation=attention)
     return prepare_model_for_kbit_training(

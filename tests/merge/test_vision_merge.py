@@ -34,3 +34,55 @@ def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base
     assert type(AutoImageProcessor.from_pretrained(tmp_path / "merged")).__name__.startswith("Qwen2VLImageProcessor")
 
 
+
+
+def test_qlora_run_merges_into_the_base_it_trained_on_checked_with_images(
+    tmp_path: Path, vlm_base: Path, images: Path
+) -> None:
+    """train (QLoRA + projector, 3 steps) -> merge: the language model's 4-bit layers rebuilt as
+    train quantized them, the NF4-rounded base chosen, and the merged model's logits on samples
+    with their images equal to the 4-bit model + adapter within the text QLoRA tolerance —
+    checked by the stage and again here, against a 4-bit VLM built independently."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from stages.core.loading import load_tokenizer
+    from stages.core.params import MergeParams
+    from stages.merge.fold import merge
+    from stages.merge.vision import vision_check_batches
+    from stages.train.trainer import train
+
+    record = chats_in_each_shape(str(images))
+    prepare_rows(tmp_path / "p", vlm_base, [record["llamafactory"], record["hf_parts"]] * 4, eval_fraction=0.25)
+    prepared = tmp_path / "p" / "out"
+    params = train_params(method="qlora", max_steps=3, batch_size=2, save_steps=0, report_to=[],
+                          vision={"tune_projector": True})
+    adapter = tmp_path / "adapter"
+    report = train(params, vlm_base, prepared, adapter, tmp_path / "ckpt", tmp_path / "loss.csv")
+    assert report["steps"] == 3
+
+    merged = merge(MergeParams(check_samples=2), vlm_base, adapter, prepared, tmp_path / "merged")
+    q = merged["qlora"]
+    rounded, original = q["candidates_vs_trained_4bit"]["nf4_rounded"], q["candidates_vs_trained_4bit"]["original"]
+    assert merged["method"] == "qlora" and merged["vision_language"] and merged["images_checked"] >= 2
+    assert q["quantized_weights"] == 2 * 7 and q["base"] == "nf4_rounded"  # the language model's linears only
+    assert rounded["max_abs_diff"] < 1e-4 and rounded["greedy_agreement"] == 1.0
+    assert original["mean_abs_diff"] > 100 * rounded["mean_abs_diff"]  # the quantization gap, not noise
+    assert merged["max_abs_diff"] < 1e-4 and merged["vs_trained_4bit"]["max_abs_diff"] < 1e-4
+
+    # Independently: the saved model against the 4-bit VLM + adapter, on a sample with its images.
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["model.visual", "visual", "lm_head"])
+    four_bit = AutoModelForImageTextToText.from_pretrained(vlm_base, dtype=torch.float32, quantization_config=config,
+                                                           device_map={"": "cpu"})
+    trained = PeftModel.from_pretrained(four_bit, str(adapter)).eval()
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    plain = AutoModelForImageTextToText.from_pretrained(vlm_base, dtype=torch.float32).eval()
+    (batch,) = vision_check_batches(prepared, 1, vlm_base, load_tokenizer(adapter))
+    assert "pixel_values" in batch
+    with torch.no_grad():
+        want, got, base = (m(**batch).logits for m in (trained, saved, plain))
+    assert (got - want).abs().max() < 1e-4
+    assert (want - base).abs().max() > 1e-3  # the run changed the model
