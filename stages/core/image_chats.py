@@ -83,6 +83,7 @@ def is_image_record(obj: Any) -> bool:
     return isinstance(turns, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in turns)
 
 
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 URL_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
 
 
@@ -189,8 +190,6 @@ class ImageReader:
         return path
 
     def _embedded(self, data: bytes, digest: str) -> ImageRef | SftflowError:
-        from PIL import Image
-
         checked = _check_image(lambda: io.BytesIO(data), "embedded image bytes")
         if isinstance(checked, SftflowError):
             return checked
@@ -198,9 +197,7 @@ class ImageReader:
         if self.store is None:
             self.store = self.store_as = Path(tempfile.mkdtemp(prefix="sftflow-images-"))
             atexit.register(shutil.rmtree, self.store, True)
-        ext = Image.registered_extensions()
-        suffix = next((e for e, f in ext.items() if f == fmt), ".img")
-        name = f"{digest}{suffix}"
+        name = f"{digest}{SUFFIXES.get(fmt, '.' + fmt.lower())}"
         target = self.store / name
         if not target.is_file():
             from stages.core.io import atomic_file
