@@ -60,16 +60,22 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Pr
     return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype(dtype), **kwargs)
 
 
-def bnb_4bit_config(q: QLoraParams) -> BitsAndBytesConfig:
+def bnb_4bit_config(q: QLoraParams, dtype: str = "float32", quant_storage: str | None = None) -> BitsAndBytesConfig:
     """The bitsandbytes 4-bit config of `train.qlora`: train quantizes the base with it, and
-    merge rebuilds exactly the same 4-bit model from the trained run's own params."""
+    merge rebuilds exactly the same 4-bit weights from the trained run's own params.
+
+    `dtype`: the compute dtype when `compute_dtype` is auto (train: its plan's precision; merge
+    checks in float32). `quant_storage`: the dtype the packed 4-bit weights are stored in
+    (ZeRO-3 shards them with the other weights, which need one dtype); None: uint8."""
     from transformers import BitsAndBytesConfig
 
+    storage = {} if quant_storage is None else {"bnb_4bit_quant_storage": torch_dtype(quant_storage)}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_compute_dtype=torch_dtype(dtype if q.compute_dtype == "auto" else q.compute_dtype),
+        **storage,
     )
 
 

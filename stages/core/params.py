@@ -134,6 +134,10 @@ class LoraParams:
     layers_to_transform: tuple[int, ...] | None = None  # only these decoder layers get adapters
     use_dora: bool = False  # weight-decomposed LoRA: magnitude + direction
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r): larger r stays stable
+    # which biases train with the adapters (peft's LoraConfig.bias): none; all (every bias of the
+    # model); lora_only (the biases of the adapted layers). Trained biases are saved with the
+    # adapter and folded in by merge like the adapters.
+    bias: Literal["none", "all", "lora_only"] = "none"
     init_adapter: str | None = None  # a PEFT adapter folder to continue from (its own config is used)
 
 
@@ -143,7 +147,10 @@ class QLoraParams:
 
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype 4-bit weights dequantize to
+    # dtype 4-bit weights dequantize to and compute in; auto: train.precision's as the plan
+    # resolved it (fp32 -> float32, bf16 -> bfloat16, fp16 -> float16). Under ZeRO-3 the 4-bit
+    # weights are also stored in it (bnb_4bit_quant_storage), so ZeRO-3 can shard them.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,32 @@ class VisionParams:
     tune_llm: bool = True  # the language model (and, for full SFT, its embeddings and lm_head)
 
 
+# transformers' OptimizerNames (TrainingArguments.optim) in the pinned version; a test checks the
+# list against the installed one (importing transformers to validate params would cost seconds).
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit",
+    "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw",
+)  # fmt: skip
+
+
+def needs_cuda_optimizer(name: str) -> bool:
+    """Whether an optimizer is bitsandbytes' (8-bit states, paged memory): they run on CUDA only.
+
+    >>> needs_cuda_optimizer("paged_adamw_8bit"), needs_cuda_optimizer("adamw_torch_8bit")
+    (True, False)
+    """
+    return name.startswith("paged_") or "bnb" in name or name in (
+        "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "galore_adamw_8bit", "galore_adamw_8bit_layerwise"
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """Fine-tuning; read by `train`."""
@@ -198,15 +231,31 @@ class TrainParams:
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # an absolute warmup instead of warmup_ratio (set one of them)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # transformers' optimizer name (TrainingArguments.optim; OPTIMIZERS lists them): adamw_torch,
+    # adamw_torch_fused (transformers' own default), adafactor; adamw_8bit / paged_adamw_8bit and
+    # the other *_8bit / paged_* ones are bitsandbytes' and need a CUDA GPU
+    optim: str = "adamw_torch_fused"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4  # per device
     grad_accum: int = 1
-    # bf16: autocast (CPU with avx512_bf16/AMX, or GPU); for lora/qlora the frozen base is also
-    # held in bf16. Trainable weights and the loss stay fp32 either way.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 on a GPU that computes it natively (compute capability 8.0+: Ampere and newer),
+    # fp16 with loss scaling on older GPUs (V100 sm70, T4 sm75), fp32 on the CPU (so the default
+    # pipeline's losses are the same on every CPU; bf16 there only when asked). fp32 on an
+    # Ampere+ GPU turns on TF32 matmuls. bf16/fp16: autocast; for lora/qlora the frozen base is
+    # also held in that dtype. Trainable weights and the loss stay fp32 either way. bf16 on a GPU
+    # without native bf16 and fp16 on the CPU are refused (reports/train.json `plan.why`).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: the CUDA GPU(s) when torch sees one, else the CPU; cpu: the CPU even on a GPU machine
+    # (also the way past the stop on an NVIDIA GPU torch cannot use); cuda: fail without a GPU.
+    # `sftflow train --device` overrides it.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # none: length-grouped dynamic padding; padding_free: samples concatenated into one row,
     # position_ids restarting per sample, attention within each sample only (stages/train/attention.py);
     # auto: padding_free, the faster and leaner one on CPU and GPU (bench/train_bench.py:
@@ -301,6 +350,10 @@ class EvalParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (pip install vllm; GPU only)
 
+    # on a GPU: single puts the model on the first visible GPU (one process per GPU: run more
+    # evals side by side with CUDA_VISIBLE_DEVICES); auto spreads it over every visible GPU
+    # (transformers' device_map="auto"), for a model too big for one GPU
+    device_map: Literal["single", "auto"] = "single"
 
 # GGUF types: the first four are written by llama.cpp's converter itself, the others by
 # llama.cpp's quantizer (through llama-cpp-python) from the f16 file.
@@ -518,6 +571,20 @@ def _train_checks(t: TrainParams) -> list[str]:
         out.append("train.warmup_ratio: must be in [0, 1)")
     if t.eval_steps < 0 or t.logging_steps < 1:
         out.append("train.eval_steps must be >= 0 and train.logging_steps >= 1")
+    if t.warmup_steps < 0:
+        out.append("train.warmup_steps: must be >= 0")
+    elif t.warmup_steps > 0 and t.warmup_ratio > 0:
+        out.append("train.warmup_steps: set warmup_steps or warmup_ratio, not both (one of them 0)")
+    if t.optim not in OPTIMIZERS:
+        close = [o for o in OPTIMIZERS if o.startswith(t.optim[:5])] or list(OPTIMIZERS[:6])
+        out.append(f"train.optim: unknown optimizer {t.optim!r} (transformers' names, e.g. {', '.join(close)})")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            out.append(f"train.{key}: must be in [0, 1)")
+    if t.adam_epsilon <= 0:
+        out.append("train.adam_epsilon: must be > 0")
+    if t.max_grad_norm < 0 or t.weight_decay < 0:
+        out.append("train.max_grad_norm / train.weight_decay: must be >= 0")
     out += _distributed_checks(t)
     return out
 
@@ -538,10 +605,6 @@ def _distributed_checks(t: TrainParams) -> list[str]:
         out.append("train.distributed.offload: needs train.distributed.deepspeed (zero2 or zero3)")
     if d.offload == "all" and stage == "zero2":
         out.append("train.distributed.offload: all (weights too) needs deepspeed zero3; zero2 offloads the optimizer")
-    if t.method == "qlora" and stage == "zero3":
-        out.append(
-            "train.distributed.deepspeed: zero3 cannot shard 4-bit (qlora) weights; use zero2 or none"
-        )
     return out
 
 

@@ -320,11 +320,14 @@ def _run_lm_eval(
 
 
 def eval_model(params: EvalParams, model_dir: Path, tok: PreTrainedTokenizerBase, stop: str) -> Any:
-    """lm-eval's model: HF transformers placed by `choose_placement` (GPU in bf16 with
-    batch_size auto when there is one, else the CPU in fp32), or vLLM (`eval.backend: vllm`)."""
+    """lm-eval's model: HF transformers placed by `choose_placement` (one GPU, or every GPU with
+    `eval.device_map: auto`, in bf16/fp16 with batch_size auto when there is one, else the CPU
+    in fp32), or vLLM (`eval.backend: vllm`)."""
     from stages.core.devices import choose_placement, detect_hardware
 
-    placement = choose_placement("eval", detect_hardware(), params.device, params.batch_size)
+    placement = choose_placement(
+        "eval", detect_hardware(), params.device, params.batch_size, spread=params.device_map == "auto"
+    )
     if params.backend == "vllm":
         import importlib.util
 

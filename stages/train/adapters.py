@@ -36,6 +36,7 @@ def add_adapters(model: Any, params: TrainParams, params_file: str) -> Any:
         layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform is not None else None,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
+        bias=lora.bias,
         task_type="CAUSAL_LM",
     )
     try:

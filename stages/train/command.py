@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,12 @@ from stages.core.params import TrainParams
     type=click.Path(path_type=Path),
     help="TensorBoard logs (train.report_to), one subfolder per run: `tensorboard --logdir logs/tensorboard`.",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Overrides train.device: cpu trains on the CPU even where a GPU is (or an unusable one stops the run).",
+)
 def train_cmd(
     params_path: Path,
     model_dir: Path,
@@ -43,9 +50,12 @@ def train_cmd(
     plot: Path,
     checkpoints: Path,
     tensorboard_dir: Path,
+    device: str | None,
 ) -> None:
     """Fine-tune the base model on the prepared shards (LoRA or full) with transformers.Trainer."""
     params = load(params_path)
+    if device is not None:  # the command line's --device over train.device (and in the report)
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, device=device))
     offline_by_default(model_dir)
     from stages.core.io import write_json
     from stages.core.vision import is_vision_model
@@ -55,9 +65,15 @@ def train_cmd(
 
     options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}
     options |= {"--report": report, "--plot": plot, "--checkpoints": checkpoints}
-    options |= {"--tensorboard": tensorboard_dir}
+    options |= {"--tensorboard": tensorboard_dir} | ({"--device": device} if device is not None else {})
     argv = ["train", *(str(x) for pair in options.items() for x in pair)]
     plan = decide(params.train, probe_machine(), vision=is_vision_model(model_dir), params_file=str(params_path))
+    cuda_env = distributed.cuda_environment(plan.device, os.environ)
+    if cuda_env:  # before this process allocates on the GPU; torchrun's children inherit it
+        os.environ.update(cuda_env)
+        import torch
+
+        torch.cuda.memory._set_allocator_settings(cuda_env["PYTORCH_CUDA_ALLOC_CONF"])
     env = cpu.preload_environment(plan.cpu)  # a malloc to preload that this process started without
     if env is not None and not distributed.is_launched_child() and plan.launch.world_size == 1:
         os.execve(sys.executable, distributed.module_command(argv), env)  # this command again, preloaded

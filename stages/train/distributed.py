@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +130,26 @@ def relaunch(params: DistributedParams, argv: list[str], env: dict[str, str] | N
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
     return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent_on_sigterm).returncode
+
+
+CUDA_ALLOC = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def cuda_environment(device: str, env: Mapping[str, str]) -> dict[str, str]:
+    """What the train command adds to its environment (and so its torchrun children's) on CUDA:
+    torch's caching allocator with expandable segments, which grows a segment in place instead of
+    leaving gaps that variable-length (packed) batches cannot reuse, the fragmentation behind
+    "reserved but unallocated" out-of-memory errors. Nothing when the user set the allocator
+    (PYTORCH_CUDA_ALLOC_CONF, or PYTORCH_ALLOC_CONF as newer torch calls it) or on the CPU.
+
+    >>> cuda_environment("cuda", {})
+    {'PYTORCH_CUDA_ALLOC_CONF': 'expandable_segments:True'}
+    >>> cuda_environment("cuda", {"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}), cuda_environment("cpu", {})
+    ({}, {})
+    """
+    if device != "cuda" or "PYTORCH_CUDA_ALLOC_CONF" in env or "PYTORCH_ALLOC_CONF" in env:
+        return {}
+    return dict([CUDA_ALLOC])
 
 
 def die_with_parent(sig: int | None = None) -> None:

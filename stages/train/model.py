@@ -21,20 +21,20 @@ from stages.train.plan import RunPlan
 from stages.train.vision import build_vision_model
 
 
-def base_dtype(params: TrainParams) -> str:
-    """bf16 frozen weights halve memory and skip autocast's per-step weight casts; weights that
-    train (full SFT) stay fp32 so small updates are not rounded away."""
-    return "bfloat16" if params.precision == "bf16" and params.method != "full" else "float32"
+def base_dtype(params: TrainParams, plan: RunPlan) -> str:
+    """16-bit frozen weights (the plan's bf16 or fp16) halve memory and skip autocast's per-step
+    weight casts; weights that train (full SFT) stay fp32 so small updates are not rounded away."""
+    return plan.dtype if params.method != "full" else "float32"
 
 
 def build_model(params: TrainParams, plan: RunPlan, base_dir: Path, params_file: str = "params.yaml") -> Any:
     """The model to hand to Trainer, with exactly the intended weights trainable."""
     if is_vision_model(base_dir):
-        return build_vision_model(params, plan, base_dir, base_dtype(params), params_file)
+        return build_vision_model(params, plan, base_dir, base_dtype(params, plan), params_file)
     if params.method == "qlora":
         model = _load_4bit(params, plan, base_dir)
     else:
-        model = load_causal_lm(base_dir, base_dtype(params), attn_implementation=plan.attention)
+        model = load_causal_lm(base_dir, base_dtype(params, plan), attn_implementation=plan.attention)
     if params.gradient_checkpointing:
         enable_checkpointing(model)
     if params.method == "full":
@@ -65,12 +65,20 @@ def count_parameters(model: Any) -> dict[str, Any]:
 
 
 def _load_4bit(params: TrainParams, plan: RunPlan, base_dir: Path) -> Any:
-    """The base quantized on load (NF4/FP4, optional double quant), each rank on its own device."""
+    """The base quantized on load (NF4/FP4, optional double quant), each rank on its own device.
+
+    Under ZeRO-3 (peft's QLoRA + DeepSpeed ZeRO-3 recipe) the packed 4-bit weights are stored in
+    the plan's dtype (`plan.quant_storage`) and every other weight is loaded in it too, so ZeRO-3
+    shards them all as one dtype; there is no device_map (ZeRO-3 places the shards) and no
+    `prepare_model_for_kbit_training`, whose fp32 upcast of the other weights would break that
+    one dtype (trl's SFTTrainer skips it for sharded QLoRA the same way)."""
     from peft import prepare_model_for_kbit_training
 
     from stages.core.loading import bnb_4bit_config
 
-    config = bnb_4bit_config(params.qlora)
+    config = bnb_4bit_config(params.qlora, plan.dtype, plan.quant_storage)
+    if plan.quant_storage is not None:
+        return load_causal_lm(base_dir, plan.quant_storage, quantization_config=config, attn_implementation=plan.attention)
     model = load_causal_lm(
         base_dir,
         "float32",

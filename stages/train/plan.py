@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.core.devices import Hardware, detect_hardware
-from stages.core.params import TrainParams
+from stages.core.devices import Hardware, check_usable, detect_hardware
+from stages.core.errors import SftflowError
+from stages.core.params import TrainParams, needs_cuda_optimizer
 from stages.train import distributed
 from stages.train.attention import register as register_varlen_attention
 from stages.train.cpu import entry as cpu
@@ -43,7 +44,8 @@ class RunPlan:
     """Every decision about how one training run computes, taken once (see `decide`)."""
 
     device: Literal["cpu", "cuda"]
-    precision: Literal["fp32", "bf16"]
+    # resolved (never auto), decided before the attention kernel: flash-attention needs bf16/fp16
+    precision: Literal["fp32", "bf16", "fp16"]
     attention: str  # the model's attn_implementation: sdpa, sdpa_varlen or flash_attention_2
     chunked_loss: bool  # the LM head + loss in chunks of trained rows (stages/train/loss.py)
     cpu: cpu.CpuChoices  # the CPU speed wing's part: kernels, allocator, dropout masks
@@ -51,6 +53,17 @@ class RunPlan:
     deepspeed: dict[str, Any] | None  # the DeepSpeed config, read once (None: no DeepSpeed)
     why: dict[str, str] = field(default_factory=dict)  # the reason behind each choice, by field
     warnings: tuple[str, ...] = ()  # said before training starts
+    tf32: bool = False  # fp32 on an Ampere+ GPU: matmuls in TF32 (TrainingArguments.tf32)
+    # DDP's find_unused_parameters: False where every trainable weight gets a gradient each step
+    # (LoRA/QLoRA: saves DDP's per-step search of the graph); None: transformers' own rule
+    find_unused_parameters: bool | None = None
+    # the 4-bit base's storage dtype under ZeRO-3 (bnb_4bit_quant_storage); None: bitsandbytes' uint8
+    quant_storage: str | None = None
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype name of the precision: what a 16-bit frozen base and 4-bit compute use."""
+        return DTYPES[self.precision]
 
     @property
     def zero_stage(self) -> int:
@@ -65,6 +78,7 @@ class RunPlan:
         return {
             "device": self.device,
             "precision": self.precision,
+            "tf32": self.tf32,
             "attention": self.attention,
             "kernels": self.cpu.kernels,
             "chunked_loss": self.chunked_loss,
@@ -104,20 +118,30 @@ def decide(
     >>> plan = decide(TrainParams(), Machine(allocators={"jemalloc": "/lib/libjemalloc.so.2"}), env={})
     >>> plan.device, plan.attention, plan.kernels, plan.chunked_loss, plan.cpu.allocator
     ('cpu', 'sdpa_varlen', 'fast', True, 'jemalloc')
-    >>> gpu = Machine(hardware=Hardware(gpus=1, bf16=True), flash_attn=True)
-    >>> plan = decide(TrainParams(precision="bf16"), gpu, env={})
-    >>> plan.device, plan.attention, plan.kernels, plan.cpu.allocator, plan.cpu.dropout_masks
-    ('cuda', 'flash_attention_2', 'plain', 'system', 'torch')
+    >>> gpu = Machine(hardware=Hardware(gpus=1, capability=(8, 0)), flash_attn=True)
+    >>> plan = decide(TrainParams(), gpu, env={})
+    >>> plan.device, plan.precision, plan.attention, plan.kernels, plan.cpu.allocator, plan.cpu.dropout_masks
+    ('cuda', 'bf16', 'flash_attention_2', 'plain', 'system', 'torch')
     >>> decide(TrainParams(packing="none"), Machine(), env={}).attention
     'sdpa'
     """
-    device: Literal["cpu", "cuda"] = "cuda" if machine.hardware.gpus > 0 else "cpu"
+    warnings: list[str] = []
+    device, why_device, warning = _device(params.device, machine.hardware)
+    warnings += [warning] if warning else []
     launch = distributed.resolve_launch(params.distributed, dict(env) if env is not None else None)
     deepspeed = distributed.deepspeed_config(params.distributed, params_file)
-    why: dict[str, str] = {"device": f"{machine.hardware.gpus} CUDA GPU(s) visible" if device == "cuda" else "no CUDA GPU visible"}
-    warnings: list[str] = []
-    if params.precision == "bf16" and device == "cpu" and not machine.cpu_bf16:
+    why: dict[str, str] = {"device": why_device}
+    precision, tf32, why["precision"] = _precision(params.precision, device, machine.hardware)
+    if precision == "bf16" and device == "cpu" and not machine.cpu_bf16:
         warnings.append("train: this CPU has no native bf16 (avx512_bf16/AMX): bf16 will be emulated and slow")
+    if device == "cpu" and needs_cuda_optimizer(params.optim):
+        raise SftflowError(
+            f"{params.optim} is a bitsandbytes optimizer and runs on a CUDA GPU only; this run is on the CPU"
+            " (adamw_torch_fused or adamw_torch there)",
+            path=params_file,
+            field="train.optim",
+        )
+    zero3_4bit = params.method == "qlora" and distributed.zero_stage(deepspeed) == 3
     attention, why["attention"] = _attention(params.packing, device, machine.flash_attn)
     wing = cpu.choose(
         params,
@@ -132,9 +156,10 @@ def decide(
     why["chunked_loss"] = (
         "with fast kernels: the LM head + loss in chunks of trained rows" if chunked else "the model's LM head, then the loss"
     )
+    find_unused, why["find_unused_parameters"] = _find_unused(params, vision)
     return RunPlan(
         device=device,
-        precision=params.precision,
+        precision=precision,
         attention=attention,
         chunked_loss=chunked,
         cpu=wing,
@@ -142,7 +167,92 @@ def decide(
         deepspeed=deepspeed,
         why=why,
         warnings=tuple(warnings),
+        tf32=tf32,
+        find_unused_parameters=find_unused,
+        quant_storage=DTYPES[precision] if zero3_4bit else None,
     )
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _device(requested: str, hw: Hardware) -> tuple[Literal["cpu", "cuda"], str, str | None]:
+    """(device, why, a warning or None): `train.device`, the GPUs torch sees, and the stop on
+    an NVIDIA GPU torch cannot use (stages/core/devices.py `check_usable`).
+
+    >>> _device("auto", Hardware(gpus=2, capability=(9, 0)))[:2]
+    ('cuda', '2 CUDA GPU(s) visible (sm90)')
+    >>> _device("cpu", Hardware(gpus=2, capability=(9, 0)))[:2]
+    ('cpu', 'train.device: cpu')
+    """
+    warning = check_usable(hw, "cpu" if requested == "cpu" else "auto", "train.device")
+    if requested == "cpu":
+        return "cpu", "train.device: cpu", warning
+    if hw.gpus == 0:
+        if requested == "cuda":
+            raise SftflowError("train.device: cuda, but torch sees no CUDA GPU", field="train.device")
+        return "cpu", "no CUDA GPU visible", None
+    return "cuda", f"{hw.gpus} CUDA GPU(s) visible ({hw.sm})", None
+
+
+def _precision(requested: str, device: str, hw: Hardware) -> tuple[Literal["fp32", "bf16", "fp16"], bool, str]:
+    """(precision, tf32, why) for `train.precision` on `device`.
+
+    auto: bf16 where the GPU computes it natively (sm80+), fp16 with loss scaling on older GPUs,
+    fp32 on the CPU: bf16 autocast on a CPU rounds differently per CPU model (AMX, avx512_bf16
+    or emulation), so the default pipeline's losses would change with the machine. fp32 on an
+    sm80+ GPU runs its matmuls in TF32 (10-bit mantissa inputs, fp32 accumulation: the speed of
+    16-bit tensor cores for fp32 training). bf16 on a GPU without native bf16 is refused, not
+    emulated: torch would run it several times slower than fp16, and flash-attention refuses it;
+    fp16 on the CPU is refused (its loss scaling and kernels are CUDA's).
+
+    >>> _precision("auto", "cuda", Hardware(gpus=1, capability=(7, 0)))[:2]
+    ('fp16', False)
+    >>> _precision("auto", "cuda", Hardware(gpus=1, capability=(8, 0)))[:2]
+    ('bf16', False)
+    >>> _precision("fp32", "cuda", Hardware(gpus=1, capability=(9, 0)))
+    ('fp32', True, 'train.precision: fp32; TF32 matmuls on sm90 (Ampere and newer)')
+    >>> _precision("auto", "cpu", Hardware())
+    ('fp32', False, 'auto on the CPU: fp32 (the same losses on every CPU model; bf16 on request)')
+    """
+    gpu = device == "cuda"
+    if requested == "auto":
+        if not gpu:
+            return "fp32", False, "auto on the CPU: fp32 (the same losses on every CPU model; bf16 on request)"
+        if hw.bf16:
+            return "bf16", False, f"auto on {hw.sm}: bf16, native on compute capability 8.0+"
+        return "fp16", False, f"auto on {hw.sm}: fp16 with loss scaling (no native bf16 below compute capability 8.0)"
+    if requested == "bf16" and gpu and not hw.bf16:
+        raise SftflowError(
+            f"bf16 needs a GPU that computes it natively (compute capability 8.0+: A100, L4, H100, RTX 30xx+);"
+            f" this one is {hw.sm}, where bf16 is emulated several times slower: use fp16 or auto",
+            field="train.precision",
+        )
+    if requested == "fp16" and not gpu:
+        raise SftflowError(
+            "fp16 (autocast with loss scaling) runs on a CUDA GPU; on the CPU use fp32 or bf16",
+            field="train.precision",
+        )
+    if requested == "fp32" and gpu and hw.bf16:
+        return "fp32", True, f"train.precision: fp32; TF32 matmuls on {hw.sm} (Ampere and newer)"
+    return requested, False, f"train.precision: {requested}"  # type: ignore[return-value]
+
+
+def _find_unused(params: TrainParams, vision: bool) -> tuple[bool | None, str]:
+    """DDP's `find_unused_parameters`. LoRA/QLoRA adapters all get a gradient every step, so
+    False spares DDP a walk of the autograd graph per step (and peft models, not being
+    `PreTrainedModel`s, would otherwise get True). A vision model whose tower or projector
+    trains keeps True: a micro-batch without images leaves them without a gradient. Full
+    fine-tuning keeps transformers' own rule (True unless gradient checkpointing).
+
+    >>> _find_unused(TrainParams(), vision=False)[0], _find_unused(TrainParams(method="full"), vision=False)[0]
+    (False, None)
+    """
+    if params.method == "full":
+        return None, "full fine-tuning: transformers' rule (True unless gradient checkpointing)"
+    if vision and (params.vision.tune_vision or params.vision.tune_projector):
+        return True, "a trainable vision tower or projector gets no gradient from a text-only micro-batch"
+    return False, "LoRA adapters all get a gradient every step"
 
 
 def with_attention(plan: RunPlan, attention: str) -> RunPlan:

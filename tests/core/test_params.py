@@ -88,3 +88,53 @@ def test_cli_starts_without_importing_torch() -> None:
 
     code = "import sys; from stages.core.cli import cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "train, expected",
+    [
+        ({"warmup_steps": 10, "warmup_ratio": 0.1}, "train.warmup_steps: set warmup_steps or warmup_ratio, not both"),
+        ({"warmup_steps": -1}, "train.warmup_steps: must be >= 0"),
+        ({"warmup_steps": 0.5}, "train.warmup_steps: expected int, got 0.5"),
+        ({"optim": "adamw"}, "train.optim: unknown optimizer 'adamw' (transformers' names, e.g. adamw_torch,"),
+        ({"adam_beta2": 1.0}, "train.adam_beta2: must be in [0, 1)"),
+        ({"adam_epsilon": 0}, "train.adam_epsilon: must be > 0"),
+        ({"precision": "fp8"}, "train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16'"),
+        ({"device": "gpu"}, "train.device: expected one of 'auto' | 'cpu' | 'cuda'"),
+        ({"lora": {"bias": "some"}}, "train.lora.bias: expected one of 'none' | 'all' | 'lora_only'"),
+        ({"qlora": {"compute_dtype": "float64"}}, "train.qlora.compute_dtype: expected one of 'auto'"),
+    ],
+)
+def test_training_knobs_are_validated_by_name(tmp_path: Path, train: dict, expected: str) -> None:
+    import yaml
+
+    with pytest.raises(SftflowError) as err:
+        load_params(write(tmp_path, yaml.safe_dump({"train": train})))
+    assert expected in str(err.value)
+
+
+def test_training_knob_defaults_keep_todays_run() -> None:
+    """auto precision is fp32 on the CPU (test_plan), and the optimizer is the one TrainingArguments
+    picks when none is named: the default pipeline computes the same steps."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from stages.core.params import TrainParams, parse_params
+
+    t = parse_params({}).train
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    assert t.optim == defaults["optim"] and (t.adam_beta1, t.adam_beta2, t.adam_epsilon) == (
+        defaults["adam_beta1"], defaults["adam_beta2"], defaults["adam_epsilon"]
+    )  # fmt: skip
+    assert (t.precision, t.device, t.warmup_steps, t.lora.bias, t.qlora.compute_dtype) == ("auto", "auto", 0, "none", "auto")
+    assert parse_params({"train": {"optim": "paged_adamw_8bit", "warmup_steps": 5}}).train.warmup_steps == 5
+    assert TrainParams(precision="fp16").precision == "fp16"
+
+
+def test_the_optimizer_list_is_the_installed_transformers_one() -> None:
+    from transformers.training_args import OptimizerNames
+
+    from stages.core.params import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}

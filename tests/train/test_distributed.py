@@ -303,7 +303,6 @@ def test_deepspeed_config_selection_and_offload(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "distributed, method, expected",
     [
-        ({"deepspeed": "zero3"}, "qlora", "zero3 cannot shard 4-bit"),
         ({"offload": "optimizer"}, "lora", "offload: needs train.distributed.deepspeed"),
         ({"deepspeed": "zero2", "offload": "all"}, "full", "needs deepspeed zero3"),
         ({"deepspeed": "zero4"}, "lora", "none, zero2, zero3 or a path"),
