@@ -12,6 +12,11 @@ base/tuned/delta `reports/eval.json` — gate and `dvc metrics diff` work unchan
   given the prompt and images: `reply_nll` (mean negative log-likelihood per token, nats) and
   `reply_perplexity`.
 
+The model is placed as the text eval places its own (`choose_placement("eval", ...)`): on a
+GPU in bfloat16 (float16 where bf16 is not native), on the first visible GPU unless
+`eval.device_map: auto` spreads it; without one, the CPU in float32 as before. Each chat is
+one batch: the inputs move to the model's input device, the pixels into the model's dtype.
+
 `shuffle_images` is the control that shows the pixels matter: each chat gets another chat's
 images (a rotation among chats with the same number of images), so a model that learnt
 from the images loses accuracy while one that guesses from text alone does not.
@@ -19,17 +24,17 @@ from the images loses accuracy while one that guesses from text alone does not.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
 from stages.core.chats import with_system_prompt
+from stages.core.devices import choose_placement, detect_hardware, input_device
 from stages.core.errors import SftflowError
-from stages.core.eval_chats import read_eval_chats
+from stages.core.eval_chats import eval_data_hash, read_eval_chats
 from stages.core.image_chats import ImageReader
-from stages.core.loading import load_tokenizer
+from stages.core.loading import load_tokenizer, torch_dtype
 from stages.core.params import EvalParams, ImageParams, to_dict
 from stages.core.turns import end_of_turn
 from stages.core.vision import (
@@ -82,7 +87,9 @@ def score_vision_model(
             field="eval.tasks",
         )
     image = image or ImageParams()
-    chats = read_eval_chats(Path(params.data), ImageReader())
+    placement = choose_placement("eval", detect_hardware(), params.device, params.batch_size,
+                                 spread=params.device_map == "auto")
+    chats = read_eval_chats(params.data, image_reader(image))
     if shuffle_images:
         chats = shuffled(chats)
     if params.limit is not None:
@@ -91,8 +98,9 @@ def score_vision_model(
     tokens = vision_tokens(model_config(model_dir))
     processor = load_image_processor(model_dir, image.min_pixels, image.max_pixels)
     collate = VisionCollator(processor, tokens, tok.pad_token_id, packing=False)
-    model = load_vlm(model_dir, "float32")
+    model = load_vlm(model_dir, placement.dtype, **placement.load_kwargs())
     model.eval()
+    device, dtype = input_device(model), torch_dtype(placement.dtype)
     stop = end_of_turn(tok)
     stop_id = tok.convert_tokens_to_ids(stop)
     metrics_fn = _replies_metrics()
@@ -112,21 +120,21 @@ def score_vision_model(
             reference = messages[-1]["content"]
             with torch.no_grad():
                 if "sftflow_replies" in params.tasks:
-                    batch = collate([{"input_ids": prompt_ids, "labels": prompt_ids, "images": images}])
-                    batch.pop("labels")
+                    batch = placed(collate([{"input_ids": prompt_ids, "labels": prompt_ids, "images": images}]),
+                                   device, dtype)
                     out = model.generate(**batch, max_new_tokens=params.max_new_tokens, do_sample=False,
                                          eos_token_id=[stop_id, tok.eos_token_id], pad_token_id=tok.pad_token_id)
-                    reply = tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+                    reply = tok.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
                     doc = {"reference": reference, "expect_contains": chat["expect_contains"] or [reference.strip()]}
                     score = metrics_fn(doc, [reply])
                     scores.append(score)
                     replies.append({"record": record, "prompt": prompt_text, "reference": reference, "reply": reply,
                                     "correct": bool(score["contains"])})
                 if "sftflow_perplexity" in params.tasks and full_ids[: len(prompt_ids)] == prompt_ids:
-                    batch = collate([{"input_ids": full_ids, "labels": full_ids, "images": images}])
-                    batch.pop("labels")
+                    batch = placed(collate([{"input_ids": full_ids, "labels": full_ids, "images": images}]),
+                                   device, dtype)
                     logits = model(**batch).logits[0, len(prompt_ids) - 1 : -1].float()
-                    target = batch["input_ids"][0, len(prompt_ids) :]
+                    target = batch["input_ids"][0, len(prompt_ids) :].to(logits.device)  # spread: the last GPU
                     # up to and including the end-of-turn token: what training scores
                     keep = _through_end(target.tolist(), stop_id)
                     loss = torch.nn.functional.cross_entropy(logits[:keep], target[:keep], reduction="sum")
@@ -151,13 +159,32 @@ def score_vision_model(
 
 def vision_inputs(params: EvalParams, system_prompt: str | None, image: ImageParams, shuffle: bool) -> dict[str, Any]:
     """What the scores depend on besides the model: eval params, prompt, eval data and its images."""
-    data = Path(params.data)
-    h = hashlib.sha256(data.read_bytes())
-    for chat in read_eval_chats(data, ImageReader()):
+    h = eval_data_hash(params.data)
+    for chat in read_eval_chats(params.data, image_reader(image)):
         for im in chat["images"]:
             h.update(im.sha256.encode())
     return {"eval": to_dict(params), "system_prompt": system_prompt, "data_sha256": h.hexdigest()[:16],
             "image": to_dict(image), "shuffled_images": shuffle}
+
+
+def placed(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
+    """A collated batch as the model takes it: labels dropped, every tensor on the model's input
+    device, the pixels in the model's dtype.
+
+    >>> import torch
+    >>> b = placed({"input_ids": torch.ones(1, 2, dtype=torch.long), "labels": 0, "pixel_values": torch.ones(1)},
+    ...            torch.device("cpu"), torch.bfloat16)
+    >>> sorted(b), b["pixel_values"].dtype, b["input_ids"].dtype
+    (['input_ids', 'pixel_values'], torch.bfloat16, torch.int64)
+    """
+    return {
+        k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items() if k != "labels"
+    }
+
+
+def image_reader(image: ImageParams) -> ImageReader:
+    """Reads the held-out chats' images as prepare read the training ones (`data.image.root`)."""
+    return ImageReader(root=Path(image.root) if image.root else None)
 
 
 def _expand(ids: list[int], counts: list[int], pad: int) -> list[int]:
