@@ -274,11 +274,13 @@ class TrainParams:
     # How the step is computed; fast computes the same as plain (fp32: per-step losses within
     # 1e-5, tested). plain: transformers + peft as they are, the path a GPU runs. fast (CPU only,
     # stages/train/cpu/kernels.py): peft's LoRA linear as one autograd function keeping fewer
-    # bytes for backward, and the LM head + loss in chunks of trained rows. auto: fast on the CPU,
-    # plain on a GPU (docs/benchmarks.md#reference-workload-400-chats). fast is refused under
-    # ZeRO-3 (it reads weights ZeRO-3 keeps partitioned; auto: plain) and does nothing with
-    # gradient checkpointing.
-    kernels: Literal["auto", "plain", "fast"] = "auto"
+    # bytes for backward, and the LM head + loss in chunks of trained rows. liger (CUDA only,
+    # stages/train/gpu_kernels.py): Liger Kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear
+    # cross-entropy (the `gpu` extra). auto: fast on the CPU; on a GPU liger where installed and
+    # it supports the model, else plain with the chunked loss
+    # (docs/benchmarks.md#reference-workload-400-chats). fast is refused under ZeRO-3 (it reads
+    # weights ZeRO-3 keeps partitioned; auto: plain) and does nothing with gradient checkpointing.
+    kernels: Literal["auto", "plain", "fast", "liger"] = "auto"
     # The CPU's malloc during training: jemalloc or tcmalloc preloaded instead of glibc's heap,
     # which keeps freed activation pages (docs/benchmarks.md#cpu-speed-work-against-the-library-alternatives); the same
     # losses bit for bit. auto: the first of jemalloc, tcmalloc installed when training on the CPU

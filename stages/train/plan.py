@@ -20,7 +20,7 @@ from typing import Any, Literal
 from stages.core.devices import Hardware, check_usable, detect_hardware
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams, needs_cuda_optimizer
-from stages.train import distributed
+from stages.train import distributed, gpu_kernels
 from stages.train.attention import register as register_varlen_attention
 from stages.train.cpu import entry as cpu
 
@@ -30,13 +30,15 @@ class Machine:
     """What the plan depends on besides the params: the CUDA GPUs torch sees (and whether they
     compute in bf16), whether this CPU computes bf16 natively, whether flash-attention is
     installed, why sftflow's C++ pieces cannot be built here (None: they can), and the mallocs
-    that can be preloaded (name -> shared library)."""
+    that can be preloaded (name -> shared library); `liger`: the model types the installed
+    liger-kernel patches (empty: not installed, or no CUDA)."""
 
     hardware: Hardware = field(default_factory=Hardware)
     cpu_bf16: bool = True
     flash_attn: bool = False
     native_problem: str | None = None
     allocators: Mapping[str, str] = field(default_factory=dict)
+    liger: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class RunPlan:
     deepspeed: dict[str, Any] | None  # the DeepSpeed config, read once (None: no DeepSpeed)
     why: dict[str, str] = field(default_factory=dict)  # the reason behind each choice, by field
     warnings: tuple[str, ...] = ()  # said before training starts
+    # Liger Kernel's config (transformers' liger_kernel_config; None: Liger does not run) and the
+    # loss: liger_fused_linear_cross_entropy, chunked or logits (stages/train/gpu_kernels.py)
+    liger: Mapping[str, bool] | None = None
+    loss: str = "logits"
     tf32: bool = False  # fp32 on an Ampere+ GPU: matmuls in TF32 (TrainingArguments.tf32)
     # DDP's find_unused_parameters: False where every trainable weight gets a gradient each step
     # (LoRA/QLoRA: saves DDP's per-step search of the graph); None: transformers' own rule
@@ -71,7 +77,7 @@ class RunPlan:
 
     @property
     def kernels(self) -> str:
-        return self.cpu.kernels
+        return "liger" if self.liger is not None else self.cpu.kernels
 
     def report(self) -> dict[str, Any]:
         """The plan as `reports/train.json` shows it."""
@@ -80,8 +86,10 @@ class RunPlan:
             "precision": self.precision,
             "tf32": self.tf32,
             "attention": self.attention,
-            "kernels": self.cpu.kernels,
+            "kernels": self.kernels,
             "chunked_loss": self.chunked_loss,
+            "loss": self.loss,
+            "liger": dict(self.liger) if self.liger is not None else None,
             "allocator": self.cpu.allocator,
             "dropout_masks": self.cpu.dropout_masks,
             "processes": self.launch.world_size,
@@ -101,6 +109,7 @@ def probe_machine() -> Machine:
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         native_problem=cpu.native_problem(),
         allocators=found,
+        liger=gpu_kernels.liger_models(),
     )
 
 
@@ -109,10 +118,12 @@ def decide(
     machine: Machine,
     *,
     vision: bool = False,
+    model_type: str | None = None,
     env: Mapping[str, str] | None = None,
     params_file: str = "params.yaml",
 ) -> RunPlan:
     """The plan for `params` on `machine` (`vision`: the base is a vision-language model;
+    `model_type`: its config's model_type, which Liger's kernels go by;
     `env`: the launch overrides, os.environ when None).
 
     >>> plan = decide(TrainParams(), Machine(allocators={"jemalloc": "/lib/libjemalloc.so.2"}), env={})
@@ -156,6 +167,19 @@ def decide(
     why["chunked_loss"] = (
         "with fast kernels: the LM head + loss in chunks of trained rows" if chunked else "the model's LM head, then the loss"
     )
+    gpu = gpu_kernels.choose(
+        params,
+        on_cuda=device == "cuda",
+        model_type=model_type,
+        liger_models=machine.liger,
+        zero_stage=distributed.zero_stage(deepspeed),
+        vision=vision,
+        params_file=params_file,
+    )
+    if gpu is not None:  # on CUDA the kernels and the loss are the GPU's choice (stages/train/gpu_kernels.py)
+        chunked = gpu.loss == "chunked"
+        why |= {"kernels": gpu.kernels_why, "chunked_loss": gpu.loss_why}
+    why["loss"] = why["chunked_loss"]
     find_unused, why["find_unused_parameters"] = _find_unused(params, vision)
     return RunPlan(
         device=device,
@@ -167,6 +191,8 @@ def decide(
         deepspeed=deepspeed,
         why=why,
         warnings=tuple(warnings),
+        liger=gpu.liger if gpu is not None else None,
+        loss=gpu.loss if gpu is not None else ("chunked" if chunked else "logits"),
         tf32=tf32,
         find_unused_parameters=find_unused,
         quant_storage=DTYPES[precision] if zero3_4bit else None,

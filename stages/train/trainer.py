@@ -20,13 +20,13 @@ from typing import Any
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
-from stages.core.integrity import verify_dir
 from stages.core.io import atomic_file, read_json, write_json
-from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer, tokenizer_fingerprint
+from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
 from stages.train import distributed
 from stages.train.cpu import entry as cpu
+from stages.train.gpu_kernels import LIGER_LOSS, base_model_type, liger_report
 from stages.train.loss import (
     ChunkedTrainedLoss,
     KeepTrainedLogits,
@@ -62,7 +62,6 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
     manifest_path = prepared / "manifest.json"
     if not manifest_path.exists():
         raise SftflowError("no manifest.json: run `sftflow prepare` first", path=prepared)
-    verify_dir(prepared)  # every shard as prepare wrote it, before a row of it is trained on
     manifest = read_json(manifest_path)
     expected = tokenizer_fingerprint(tok)
     if manifest["tokenizer_fingerprint"] != expected:
@@ -156,7 +155,7 @@ def train(
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
-    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir))
+    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir), model_type=base_model_type(base_dir))
     for warning in plan.warnings:
         _say(warning)
     tok = load_tokenizer(base_dir)
@@ -188,7 +187,6 @@ def train(
     # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below
     save_check = _save(trainer, model, tok, out, params)
-    carry_remote_code(base_dir, out)
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
         for entry in trainer.state.log_history
@@ -203,11 +201,11 @@ def train(
     return {
         "method": params.method,
         "packing": params.packing,
-        "precision": plan.precision,
+        "precision": params.precision,
         "attention": attention,
         "plan": plan.report(),
-        "trained_logits_only": _keeps_trained_logits(params, model),
-        "kernels": {**wing["kernels"], "chunked_loss": head is not None},
+        "trained_logits_only": _keeps_trained_logits(params, plan, model),
+        "kernels": {**wing["kernels"], "chunked_loss": head is not None, **_liger(plan, model)},
         "steps": result.global_step,
         "resumed_from": str(resume) if resume else None,
         "first_loss": losses[0] if losses else None,
@@ -232,10 +230,15 @@ def train(
     }
 
 
-def _keeps_trained_logits(params: TrainParams, model: Any) -> bool:
+def _keeps_trained_logits(params: TrainParams, plan: RunPlan, model: Any) -> bool:
     """Whether the model computes logits at trained positions only (`train.trained_logits_only`,
-    where its forward takes `logits_to_keep`)."""
-    return params.trained_logits_only and accepts_logits_to_keep(model)
+    where its forward takes `logits_to_keep`; not with Liger's fused loss, which computes none)."""
+    return params.trained_logits_only and plan.loss != LIGER_LOSS and accepts_logits_to_keep(model)
+
+
+def _liger(plan: RunPlan, model: Any) -> dict[str, Any]:
+    """What Liger patched (for the report's kernels), where the plan ran it."""
+    return {"liger": liger_report(model)} if plan.liger is not None else {}
 
 
 def _collator(
@@ -247,7 +250,7 @@ def _collator(
         collator = build_vision_collator(base_dir, tok, params.packing, manifest)
     else:
         collator = build_collator(tok, params.packing, plan.attention)
-    return KeepTrainedLogits(collator) if _keeps_trained_logits(params, model) else collator
+    return KeepTrainedLogits(collator) if _keeps_trained_logits(params, plan, model) else collator
 
 
 def _trainer(
@@ -272,10 +275,18 @@ def _trainer(
         train_dataset=train_set.select_columns([*columns, "length"]),
         eval_dataset=eval_set.select_columns(columns) if eval_set is not None else None,
         data_collator=ModelColumns(collator),
-        compute_loss_func=ChunkedTrainedLoss(head) if head is not None else trained_logits_loss,
+        compute_loss_func=_loss(plan, head),
         callbacks=callbacks,
     )
     return trainer, head
+
+
+def _loss(plan: RunPlan, head: Any) -> Any:
+    """Trainer's `compute_loss_func`: None where Liger's fused linear cross-entropy computes the
+    loss inside the model's forward (the model then gets the labels: stages/train/gpu_kernels.py)."""
+    if plan.loss == LIGER_LOSS:
+        return None
+    return ChunkedTrainedLoss(head) if head is not None else trained_logits_loss
 
 
 def _save(trainer: Any, model: Any, tok: Any, out: Path, params: TrainParams) -> dict[str, Any] | None:
@@ -322,9 +333,12 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         gradient_accumulation_steps=params.grad_accum,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
-        **optimizer_and_precision(params, plan),
+        bf16=params.precision == "bf16",
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=params.logging_steps,
@@ -341,36 +355,10 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         include_num_input_tokens_seen=tokens_seen_mode(params.packing != "none"),  # real tokens: metering.py
         dataloader_num_workers=params.dataloader_workers,  # image chats: decode + resize overlap the step
         use_cpu=plan.device == "cpu",
+        use_liger_kernel=plan.liger is not None,  # applied by Trainer (stages/train/gpu_kernels.py)
+        liger_kernel_config=dict(plan.liger) if plan.liger is not None else None,
         deepspeed=plan.deepspeed,
     )
-
-
-def optimizer_and_precision(params: TrainParams, plan: RunPlan) -> dict[str, Any]:
-    """The TrainingArguments of the optimizer, its schedule's warmup, the precision and DDP, from
-    the params and the plan (a GPU plan's are checked here without building the arguments, which
-    refuse fp16 and TF32 without a GPU).
-
-    >>> from stages.train.plan import Machine, decide
-    >>> from stages.core.devices import Hardware
-    >>> t4 = Machine(hardware=Hardware(gpus=1, capability=(7, 5)))
-    >>> knobs = optimizer_and_precision(TrainParams(warmup_steps=10), decide(TrainParams(), t4, env={}))
-    >>> knobs["fp16"], knobs["bf16"], knobs["tf32"], knobs["warmup_steps"], knobs["optim"]
-    (True, False, None, 10, 'adamw_torch_fused')
-    """
-    return {
-        "optim": params.optim,
-        "adam_beta1": params.adam_beta1,
-        "adam_beta2": params.adam_beta2,
-        "adam_epsilon": params.adam_epsilon,
-        "weight_decay": params.weight_decay,
-        "max_grad_norm": params.max_grad_norm,
-        # an int >= 1 counts steps; a float in [0, 1) is a ratio of the total steps
-        "warmup_steps": params.warmup_steps if params.warmup_steps > 0 else params.warmup_ratio,
-        "bf16": plan.precision == "bf16",
-        "fp16": plan.precision == "fp16",  # autocast + GradScaler's loss scaling
-        "tf32": True if plan.tf32 else None,  # None: leave torch's setting as it is
-        "ddp_find_unused_parameters": plan.find_unused_parameters,
-    }
 
 
 def peak_rss_mb() -> float:

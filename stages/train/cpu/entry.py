@@ -92,8 +92,8 @@ found here, name -> library).
 
 
 def _kernels(params: TrainParams, on_cpu: bool, zero_stage: int) -> tuple[str, str]:
-    if params.kernels == "plain":
-        return "plain", "train.kernels: plain"
+    if params.kernels in ("plain", "liger"):  # liger: the GPU's (stages/train/gpu_kernels.py)
+        return "plain", f"train.kernels: {params.kernels}"
     if params.gradient_checkpointing:
         return "plain", "gradient checkpointing recomputes whole layers: transformers + peft"
     if not on_cpu and params.kernels == "auto":
