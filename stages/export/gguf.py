@@ -6,6 +6,12 @@ all compared greedy replies equal and next-token logits within `export.max_abs_l
 else the stage fails (its report is still written, to show what differed). bf16 and the
 quantized types are measured and reported, not gated: they round the weights by design.
 The GGUF must also carry the HF chat template and stop at its end-of-turn token.
+
+Vision-language models are refused with the reason and the alternative (`refuse_vision_model`):
+llama.cpp runs them as two files — the language model and a multimodal projector GGUF
+(`convert_hf_to_gguf.py --mmproj`) holding the vision tower — and this stage's check (the GGUF's
+logits and replies against the HF model's) compares text only: a projector it cannot check
+would be shipped unchecked.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def export_gguf(params: Params, model_dir: Path, out: Path, report_path: Path) -
     x = params.export
     if not (Path(model_dir) / "config.json").is_file():
         raise SftflowError("not a merged HF model folder (run the merge stage first)", path=model_dir)
+    refuse_vision_model(Path(model_dir))
     converter = find_converter(x.converter)
     start = time.perf_counter()
     made = write_ggufs(Path(model_dir), out, x.types, converter, x.threads)
@@ -82,6 +89,26 @@ def export_gguf(params: Params, model_dir: Path, out: Path, report_path: Path) -
         raise SftflowError("the GGUF export does not reproduce the HF model:\n  " + "\n  ".join(failures),
                            path=report_path)
     return report
+
+
+def refuse_vision_model(model_dir: Path) -> None:
+    """A SftflowError for a vision-language model's folder, naming its type, why, and what serves it."""
+    from stages.core.vision import is_vision_config, model_config
+
+    config = model_config(model_dir)
+    if not is_vision_config(config):
+        return
+    raise SftflowError(
+        f"a vision-language model ({config.get('model_type')}): `sftflow export gguf` writes and checks text"
+        " models only. llama.cpp needs a VLM as two GGUFs, the language model plus a multimodal projector"
+        " (convert_hf_to_gguf.py --mmproj) for the vision tower, and this export can check only the text part"
+        " against the HF model. Serve the merged folder itself instead: `vllm serve " + str(model_dir) + "`"
+        " (OpenAI-compatible, images in the messages), `transformers serve`, or"
+        " AutoModelForImageTextToText + AutoProcessor; `sftflow chat --model " + str(model_dir) + " --image PATH`"
+        " talks to it here",
+        path=model_dir,
+        field="export",
+    )
 
 
 def _version(dist: str) -> str | None:

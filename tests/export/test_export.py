@@ -110,6 +110,21 @@ def test_missing_converter_says_how_to_get_it(tmp_path: Path) -> None:
         find_converter(str(tmp_path))
 
 
+def test_vision_language_model_is_refused_with_the_alternative(vlm_base: Path, tmp_path: Path) -> None:
+    """A VLM's folder: a one-line refusal naming the model type, why (the projector GGUF this export
+    cannot check) and what serves the merged folder instead; no GGUF folder, no report, no traceback.
+    It does not need the converter installed."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    proc = run([bin_path("sftflow"), "export", "gguf", "--params", "params.yaml", "--model", str(vlm_base),
+                "--out", "gguf", "--report", "export.json"], tmp_path, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text, text
+    for words in ("a vision-language model (qwen2_5_vl)", "--mmproj", f"vllm serve {vlm_base}", "transformers serve",
+                  f"sftflow chat --model {vlm_base} --image PATH"):
+        assert words in text, (words, text)
+    assert not (tmp_path / "gguf").exists() and not (tmp_path / "export.json").exists()
+
+
 @pytest.mark.slow
 def test_default_pipeline_exports_a_verified_gguf(tmp_path: Path) -> None:
     """The default pipeline, then `dvc repro pipelines/export/dvc.yaml`: f16 replies equal the HF
