@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from stages.core.params import LoraParams, TrainParams
 
@@ -23,6 +24,14 @@ pytest_plugins = ["tests.vlm"]  # the vision tests' session fixtures (vlm_base, 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Generated-input tests (Hypothesis): `default` is bounded and seeded from each test's name, so
+# the default run is quick and CI sees the same cases every time; `nightly` (env
+# HYPOTHESIS_PROFILE=nightly) draws many more and new ones. Each test's own example count is
+# scaled by tests/properties.py `budget`.
+settings.register_profile("default", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile("nightly", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,3 +187,12 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The generated-input tests' case counts per reader (tests/properties.py)."""
+    from tests.properties import CASES
+
+    if CASES:
+        counts = ", ".join(f"{reader} {n}" for reader, n in sorted(CASES.items()))
+        terminalreporter.write_line(f"generated cases per reader: {counts}")

@@ -104,7 +104,7 @@ def validate_messages(
         role_word, content = m.get(shape.role), m.get(shape.content)
         if role_word is None:
             raise SftflowError("missing role", path=path, line=line, field=f"{where}.{shape.role}")
-        if role_word not in shape.roles:
+        if not isinstance(role_word, str) or role_word not in shape.roles:  # a list is no role (nor hashable)
             raise SftflowError(
                 f"unknown role {role_word!r} (expected one of {', '.join(shape.roles)})",
                 path=path,

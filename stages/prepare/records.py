@@ -192,7 +192,10 @@ def _utf8_error(path: Path) -> SftflowError:
 
 
 def is_json_array(path: Path) -> bool:
-    """Whether the file holds one JSON array (else JSONL): its first non-blank byte is `[`."""
+    """Whether the file holds one JSON array (else JSONL): its first non-blank byte is `[`,
+    and it is not named `.jsonl` (whose first record may be a list: a bad record, not an array)."""
+    if path.suffix.lower() == ".jsonl":
+        return False
     with path.open("rb") as f:
         return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
