@@ -3,17 +3,21 @@ for text and vision-language models, and what export checks each GGUF against.""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from stages.core import json_text
 from stages.core.chats import validate_messages
 from stages.core.errors import SftflowError
-from stages.core.image_chats import ImageReader, is_image_record, parse_image_record
+from stages.core.image_chats import ImageReader, decode_json_cells, is_image_record, parse_image_record
 from stages.core.params import EvalParams
+from stages.core.tables import hub_spec, is_table, open_table, undecoded
 
 
-def read_eval_chats(path: Path, images: ImageReader | None = None) -> list[dict[str, Any]]:
+def read_eval_chats(path: Path | str, images: ImageReader | None = None) -> list[dict[str, Any]]:
     """Held-out chats, one JSON object a line, each ending with the reference reply, as
     `{"messages", "images", "expect_contains"}`:
 
@@ -23,8 +27,14 @@ def read_eval_chats(path: Path, images: ImageReader | None = None) -> list[dict[
 
     Messages are checked by the validator prepare uses. With an `ImageReader` (vision-language
     models) a chat may hold images in any shape stages/core/image_chats.py reads, listed in
-    `images` (each an ImageRef); otherwise `images` is empty.
+    `images` (each an ImageRef); otherwise `images` is empty. Image chats may also come from a
+    table (`stages.core.tables.is_table`: parquet, CSV, Arrow, a save_to_disk folder, or
+    `hf://org/name@revision:split` from the offline datasets cache), one chat a row, images as
+    paths or embedded bytes — the sources prepare reads.
     """
+    if images is not None and is_table(str(path)):
+        return _table_eval_chats(str(path), images)
+    path = Path(path)
     if not path.exists():
         raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
     chats = []
@@ -38,7 +48,37 @@ def read_eval_chats(path: Path, images: ImageReader | None = None) -> list[dict[
     return chats
 
 
-def _eval_chat(obj: Any, path: Path, n: int, images: ImageReader | None) -> dict[str, Any]:
+def _table_eval_chats(spec: str, images: ImageReader) -> list[dict[str, Any]]:
+    """The held-out image chats of a table, row by row (errors name the 1-based row)."""
+    with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as cache:
+        data, hub = open_table(spec, "eval.data", Path(cache))
+        if hub is not None:
+            images.bases[spec] = None  # no folder: relative image paths need data.image.root
+        chats = [_eval_chat(decode_json_cells(row), spec, n, images) for n, row in enumerate(undecoded(data), start=1)]
+    if not chats:
+        raise SftflowError("no chats in the eval data", path=spec, field="eval.data")
+    return chats
+
+
+def eval_data_hash(spec: Path | str) -> Any:
+    """A sha256 object fed the held-out data's identity (callers add more to it): a file's
+    bytes, a folder's files in name order, a hub data set's id, split and resolved commit."""
+    spec = str(spec)
+    h = hashlib.sha256()
+    if hub_spec(spec) is not None:
+        with tempfile.TemporaryDirectory(prefix="sftflow-eval-") as cache:
+            _, info = open_table(spec, "eval.data", Path(cache))
+        h.update(json.dumps(info, sort_keys=True).encode())
+        return h
+    path = Path(spec)
+    for f in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
+        with f.open("rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
+    return h
+
+
+def _eval_chat(obj: Any, path: Path | str, n: int, images: ImageReader | None) -> dict[str, Any]:
     if images is not None and is_image_record(obj):
         messages, refs = parse_image_record(obj, path, n, images)
     else:

@@ -12,6 +12,50 @@ from typing import Any
 from stages.core.errors import SftflowError
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
+TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+_HUB = re.compile(r"hf://(?:datasets/)?([^@:]+/[^@:]+)(?:@([^:]+))?(?::(.+))?")
+
+
+def hub_spec(spec: str) -> tuple[str, str, str] | None:
+    """(hub id, revision, split) a one-string data set name gives: `hf://org/name`, with an
+    optional `@revision` (a commit pins it) and `:split`; None for a local path.
+
+    >>> hub_spec("hf://org/vqa@0123abc:test"), hub_spec("hf://org/vqa"), hub_spec("raw/eval.jsonl")
+    (('org/vqa', '0123abc', 'test'), ('org/vqa', 'main', 'train'), None)
+    """
+    found = _HUB.fullmatch(spec)
+    if found is None:
+        return None
+    return found.group(1), found.group(2) or "main", found.group(3) or "train"
+
+
+def is_table(spec: str) -> bool:
+    """Whether a one-string data set name is a table (hub id, save_to_disk folder, parquet, CSV,
+    Arrow file) rather than a JSON/JSONL file."""
+    path = Path(spec)
+    return hub_spec(spec) is not None or path.is_dir() or path.suffix.lower() in (*TABLE_SUFFIXES, ".arrow")
+
+
+def open_table(spec: str, field: str, cache_dir: Path) -> tuple[Any, dict[str, Any] | None]:
+    """(the data set, its hub commit or None) a one-string name gives (`is_table`): a hub id
+    (`hub_spec`), a save_to_disk folder (a DatasetDict's `train`; name its split's subfolder for
+    another), a parquet/CSV file (built into Arrow under `cache_dir`) or an Arrow file."""
+    hub = hub_spec(spec)
+    if hub is not None:
+        return load_hub(hub[0], None, hub[2], hub[1], spec, field, field)
+    path = Path(spec)
+    if path.is_dir():
+        return load_folder(path, "train", field), None
+    if not path.is_file():
+        raise SftflowError("data file not found", path=path, field=field)
+    if path.suffix.lower() == ".arrow":
+        from datasets import Dataset
+
+        return Dataset.from_file(str(path)), None
+    from datasets import load_dataset
+
+    builder = TABLE_SUFFIXES[path.suffix.lower()]
+    return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir)), None
 
 
 def load_folder(path: Path, split: str, field: str) -> Any:

@@ -26,7 +26,13 @@ from typing import Any
 from stages.core import json_text
 from stages.core.chats import CHAT_SHAPES, validate_messages, validate_tools
 from stages.core.errors import SftflowError
-from stages.core.image_chats import IMAGE_REASONS, ImageReader, is_image_record, parse_image_record
+from stages.core.image_chats import (
+    IMAGE_REASONS,
+    ImageReader,
+    decode_json_cells,
+    is_image_record,
+    parse_image_record,
+)
 from stages.core.json_text import MAX_DEPTH, value_end
 from stages.core.params import ColumnsParams
 
@@ -253,6 +259,8 @@ def parse_record(
     for chats with images (vision-language models; without it such a chat is refused)."""
     if columns is not None and isinstance(obj, dict):
         obj = _renamed(obj, columns, path, line)
+    if images is not None:  # a table's turn or image list may be JSON text (a CSV cell)
+        obj = decode_json_cells(obj)
     if fmt in ("auto", "messages", "sharegpt") and is_image_record(obj):
         if images is None:
             raise SftflowError(
@@ -262,7 +270,10 @@ def parse_record(
                 line=line,
             )
         messages, refs = parse_image_record(obj, path, line, images)
-        return RawRecord(source=str(path), line=line, record=index, messages=messages, images=tuple(refs))
+        own_tools = validate_tools(obj.get("tools"), path, line)
+        return RawRecord(
+            source=str(path), line=line, record=index, messages=messages, tools=own_tools or tools, images=tuple(refs)
+        )
     chosen = detect_format(obj) if fmt == "auto" else fmt
     if chosen is None:
         raise SftflowError(

@@ -25,11 +25,10 @@ from typing import Any, Literal
 from stages.core.chats import validate_tools
 from stages.core.errors import SftflowError
 from stages.core.params import SourceParams
-from stages.core.tables import load_folder, load_hub
+from stages.core.tables import TABLE_SUFFIXES, load_folder, load_hub
 from stages.prepare.records import json_lines
 
 RAW_BATCH = 10_000  # lines per Arrow write while reading a JSONL file
-TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)

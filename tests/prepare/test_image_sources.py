@@ -296,3 +296,41 @@ def test_root_confines_absolute_paths_and_relative_ones_resolve_in_it(tmp_path: 
     with pytest.raises(SftflowError, match=r"data\.image\.root: image root folder not found"):
         run(tmp_path / "c", vlm_base, {"path": str(chats)},
             image=ImageParams(BOUNDS.min_pixels, BOUNDS.max_pixels, root=str(tmp_path / "nope")))
+
+
+def test_held_out_image_chats_from_a_table_or_the_hub_score_as_the_jsonl(
+    tmp_path: Path, vlm_base: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from stages.core.eval_chats import read_eval_chats
+    from stages.core.image_chats import ImageReader
+    from stages.core.params import EvalParams
+    from stages.evaluate.vision import score_vision_model
+
+    raw = pictures(images, tmp_path / "pics")
+    cell = {name: {"bytes": b, "path": None} for name, b in raw.items()}
+    record = shapes("pics/wide.png", "pics/small.png")["llamafactory"] | {"expect_contains": ["Blue"]}
+    jsonl = _jsonl(tmp_path / "eval.jsonl", [record])
+    embedded = Dataset.from_list([shapes(cell["wide.png"], cell["small.png"])["llamafactory"] | {"expect_contains": ["Blue"]}],
+                                 features=Features({**image_features("llamafactory"), "expect_contains": List(Value("string"))}))
+    (tmp_path / "elsewhere").mkdir()
+    embedded.to_parquet(tmp_path / "elsewhere" / "eval.parquet")
+    write_hub_cache(tmp_path / "cache", "sftflow-test/vqa-eval", embedded, tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    hub = f"hf://sftflow-test/vqa-eval@{COMMIT}:train"
+
+    def key(chats: list[dict]) -> list:
+        return [(c["messages"], [(im.sha256, im.width, im.height) for im in c["images"]], c["expect_contains"]) for c in chats]
+
+    want = read_eval_chats(jsonl, ImageReader())
+    for spec in (str(tmp_path / "elsewhere" / "eval.parquet"), hub):
+        assert key(read_eval_chats(spec, ImageReader())) == key(want), spec
+    with pytest.raises(SftflowError, match="only holds " + COMMIT):
+        read_eval_chats(f"hf://sftflow-test/vqa-eval@{'f' * 40}", ImageReader())
+    params = EvalParams(data=str(jsonl), tasks=("sftflow_replies", "sftflow_perplexity"), max_new_tokens=4, threads=1)
+    base = score_vision_model(params, vlm_base, image=BOUNDS)
+    from_hub = score_vision_model(EvalParams(**{**params.__dict__, "data": hub}), vlm_base, image=BOUNDS)
+    assert from_hub["metrics"] == base["metrics"] and base["metrics"]["sftflow_perplexity"]["reply_nll"] > 0
+    assert [r["reply"] for r in from_hub["replies"]["sftflow_replies"]] == [r["reply"] for r in base["replies"]["sftflow_replies"]]
+    assert from_hub["inputs"]["data_sha256"] != base["inputs"]["data_sha256"]
