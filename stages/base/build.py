@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ from stages.base.source import load_or_build, resolve_local, source_tokenizer
 from stages.base.vision import is_vision_folder, save_hub_processor, save_vision_folder
 from stages.core.errors import SftflowError
 from stages.core.io import sha256_of_files, write_json
-from stages.core.loading import POINTER_FILE, TOKENIZER_FILE, tokenizer_fingerprint, torch_dtype
+from stages.core.loading import (
+    POINTER_FILE,
+    REMOTE_CODE_FILE,
+    TOKENIZER_FILE,
+    tokenizer_fingerprint,
+    torch_dtype,
+)
 from stages.core.params import ModelParams, to_dict
 
 
@@ -29,10 +36,16 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     """Write models/base into `out` (an empty temp dir); return what was recorded."""
     started = time.perf_counter()
     local = resolve_local(params.name_or_path)
+    if params.trust_remote_code and local is None and not re.fullmatch(r"[0-9a-f]{40}", params.revision):
+        raise SftflowError(
+            f"is {params.revision!r}: with model.trust_remote_code the model's own code runs, so it must be"
+            " the code of one commit: set model.revision to a full 40-character commit hash",
+            field="model.revision",
+        )
     record: dict[str, Any] = {"params": to_dict(params)}
     if local is None:
         record |= _pin_hub_model(params, out)
-        record |= save_hub_processor(params.name_or_path, out, record["revision"])
+        record |= save_hub_processor(params.name_or_path, out, record["revision"], params.trust_remote_code)
     elif local.suffix == ".gguf":
         record |= _convert_gguf(params, local, out)
     elif local.is_dir() and is_vision_folder(local):
@@ -51,6 +64,8 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     # Deterministic content only (no timings): an unchanged base must hash the same in DVC,
     # or every re-run of this stage would re-run train, merge and eval.
     write_json(out / POINTER_FILE, record)
+    if params.trust_remote_code:  # the one switch every later loader reads (stages/core/loading.py)
+        write_json(out / REMOTE_CODE_FILE, {"source": params.name_or_path, "revision": record.get("revision")})
     return record | {"seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -60,7 +75,10 @@ def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
     # dequantize=True: a quantized GGUF-backed model cannot be saved with save_pretrained.
     with _one_tensor_name_map():
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=params.trust_remote_code,
         )
     model = model.to(torch_dtype(params.dtype))
     model.config.quantization_config = None  # the saved weights are plain, not GGUF
@@ -70,7 +88,7 @@ def _convert_gguf(params: ModelParams, gguf: Path, out: Path) -> dict[str, Any]:
     tok = (
         source_tokenizer(params, str(gguf))
         if params.tokenizer
-        else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=params.trust_remote_code)
     )
     tok.save_pretrained(out)
     # The file's name and content hash, not its absolute path: the path differs per clone and
@@ -144,7 +162,7 @@ def _finish_tokenizer(params: ModelParams, out: Path) -> Any:
     """Apply the chat-template override, check there is a template, and re-save."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=params.trust_remote_code)
     if params.chat_template:
         tok.chat_template = read_chat_template(params.chat_template)
         tok.save_pretrained(out)

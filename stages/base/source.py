@@ -40,7 +40,7 @@ def source_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:
     src = params.tokenizer or default
     local = resolve_local(src)
     if local is not None and local.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(local.parent, gguf_file=local.name)
+        return AutoTokenizer.from_pretrained(local.parent, gguf_file=local.name, trust_remote_code=params.trust_remote_code)
     return AutoTokenizer.from_pretrained(
         str(local) if local else src, trust_remote_code=params.trust_remote_code, **kwargs
     )
@@ -55,6 +55,8 @@ def load_or_build(params: ModelParams, folder: Path, auto_class: Any) -> tuple[A
     if params.init == "random":
         config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
         torch.manual_seed(params.seed)
-        return auto_class.from_config(config, dtype=torch_dtype(params.dtype)), "random-init"
+        return auto_class.from_config(
+            config, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code
+        ), "random-init"
     model = auto_class.from_pretrained(folder, dtype=torch_dtype(params.dtype), trust_remote_code=params.trust_remote_code)
     return model, "folder"

@@ -27,15 +27,15 @@ def is_vision_folder(folder: Path) -> bool:
     return config.is_file() and is_vision_config(json.loads(config.read_text()))
 
 
-def save_hub_processor(name: str, out: Path, revision: str) -> dict[str, Any]:
+def save_hub_processor(name: str, out: Path, revision: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """A hub VLM: its image processor saved next to the pointer, so prepare needs no hub access
     (nothing for a text model)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name, revision=revision).to_dict()
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).to_dict()
     if not is_vision_config(config):
         return {}
-    save_processor_files(name, out, revision=revision)
+    save_processor_files(name, out, revision=revision, trust_remote_code=trust_remote_code)
     return {"vision_language": config["model_type"]}
 
 
@@ -49,7 +49,7 @@ def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str
     if not tok.chat_template:
         tok.chat_template = chat_template_from_processor(str(folder))
     tok.save_pretrained(out)
-    save_processor_files(str(folder), out)
+    save_processor_files(str(folder), out, trust_remote_code=params.trust_remote_code)
     return {
         "weights": "local",
         "source": source,
@@ -59,7 +59,9 @@ def save_vision_folder(params: ModelParams, folder: Path, out: Path) -> dict[str
     }
 
 
-def save_processor_files(source: str, out: Path, revision: str | None = None) -> None:
+def save_processor_files(
+    source: str, out: Path, revision: str | None = None, trust_remote_code: bool = False
+) -> None:
     """The image processor of `source` (a folder or hub id) into `out`; for a folder with only a
     config.json (a model built from a config), the family's default image processor."""
     from transformers import AutoImageProcessor
@@ -70,7 +72,7 @@ def save_processor_files(source: str, out: Path, revision: str | None = None) ->
 
         processor = Qwen2VLImageProcessorPil()  # Qwen2-VL/2.5-VL defaults: patch 14, merge 2, 3136..12845056 px
     else:
-        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     processor.save_pretrained(out)
     if local.is_dir():
         for name in PROCESSOR_FILES:

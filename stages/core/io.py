@@ -1,7 +1,9 @@
 """Atomic writes and small file helpers shared by every stage.
 
 A stage never leaves a half-written output: it writes into a sibling temp path and renames
-it over the target at the end, so a crash leaves the old output or none.
+it over the target at the end, so a crash leaves the old output or none. A folder gets the
+list of its files' sha256 (`stages/core/integrity.py`) just before the rename, so a reader can
+tell a file that changed on disk since.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stages.core.integrity import record
+
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir next to `target`; on success it replaces `target` in one rename."""
+def atomic_dir(target: Path, checksums: bool = True) -> Iterator[Path]:
+    """Yield a temp dir next to `target`; on success it replaces `target` in one rename, with
+    its files' sha256 listed inside (`checksums`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.old-*"):  # a run killed between its two renames
+        if not target.exists():
+            os.replace(stale, target)  # the previous output, whole: put it back
+        else:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -33,6 +43,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if checksums:
+        try:
+            record(tmp)
+        except BaseException:  # a full disk while writing the list: the old output stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)

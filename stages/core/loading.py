@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.core.integrity import verify_dir
 from stages.core.io import read_json
 
 if TYPE_CHECKING:
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
 POINTER_FILE = "sftflow_base.json"  # written by `base`; says where the weights really are
 TOKENIZER_FILE = "sftflow_tokenizer.json"  # written by `base`; the tokenizer fingerprint alone
+# Written by `base` only when the user set model.trust_remote_code (with the pinned revision),
+# and copied by train and merge into their outputs: a folder without it loads no remote code.
+REMOTE_CODE_FILE = "sftflow_remote_code.json"
 
 DTYPES = {"float64": "float64", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -34,6 +38,26 @@ def model_source(model_dir: Path) -> tuple[str, str | None]:
     return str(model_dir), None
 
 
+def trust_remote_code(model_dir: Path) -> bool:
+    """Whether the user allowed the code shipped with this model to run (`model.trust_remote_code`)."""
+    return (Path(model_dir) / REMOTE_CODE_FILE).is_file()
+
+
+def carry_remote_code(src_dir: Path, out: Path) -> None:
+    """Copy `base`'s remote-code permission from `src_dir` into an output folder made from it."""
+    src = Path(src_dir) / REMOTE_CODE_FILE
+    if src.is_file():
+        (Path(out) / REMOTE_CODE_FILE).write_bytes(src.read_bytes())
+
+
+def load_source(model_dir: Path) -> tuple[str, dict[str, Any]]:
+    """(name_or_path, from_pretrained keywords: revision and trust_remote_code) of what `base`,
+    train or merge wrote in `model_dir`, after checking its files against their sha256 list."""
+    verify_dir(Path(model_dir))
+    name, revision = model_source(model_dir)
+    return name, {"revision": revision, "trust_remote_code": trust_remote_code(model_dir)}
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -44,7 +68,8 @@ def load_tokenizer(model_dir: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer `base` saved next to its weights or pointer (with its chat template)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+    verify_dir(Path(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code(model_dir), **kwargs)
     if tok.pad_token is None:
         # Padding positions are always masked (labels -100, attention 0), so reusing EOS as pad
         # never stops EOS from being trained (a model that never learns its end of turn never stops).
@@ -56,8 +81,10 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Pr
     """The base (or merged) model in the given dtype, on CPU unless kwargs say otherwise."""
     from transformers import AutoModelForCausalLM
 
-    name, revision = model_source(model_dir)
-    return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype(dtype), **kwargs)
+    name, options = load_source(model_dir)
+    return AutoModelForCausalLM.from_pretrained(
+        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype), **kwargs
+    )
 
 
 def bnb_4bit_config(q: QLoraParams, dtype: str = "float32", quant_storage: str | None = None) -> BitsAndBytesConfig:

@@ -59,10 +59,10 @@ def model_config(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     from transformers import AutoConfig
 
-    from stages.core.loading import model_source
+    from stages.core.loading import load_source
 
-    name, revision = model_source(Path(model_dir))
-    return AutoConfig.from_pretrained(name, revision=revision).to_dict()
+    name, options = load_source(Path(model_dir))
+    return AutoConfig.from_pretrained(name, revision=options["revision"], trust_remote_code=options["trust_remote_code"]).to_dict()
 
 
 def is_vision_config(config: dict[str, Any]) -> bool:
@@ -107,14 +107,13 @@ def load_image_processor(model_dir: Path, min_pixels: int | None = None, max_pix
     PIL one otherwise; both resize with the same rule, so token counts agree."""
     from transformers import AutoImageProcessor
 
-    path = Path(model_dir)
-    if not (path / "preprocessor_config.json").is_file():
-        from stages.core.loading import model_source
+    from stages.core.loading import load_source
 
-        name, revision = model_source(path)
-        proc = AutoImageProcessor.from_pretrained(name, revision=revision)
-    else:
-        proc = AutoImageProcessor.from_pretrained(str(path))
+    path = Path(model_dir)
+    name, options = load_source(path)
+    if (path / "preprocessor_config.json").is_file():
+        name, options["revision"] = str(path), None  # base saved the hub model's processor here
+    proc = AutoImageProcessor.from_pretrained(name, revision=options["revision"], trust_remote_code=options["trust_remote_code"])
     size = dict(proc.size)
     size = {k: v for k, v in size.items() if k in ("shortest_edge", "longest_edge") and v}
     if min_pixels is not None:
@@ -232,10 +231,12 @@ def load_vlm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Any:
     """The vision-language model (its family's image-text-to-text class) in the given dtype."""
     from transformers import AutoModelForImageTextToText
 
-    from stages.core.loading import model_source, torch_dtype
+    from stages.core.loading import load_source, torch_dtype
 
-    name, revision = model_source(Path(model_dir))
-    return AutoModelForImageTextToText.from_pretrained(name, revision=revision, dtype=torch_dtype(dtype), **kwargs)
+    name, options = load_source(Path(model_dir))
+    return AutoModelForImageTextToText.from_pretrained(
+        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype), **kwargs
+    )
 
 
 def language_model_prefix(model: Any) -> str:

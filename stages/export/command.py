@@ -25,8 +25,11 @@ def gguf_cmd(params_path: Path, model_dir: Path, out: Path, report: Path) -> Non
     """merged model -> GGUF files (export.types) + Ollama Modelfile, each checked in llama.cpp against the HF model."""
     params = load(params_path)
     offline_by_default(model_dir)
+    from stages.core.integrity import verify_dir
     from stages.core.io import atomic_dir
     from stages.export.gguf import export_gguf
+
+    verify_dir(model_dir)  # llama.cpp's converter reads the safetensors directly
 
     with atomic_dir(out) as tmp:
         result = export_gguf(params, model_dir, tmp, report)

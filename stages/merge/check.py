@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import SftflowError
+from stages.core.integrity import verify_dir
 from stages.core.io import read_json, write_json
 from stages.core.params import MergeParams, to_dict
 
@@ -25,6 +26,7 @@ def check_rows(prepared: Path, n: int) -> list[dict[str, Any]]:
     """Up to n prepared samples (eval split first, else train), as rows of the shards."""
     from datasets import load_from_disk
 
+    verify_dir(prepared)
     counts = read_json(prepared / "manifest.json")["counts"]
     rows: list[dict[str, Any]] = []
     for split in ("eval", "train"):

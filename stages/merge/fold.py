@@ -34,8 +34,10 @@ from typing import Any
 
 from stages.core.devices import Placement
 from stages.core.errors import SftflowError
+from stages.core.integrity import verify_dir
 from stages.core.io import read_json
 from stages.core.loading import (
+    carry_remote_code,
     load_causal_lm,
     load_tokenizer,
     torch_dtype,
@@ -64,6 +66,7 @@ def merge(
 
     placement = choose_placement("merge", detect_hardware(), params.device)
     trained = read_trained(adapter_dir)
+    carry_remote_code(adapter_dir, out)
     if is_vision_model(base_dir):
         return merge_vision(params, trained, placement, base_dir, adapter_dir, prepared, out)
     return _merge_text(params, trained, placement, base_dir, adapter_dir, prepared, out)
@@ -115,6 +118,7 @@ def read_trained(adapter_dir: Path) -> dict[str, Any]:
     path = Path(adapter_dir) / "sftflow_train.json"
     if not path.exists():
         raise SftflowError("not a train output: sftflow_train.json is missing", path=path)
+    verify_dir(Path(adapter_dir))  # the adapter's weights as train wrote them, before they are folded in
     trained = read_json(path)
     if trained.get("method") not in ("lora", "qlora", "full") or not isinstance(trained.get("params"), dict):
         raise SftflowError('expected {"method": lora|qlora|full, "params": {...}}', path=path, field="method")

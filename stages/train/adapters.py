@@ -25,6 +25,9 @@ def add_adapters(model: Any, params: TrainParams, params_file: str) -> Any:
                 path=params_file,
                 field="train.lora.init_adapter",
             )
+        from stages.core.integrity import verify_dir
+
+        verify_dir(path)
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
     targets = lora.target_modules
     config = LoraConfig(

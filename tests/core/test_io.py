@@ -27,7 +27,7 @@ def test_success_replaces_output_whole(tmp_path: Path) -> None:
     with atomic_dir(target) as tmp:
         write_json(tmp / "new.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in target.iterdir()] == ["new.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.json", "sftflow_files.json"]  # + its sha256 list
 
 
 def test_errors_keep_their_location_across_processes() -> None:
