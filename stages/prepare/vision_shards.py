@@ -17,7 +17,10 @@ How a chat becomes tokens:
    `truncated_before_image`), since half an image's tokens cannot be matched to its features.
 
 Runs in one process (`data.num_proc` applies to text chats): image chats are read and hashed
-once each, and token counting needs only the image header (size), not the pixels.
+once each, and token counting needs only the image header (size), not the pixels. Sources are
+the text ones (stages/prepare/sources.py: JSON(L), parquet, CSV, Arrow, save_to_disk, the hub),
+with `columns` and `tools`; embedded images (the `datasets` Image feature) are written once to
+`images/<sha256>.<ext>` in the output, so the shards refer to every image by a path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.core import json_text
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
@@ -104,7 +108,16 @@ class ImageChatTokenizer:
                 path=r.source,
                 line=r.line,
             )
-        grids = [image_grid(im.width, im.height, self.processor) for im in r.images]
+        grids = []
+        for k, im in enumerate(r.images):
+            try:
+                grids.append(image_grid(im.width, im.height, self.processor))
+            except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio over 200:1 (a 1x40000 strip)
+                raise SftflowError(
+                    f"image {k + 1} of the chat ({im.path}, {im.width}x{im.height}) cannot be resized for the model: {e}",
+                    path=r.source,
+                    line=r.line,
+                ) from e
         counts = [image_token_count(g, self.processor.merge_size) for g in grids]
         out_ids, out_labels, k = [], [], 0
         for tid, keep in zip(ids, trained):
@@ -167,12 +180,7 @@ def source_records(
                 if raw.kind == "json":
                     if row["error"] is not None:
                         raise SftflowError(row["error"], path=raw.label, line=line)
-                    try:
-                        obj = json.loads(row["json"])
-                    except json.JSONDecodeError as e:
-                        raise SftflowError(
-                            f"malformed JSON: {e.msg} (column {e.colno})", path=raw.label, line=line
-                        ) from e
+                    obj = json_text.loads(row["json"], raw.label, line)
                 else:
                     obj = row
                 yield parse_record(obj, src.format, raw.label, line, index, src.columns, tools, images=reader)
@@ -240,7 +248,14 @@ def _prepare_vision(
                         "a text record (continued pre-training) in a vision-language data set: give chats",
                         path=r.source, line=r.line, field="text",
                     )
-                row = chat_tokenizer(r)
+                try:
+                    row = chat_tokenizer(r)
+                except SftflowError as e:  # an image the model cannot take is a bad record; the rest is config
+                    if params.on_bad_record != "skip" or _reason_key(e) != "image_aspect_ratio":
+                        raise
+                    rep.skipped["image_aspect_ratio"] += 1
+                    rejects.append({"file": r.source, "line": r.line, "reason": "image_aspect_ratio", "detail": str(e)})
+                    continue
                 if row["drop"]:
                     rep.dropped[row["drop"]] += 1
                     rejects.append({"file": r.source, "line": r.line, "reason": row["drop"]})
