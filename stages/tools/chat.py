@@ -6,6 +6,14 @@ generation prompt added: what the model saw in training before each reply. Repli
 template's end-of-turn token and are streamed token by token (`TextIteratorStreamer`, with
 `generate` in a worker thread). Generation settings default to the eval section's, so what
 you read here is what eval scored.
+
+A vision-language model (Qwen2-VL / Qwen2.5-VL: base, merged, or base + adapter) loads with its
+image-text-to-text class and its image processor, resizing within `data.image` as in training.
+Images join a turn as content parts before its text — `--image PATH` (repeatable) for the first
+turn, `/image PATH` in the loop for the next one — and stay in the history, so later turns still
+see them: each prompt carries the pixels of every image in the conversation so far, with the
+template's single `<|image_pad|>` per image expanded to that image's token count. Text-only turns
+on a VLM need no image.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from stages.core.chats import with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.params import EvalParams
 
-RESET, EXIT = "/reset", "/exit"
+RESET, EXIT, IMAGE = "/reset", "/exit", "/image"
 
 
 @dataclass(frozen=True)
@@ -73,38 +81,96 @@ def load_chat_model(
     """
     from stages.core.devices import choose_placement, detect_hardware
     from stages.core.loading import load_causal_lm, load_tokenizer
+    from stages.core.vision import is_vision_model, load_vlm
 
     if (base_dir is None) != (adapter_dir is None):
         raise SftflowError("give --base and --adapter together (or --model for a merged folder)")
     placement = choose_placement("chat", detect_hardware(), device)
+    load = load_vlm if is_vision_model(Path(base_dir or model_dir or ".")) else load_causal_lm
     if adapter_dir is not None and base_dir is not None:
         for d in (base_dir, adapter_dir):
             if not Path(d).is_dir():
                 raise SftflowError("not a folder", path=d)
         from peft import PeftModel
 
-        base = load_causal_lm(base_dir, placement.dtype, **placement.load_kwargs())
+        base = load(base_dir, placement.dtype, **placement.load_kwargs())
         model = PeftModel.from_pretrained(base, str(adapter_dir))
         tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
     else:
         assert model_dir is not None
         if not Path(model_dir).is_dir():
             raise SftflowError("model folder not found (run `dvc repro` first, or pass --model)", path=model_dir)
-        model = load_causal_lm(model_dir, placement.dtype, **placement.load_kwargs())
+        model = load(model_dir, placement.dtype, **placement.load_kwargs())
         tok_dir = model_dir
     model.eval()
     return model, load_tokenizer(tok_dir)
 
 
+def load_chat_images(folders: list[Path | None], min_pixels: int, max_pixels: int) -> Any:
+    """The image processor of a VLM (from the first of `folders` holding preprocessor_config.json,
+    else the model's source), resizing within data.image's bounds as training did; None for a
+    text model. The last folder is the model's own (merged, or the base under an adapter)."""
+    from stages.core.vision import is_vision_model, load_image_processor
+
+    dirs = [Path(d) for d in folders if d is not None]
+    if not dirs or not is_vision_model(dirs[-1]):
+        return None
+    where = next((d for d in dirs if (d / "preprocessor_config.json").is_file()), dirs[-1])
+    return load_image_processor(where, min_pixels, max_pixels)
+
+
+def check_image(path: str | Path) -> str:
+    """The path of a readable image file, or a SftflowError naming what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SftflowError("image file not found", path=p)
+    try:
+        with Image.open(p) as im:
+            im.load()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise SftflowError(f"not a readable image: {e}", path=p) from None
+    return str(p)
+
+
+def user_message(text: str, images: list[str]) -> dict[str, Any]:
+    """A user turn: plain text, or the images as content parts before the text.
+
+    >>> user_message("Hi", [])
+    {'role': 'user', 'content': 'Hi'}
+    >>> user_message("What colour?", ["a.png"])["content"]
+    [{'type': 'image', 'image': 'a.png'}, {'type': 'text', 'text': 'What colour?'}]
+    """
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images), {"type": "text", "text": text}]}
+
+
+def message_images(messages: list[dict[str, Any]]) -> list[str]:
+    """The image paths of a conversation, in the order the template renders them.
+
+    >>> message_images([user_message("a", ["x.png", "y.png"]), {"role": "assistant", "content": "b"},
+    ...                 user_message("c", ["z.png"])])
+    ['x.png', 'y.png', 'z.png']
+    """
+    return [part["image"] for m in messages if not isinstance(m["content"], str)
+            for part in m["content"] if part.get("type") == "image"]
+
+
 @dataclass
 class ChatSession:
-    """One conversation: the history, and replies streamed from the model."""
+    """One conversation: the history, and replies streamed from the model.
+
+    `image_processor` is set for a vision-language model (`load_chat_images`): turns may then
+    carry images."""
 
     model: Any
     tok: Any
     system_prompt: str | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    image_processor: Any = None
 
     def __post_init__(self) -> None:
         from stages.core.turns import end_of_turn
@@ -119,21 +185,45 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def prompt_ids(self, user_text: str) -> Any:
-        """The token ids generate continues: the conversation so far plus this turn, templated."""
-        messages = with_system_prompt([*self.history, {"role": "user", "content": user_text}], self.system_prompt)
+    def prompt_ids(self, user_text: str, images: list[str] | None = None) -> Any:
+        """The inputs generate continues: the conversation so far plus this turn, templated; for
+        a VLM also the pixels and grids of every image in it, and `mm_token_type_ids`."""
+        images = [check_image(p) for p in images or []]
+        if images and self.image_processor is None:
+            kind = getattr(self.model.config, "model_type", "?")
+            raise SftflowError(f"this model ({kind}) reads no images: chat with a vision-language model's folder",
+                               field="--image")
+        messages = with_system_prompt([*self.history, user_message(user_text, images)], self.system_prompt)
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the rendered text already holds the template's BOS (if any): add no second one
-        return self.tok(text, return_tensors="pt", add_special_tokens=False)
+        paths = message_images(messages)
+        pixels: dict[str, Any] = {}
+        if paths:
+            from stages.core.vision import expand_image_pads, image_token_count, pixel_inputs
 
-    def stream(self, user_text: str) -> Iterator[str]:
-        """Yield the reply's text piece by piece as it is decoded; the turn then joins the history."""
+            pixels = pixel_inputs(paths, self.image_processor)
+            merge = self.image_processor.merge_size
+            text = expand_image_pads(text, [image_token_count(g, merge) for g in pixels["image_grid_thw"].tolist()])
+        # the rendered text already holds the template's BOS (if any): add no second one
+        inputs = self.tok(text, return_tensors="pt", add_special_tokens=False)
+        if self.image_processor is None:
+            return inputs
+        from stages.core.vision import vision_tokens
+
+        out = dict(inputs) | pixels
+        out["mm_token_type_ids"] = (out["input_ids"] == vision_tokens(self.model.config.to_dict()).image_pad).int()
+        return out
+
+    def stream(self, user_text: str, images: list[str] | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece as it is decoded; the turn (with its images)
+        then joins the history."""
         import torch
         from transformers import TextIteratorStreamer
 
         from stages.core.devices import input_device
 
-        inputs = self.prompt_ids(user_text).to(input_device(self.model))
+        images = [check_image(p) for p in images or []]
+        device = input_device(self.model)
+        inputs = {k: v.to(device) for k, v in self.prompt_ids(user_text, images).items()}
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = {
             **inputs,
@@ -162,21 +252,26 @@ class ChatSession:
         if failure:
             raise failure[0]
         reply = "".join(pieces).strip()
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        self.history += [user_message(user_text, images), {"role": "assistant", "content": reply}]
 
-    def reply(self, user_text: str, on_piece: Callable[[str], None] = lambda _: None) -> str:
+    def reply(self, user_text: str, on_piece: Callable[[str], None] = lambda _: None,
+              images: list[str] | None = None) -> str:
         """The whole reply (each piece also handed to on_piece as it arrives)."""
-        for piece in self.stream(user_text):
+        for piece in self.stream(user_text, images):
             on_piece(piece)
         return self.history[-1]["content"]
 
 
-def repl(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None]) -> int:
-    """The interactive loop: read a line, stream the reply; /reset forgets, /exit or EOF ends.
+def repl(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None],
+         images: list[str] | None = None) -> int:
+    """The interactive loop: read a line, stream the reply; /reset forgets, /exit or EOF ends;
+    on a VLM `/image PATH` attaches an image to the next message (`images`: to the first).
 
     Returns how many turns were answered."""
     turns = 0
-    write(f"sftflow chat: {RESET} forgets the conversation, {EXIT} (or Ctrl-D) ends it.\n")
+    pending = list(images or [])
+    extra = f", {IMAGE} PATH attaches an image to your next message" if session.image_processor is not None else ""
+    write(f"sftflow chat: {RESET} forgets the conversation, {EXIT} (or Ctrl-D) ends it{extra}.\n")
     while True:
         try:
             line = read("you> ").strip()
@@ -189,10 +284,26 @@ def repl(session: ChatSession, read: Callable[[str], str], write: Callable[[str]
             return turns
         if line == RESET:
             session.reset()
+            pending = []
             write("(conversation reset)\n")
             continue
+        if line == IMAGE or line.startswith(IMAGE + " "):
+            try:
+                if session.image_processor is None:
+                    raise SftflowError("this model reads no images", field=IMAGE)
+                given = line[len(IMAGE):].strip().strip("'\"")
+                if not given:
+                    raise SftflowError("give the image's path", field=f"{IMAGE} PATH")
+                path = check_image(given)
+            except SftflowError as e:
+                write(f"error: {e}\n")
+                continue
+            pending.append(path)
+            write(f"(image attached to your next message: {path})\n")
+            continue
         write("model> ")
-        for piece in session.stream(line):
+        for piece in session.stream(line, pending):
             write(piece)
         write("\n")
+        pending = []
         turns += 1

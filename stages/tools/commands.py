@@ -111,6 +111,8 @@ def retrain_cmd(params_path: Path, metrics: Path, report: Path | None) -> None:
 @click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=Path),
               help="With --base: the adapter folder (models/adapter).")
 @click.option("--prompt", default=None, help="Answer this one message and exit (no interactive loop).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="A vision-language model: attach this image to the first message (repeatable).")
 @click.option("--system", default=None, help="System prompt  [default: data.system_prompt]")
 @click.option("--max-new-tokens", type=int, default=None, help="[default: eval.max_new_tokens]")
 @click.option("--sample/--greedy", "do_sample", default=None, help="[default: eval.do_sample]")
@@ -125,6 +127,7 @@ def chat_cmd(
     base_dir: Path | None,
     adapter_dir: Path | None,
     prompt: str | None,
+    images: tuple[Path, ...],
     system: str | None,
     max_new_tokens: int | None,
     do_sample: bool | None,
@@ -139,7 +142,9 @@ def chat_cmd(
       sftflow chat                                          # models/merged, interactive
       sftflow chat --base models/base --adapter models/adapter
       sftflow chat --prompt "Who are you?"                  # one answer, for scripts
-    Type /reset to forget the conversation, /exit or Ctrl-D to leave.
+      sftflow chat --image cat.png --prompt "What is this?"  # a vision-language model
+    Type /reset to forget the conversation, /exit or Ctrl-D to leave, /image PATH to attach an
+    image to your next message (vision-language models).
     """
     from stages.core.params import Params
 
@@ -149,7 +154,21 @@ def chat_cmd(
     offline_by_default(base_dir or model_dir)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise SftflowError("must be >= 1", field="--max-new-tokens")
-    from stages.tools.chat import ChatSession, GenerationSettings, load_chat_model, repl
+    from stages.tools.chat import (
+        ChatSession,
+        GenerationSettings,
+        check_image,
+        load_chat_images,
+        load_chat_model,
+        repl,
+    )
+
+    first_images = [check_image(p) for p in images]  # a wrong path fails before the model loads
+    image_processor = load_chat_images([adapter_dir, model_dir if base_dir is None else base_dir],
+                                       params.data.image.min_pixels, params.data.image.max_pixels)
+    if first_images and image_processor is None:
+        raise SftflowError("this model reads no images: --image needs a vision-language model (Qwen2-VL, Qwen2.5-VL)",
+                           path=base_dir or model_dir, field="--image")
 
     settings = GenerationSettings.from_eval(
         params.eval, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
@@ -160,14 +179,14 @@ def chat_cmd(
 
         set_seed(seed)
     system_prompt = system if system is not None else params.data.system_prompt
-    session = ChatSession(model, tok, system_prompt, settings)
+    session = ChatSession(model, tok, system_prompt, settings, image_processor=image_processor)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()  # each token as it is decoded
 
     if prompt is not None:
-        for piece in session.stream(prompt):
+        for piece in session.stream(prompt, first_images):
             write(piece)
         write("\n")
         return
@@ -175,4 +194,4 @@ def chat_cmd(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # not on every platform; input() works without it
         pass
-    repl(session, input, write)
+    repl(session, input, write, first_images)

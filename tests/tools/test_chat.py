@@ -144,5 +144,141 @@ def test_base_and_adapter_need_each_other(chat_dir: Path) -> None:
         load_chat_model(None, chat_dir / "merged", None)
 
 
+VLM_TURNS = ["What colour is it?", "And this one?", "Say something."]
+
+
+@pytest.fixture(scope="module")
+def vlm_chat_dir(vlm_base: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A merged tiny Qwen2.5-VL (one LoRA + projector step on image chats, merged by the merge
+    stage), its adapter, two images and a params.yaml with training's image bounds."""
+    import shutil as sh
+
+    from stages.core.params import MergeParams
+    from stages.merge.fold import merge
+    from stages.train.trainer import train
+    from tests.vlm import BOUNDS, chats_in_each_shape, prepare_rows, train_params
+
+    root = tmp_path_factory.mktemp("vlm_chat")
+    record = chats_in_each_shape(str(images))
+    prepare_rows(root / "p", vlm_base, [record["llamafactory"], record["hf_parts"]] * 2, eval_fraction=0.25)
+    params = train_params(max_steps=1, batch_size=2, save_steps=0, report_to=[], vision={"tune_projector": True})
+    train(params, vlm_base, root / "p" / "out", root / "adapter", root / "ckpt", root / "loss.csv")
+    merge(MergeParams(), vlm_base, root / "adapter", root / "p" / "out", root / "merged")
+    for name in ("wide.png", "small.png"):
+        sh.copy(images / name, root / name)
+    image = {"min_pixels": BOUNDS.min_pixels, "max_pixels": BOUNDS.max_pixels}
+    (root / "params.yaml").write_text(json.dumps({"data": {"image": image}, "eval": {"max_new_tokens": 6}}))
+    return root
+
+
+def vlm_session(root: Path, seed: int | None = 0, base: Path | None = None) -> Any:
+    from transformers import set_seed
+
+    from stages.tools.chat import ChatSession, GenerationSettings, load_chat_images, load_chat_model
+    from tests.vlm import BOUNDS
+
+    model_dir, adapter = (None, root / "adapter") if base else (root / "merged", None)
+    model, tok = load_chat_model(model_dir, base, adapter)
+    processor = load_chat_images([adapter, base or model_dir], BOUNDS.min_pixels, BOUNDS.max_pixels)
+    if seed is not None:
+        set_seed(seed)
+    return ChatSession(model, tok, None, GenerationSettings(max_new_tokens=6, do_sample=True), image_processor=processor)
+
+
+def test_vlm_turn_carries_its_images(vlm_chat_dir: Path) -> None:
+    """A merged VLM loads with its image-text-to-text class and processor; a turn with an image
+    puts the template's image slot, expanded to the image's token count, and the pixels into the
+    prompt; the image stays in the history; the first reply token depends on the pixels."""
+    import torch
+
+    from tests.vlm import PAD
+
+    s = vlm_session(vlm_chat_dir)
+    assert type(s.model).__name__ == "Qwen2_5_VLForConditionalGeneration" and s.image_processor is not None
+    wide, small = str(vlm_chat_dir / "wide.png"), str(vlm_chat_dir / "small.png")
+    inputs = s.prompt_ids(VLM_TURNS[0], [wide])
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(PAD) == 8 and inputs["image_grid_thw"].tolist() == [[1, 4, 8]]  # 100x60 -> 112x56
+    assert torch.equal(inputs["mm_token_type_ids"][0], (inputs["input_ids"][0] == PAD).int())
+    pieces: list[str] = []
+    first = s.reply(VLM_TURNS[0], pieces.append, images=[wide])
+    assert "".join(pieces).strip() == first and len([p for p in pieces if p]) > 1
+    inputs = s.prompt_ids(VLM_TURNS[1], [small])  # the first turn's image is still in the prompt
+    assert inputs["input_ids"][0].tolist().count(PAD) == 8 + 4 and inputs["image_grid_thw"].tolist() == [[1, 4, 8], [1, 4, 4]]
+    assert first in s.tok.decode(inputs["input_ids"][0])
+    with torch.no_grad():
+        seen = s.model(**s.prompt_ids(VLM_TURNS[0], [wide])).logits[0, -1]
+        blind = s.model(**s.prompt_ids(VLM_TURNS[0], [small])).logits[0, -1]
+    assert not torch.allclose(seen, blind)
+    s.reset()
+    text_only = s.prompt_ids(VLM_TURNS[2])
+    assert set(text_only) == {"input_ids", "attention_mask", "mm_token_type_ids"} and PAD not in text_only["input_ids"][0]
+
+
+def test_vlm_base_and_adapter_chat_with_images(vlm_chat_dir: Path, vlm_base: Path) -> None:
+    s = vlm_session(vlm_chat_dir, base=vlm_base)
+    assert type(s.model.get_base_model()).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert s.image_processor is not None
+    assert s.reply(VLM_TURNS[0], images=[str(vlm_chat_dir / "wide.png")])
+
+
+def test_images_are_checked(vlm_chat_dir: Path, chat_dir: Path, images: Path) -> None:
+    """A missing or unreadable image, or an image for a text model: a clear error, no traceback,
+    before any model loads."""
+    base = [bin_path("sftflow"), "chat", "--prompt", "hi"]
+    cases = [
+        (["--model", str(vlm_chat_dir / "merged"), "--image", str(vlm_chat_dir / "nope.png")], "nope.png: image file not found"),
+        (["--model", str(vlm_chat_dir / "merged"), "--image", str(images / "notes.png")], "notes.png: not a readable image"),
+        (["--model", str(chat_dir / "merged"), "--image", str(vlm_chat_dir / "wide.png")], "--image: this model reads no images"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, env=os.environ.copy())
+        assert proc.returncode != 0 and message in proc.stderr + proc.stdout, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def expected_vlm_replies(root: Path) -> list[str]:
+    s = vlm_session(root)
+    first = s.reply(VLM_TURNS[0], images=[str(root / "wide.png")])
+    second = s.reply(VLM_TURNS[1], images=[str(root / "small.png")])
+    s.reset()
+    return [first, second, s.reply(VLM_TURNS[2])]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian: apt-get install tmux)")
+def test_vlm_with_images_in_a_real_terminal(vlm_chat_dir: Path) -> None:
+    """In a tmux terminal: `--image` on the first turn, `/image PATH` for the second, a missing
+    image (an error line, the chat goes on), /reset, a text-only turn; the streamed replies read
+    off the screen equal the in-process ones with the same seed, images and history."""
+    want = expected_vlm_replies(vlm_chat_dir)
+    name = f"sftflow-vlm-chat-{os.getpid()}"
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "HF_HUB_OFFLINE") if k in os.environ)
+    cmd = (f"cd {shlex.quote(str(vlm_chat_dir))} && env {env} {shlex.quote(bin_path('sftflow'))} chat --model merged"
+           f" --params params.yaml --sample --seed 0 --image wide.png; echo CHAT-ENDED-$?; sleep 30")
+    tmux("new-session", "-d", "-s", name, "-x", "200", "-y", "50", cmd)
+    try:
+        wait_for(name, "you> ", 1)
+        tmux("send-keys", "-t", name, VLM_TURNS[0], "Enter")
+        wait_for(name, "you> ", 2)
+        tmux("send-keys", "-t", name, "/image small.png", "Enter")
+        wait_for(name, "(image attached to your next message: small.png)", 1)
+        tmux("send-keys", "-t", name, VLM_TURNS[1], "Enter")
+        wait_for(name, "you> ", 4)
+        tmux("send-keys", "-t", name, "/image missing.png", "Enter")
+        wait_for(name, "error: missing.png: image file not found", 1)
+        tmux("send-keys", "-t", name, "/reset", "Enter")
+        wait_for(name, "(conversation reset)", 1)
+        tmux("send-keys", "-t", name, VLM_TURNS[2], "Enter")
+        wait_for(name, "you> ", 7)
+        tmux("send-keys", "-t", name, "/exit", "Enter")
+        screen = wait_for(name, "CHAT-ENDED-", 1)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    assert "/image PATH attaches an image" in screen
+    replies = re.findall(r"model> (.*?)\n(?=you> )", screen, flags=re.S)
+    assert [normalise(r) for r in replies] == [normalise(w) for w in want], screen
+    assert "CHAT-ENDED-0" in screen and "Traceback" not in screen
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
