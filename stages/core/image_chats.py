@@ -259,9 +259,33 @@ MINICPMV_NAME = re.compile(r"<image_\d+>")  # MiniCPM-V's multi-image placeholde
 
 
 def parse_image_record(
+    obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader, names: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """(messages with content parts, images in order of appearance) of one image chat; `names`
+    maps our field names to the data set's own (`columns`), which errors then name."""
+    try:
+        return _parse_image_record(obj, data_file, line, reader)
+    except SftflowError as e:
+        if names and e.field:
+            e.field = their_field(e.field, names)
+        raise
+
+
+def their_field(field: str, names: dict[str, str]) -> str:
+    """An error's field with its leading key in the data set's own name.
+
+    >>> their_field("images[0]", {"images": "pics"}), their_field("conversations[1].value", {"images": "pics"})
+    ('pics[0]', 'conversations[1].value')
+    """
+    head = re.match(r"[A-Za-z_]+", field)
+    if head is None or head.group(0) not in names:
+        return field
+    return names[head.group(0)] + field[head.end():]
+
+
+def _parse_image_record(
     obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
 ) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    """(messages with content parts, images in order of appearance) of one image chat."""
     if "images" in obj:
         shape = CHAT_SHAPES["sharegpt"] if "conversations" in obj else CHAT_SHAPES["messages"]
         listed = obj["images"] if obj["images"] is not None else []  # a table row without images

@@ -269,7 +269,8 @@ def parse_record(
                 path=path,
                 line=line,
             )
-        messages, refs = parse_image_record(obj, path, line, images)
+        names = {k: v for k, v in dataclasses.asdict(columns).items() if v} if columns is not None else None
+        messages, refs = parse_image_record(obj, path, line, images, names)
         own_tools = validate_tools(obj.get("tools"), path, line)
         return RawRecord(
             source=str(path), line=line, record=index, messages=messages, tools=own_tools or tools, images=tuple(refs)

@@ -211,6 +211,13 @@ def test_columns_and_tools_apply_to_image_chats(tmp_path: Path, vlm_base: Path, 
     rows, _, _ = run(tmp_path / "cols", vlm_base, {"path": str(tmp_path / "t.parquet"),
                                                  "columns": ColumnsParams(conversations="turns", images="pics")})
     assert samples(rows) == samples(want)
+    # errors name the data set's own columns, as for text chats
+    Dataset.from_dict({"turns": [record["conversations"]], "pics": [["pics/wide.png", "pics/gone.png"]]}).to_parquet(
+        tmp_path / "bad.parquet")
+    with pytest.raises(SftflowError) as err:
+        run(tmp_path / "bad", vlm_base, {"path": str(tmp_path / "bad.parquet"),
+                                        "columns": ColumnsParams(conversations="turns", images="pics")})
+    assert str(err.value).startswith(f"{tmp_path / 'bad.parquet'}:1: pics[1]: image file not found")
     one = {**shapes("pics/wide.png", "pics/small.png")["minicpmv_dict"]}
     Dataset.from_dict({"chat": [one["conversations"]], "img": [one["image"]]}).to_parquet(tmp_path / "m.parquet")
     rows, _, _ = run(tmp_path / "cols2", vlm_base, {"path": str(tmp_path / "m.parquet"),
