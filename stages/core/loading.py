@@ -83,7 +83,9 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Pr
 
     name, options = load_source(model_dir)
     return AutoModelForCausalLM.from_pretrained(
-        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype), **kwargs
+        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype),
+        use_safetensors=True,  # never a pickled .bin (transformers would torch.load it)
+        **kwargs,
     )
 
 

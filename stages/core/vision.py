@@ -235,7 +235,9 @@ def load_vlm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Any:
 
     name, options = load_source(Path(model_dir))
     return AutoModelForImageTextToText.from_pretrained(
-        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype), **kwargs
+        name, revision=options["revision"], trust_remote_code=options["trust_remote_code"], dtype=torch_dtype(dtype),
+        use_safetensors=True,  # never a pickled .bin
+        **kwargs,
     )
 
 

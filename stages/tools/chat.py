@@ -93,6 +93,9 @@ def load_chat_model(
                 raise SftflowError("not a folder", path=d)
         from peft import PeftModel
 
+        from stages.core.integrity import verify_dir
+
+        verify_dir(Path(adapter_dir))
         base = load(base_dir, placement.dtype, **placement.load_kwargs())
         model = PeftModel.from_pretrained(base, str(adapter_dir))
         tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
