@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, example, settings
 from hypothesis import strategies as st
 
 from stages.core.chats import CHAT_SHAPES
@@ -34,6 +34,17 @@ def budget(examples: int) -> settings:
 
 def tried(reader: str) -> None:
     CASES[reader] += 1
+
+
+def named_examples(arg: str, values: list[Any]) -> Any:
+    """Hypothesis `example`s for `arg`: cases every run tries, whatever the generator draws."""
+
+    def decorate(test: Any) -> Any:
+        for value in reversed(values):
+            test = example(**{arg: value})(test)
+        return test
+
+    return decorate
 
 
 # Text a chat may hold: any code point but a surrogate (JSON can encode those only as escapes,

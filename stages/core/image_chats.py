@@ -26,7 +26,6 @@ import atexit
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core import json_text
 from stages.core.chats import CHAT_SHAPES, ChatShape, validate_messages
 from stages.core.errors import SftflowError
 from stages.core.vision import IMAGE_PLACEHOLDER
@@ -54,6 +54,7 @@ IMAGE_REASONS = {
     "image_symlink_loop": "a symlink loop",
     "unknown_image_name": "is not a key of image",
     "relative_image_path_without_root": "a relative image path",
+    "image_aspect_ratio": "aspect ratio",
 }
 
 
@@ -174,6 +175,8 @@ class ImageReader:
             real = path.resolve()
         except (RuntimeError, OSError) as e:  # Python raises either for a symlink loop
             return SftflowError(f"a symlink loop: {path} ({e})")
+        except ValueError as e:  # a NUL in the path
+            return SftflowError(f"not a readable image: {ref!r} is no file name ({e})")
         if base is None:
             return path
         inside = Path(os.path.normpath(base.absolute()))
@@ -218,15 +221,18 @@ def _check_image(open_: Any, what: Any) -> tuple[int, int, str] | SftflowError:
         with Image.open(open_()) as im:
             width, height, fmt = im.width, im.height, str(im.format)
             im.load()  # a truncated file fails here, not in the middle of training
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return SftflowError(f"not a readable image: {what} ({type(e).__name__}: {e})")
     return width, height, fmt
 
 
 def _open_image(path: Path) -> ImageRef | SftflowError:
-    if not path.is_file():
-        return SftflowError(f"image file not found: {path}")
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            return SftflowError(f"image file not found: {path}")
+        data = path.read_bytes()
+    except OSError as e:  # a name too long for the file system, a folder without read access
+        return SftflowError(f"not a readable image: {path} ({type(e).__name__}: {e})")
     checked = _check_image(lambda: io.BytesIO(data), path)
     if isinstance(checked, SftflowError):
         return checked
@@ -248,9 +254,9 @@ def decode_json_cells(obj: Any) -> Any:
     for key in ("messages", "conversations", "images", "image"):
         value = obj.get(key)
         if isinstance(value, str) and value.lstrip()[:1] in ("[", "{") and not (key == "image" and value.lstrip()[:1] == "["):
-            try:
-                out[key] = json.loads(value)
-            except json.JSONDecodeError:
+            try:  # strictly: a duplicated key or a cell nested 3,000 deep stays text, refused as such
+                out[key] = json_text.loads(value, None, None)
+            except SftflowError:
                 pass
     return out
 
