@@ -11,6 +11,7 @@ at the paths dvc.yaml names (each overridable by an option, so cmd, deps and out
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -121,6 +122,42 @@ class _Group(click.Group):
         except SftflowError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except Exception as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            # Outputs are written to a temp path and renamed at the end (stages/core/io.py): the
+            # write that failed never replaced anything.
+            click.secho(
+                f"error: no space left on device ({full}): nothing was replaced, the previous outputs are"
+                " as they were; free some space (df -h) and run again",
+                fg="red",
+                err=True,
+            )
+            sys.exit(3)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What the error says when it (or an error it came from) is a full disk or quota, else None.
+    safetensors and pyarrow report it in their own exception types, with the OS message inside.
+
+    >>> disk_full(OSError(28, "No space left on device", "models/merged/model.safetensors"))
+    "[Errno 28] No space left on device: 'models/merged/model.safetensors'"
+    >>> disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"))
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull })'
+    >>> disk_full(ValueError("bad value")) is None
+    True
+    """
+    seen: BaseException | None = exc
+    for _ in range(20):  # the chain of causes (bounded: a chain can loop)
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(seen)
+        if any(s in str(seen) for s in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

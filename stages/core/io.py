@@ -62,6 +62,8 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temp file path next to `target`; on success it is renamed over `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
