@@ -60,6 +60,7 @@ def train_cmd(
     from stages.core.io import write_json
     from stages.core.vision import is_vision_model
     from stages.train import distributed
+    from stages.train.attention import base_softcap
     from stages.train.cpu import entry as cpu
     from stages.train.plan import decide, probe_machine
 
@@ -67,7 +68,10 @@ def train_cmd(
     options |= {"--report": report, "--plot": plot, "--checkpoints": checkpoints}
     options |= {"--tensorboard": tensorboard_dir} | ({"--device": device} if device is not None else {})
     argv = ["train", *(str(x) for pair in options.items() for x in pair)]
-    plan = decide(params.train, probe_machine(), vision=is_vision_model(model_dir), params_file=str(params_path))
+    plan = decide(
+        params.train, probe_machine(), vision=is_vision_model(model_dir), softcap=base_softcap(model_dir),
+        params_file=str(params_path),
+    )  # fmt: skip
     cuda_env = distributed.cuda_environment(plan.device, os.environ)
     if cuda_env:  # before this process allocates on the GPU; torchrun's children inherit it
         os.environ.update(cuda_env)

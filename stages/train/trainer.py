@@ -26,6 +26,7 @@ from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer,
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
 from stages.train import distributed
+from stages.train.attention import base_softcap
 from stages.train.checkpoints import check_before_resume, checksum_callback, usable_checkpoints
 from stages.train.cpu import entry as cpu
 from stages.train.gpu_kernels import LIGER_LOSS, base_model_type, liger_report
@@ -79,15 +80,14 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def build_collator(tok: Any, packing: str, attn_implementation: str | None = "sdpa") -> Any:
-    """Padding-free packing (one flat row, samples kept apart: see stages/train/packing.py) or
-    dynamic padding to the longest sample of the batch. Only plain `sdpa`/`eager` need the
-    explicit block-diagonal mask; flash and sdpa_varlen read sample boundaries themselves."""
+    """Padding-free packing (one flat row, samples kept apart as `attn_implementation` needs:
+    see stages/train/packing.py) or dynamic padding to the longest sample of the batch."""
     from transformers import DataCollatorForSeq2Seq
 
     from stages.train.packing import PaddingFreeCollator
 
     if packing in ("padding_free", "auto"):
-        return PaddingFreeCollator(block_mask=attn_implementation in ("sdpa", "eager", None))
+        return PaddingFreeCollator(attn_implementation)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
@@ -158,7 +158,7 @@ def train(
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
-    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir), model_type=base_model_type(base_dir))
+    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir), model_type=base_model_type(base_dir), softcap=base_softcap(base_dir))
     for warning in plan.warnings:
         _say(warning)
     tok = load_tokenizer(base_dir)

@@ -38,17 +38,22 @@ from stages.core.vision import (
     vision_tower_prefix,
 )
 from stages.train.adapters import add_adapters, enable_checkpointing, freeze, rank_device, trainable_in_fp32
+from stages.train.attention import VISION_VARLEN, pin_vision_attention
 from stages.train.plan import RunPlan
 
 
 def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype: str, params_file: str) -> Any:
     """The VLM to hand to Trainer, with exactly the parts `train.vision` names trainable."""
-    # the vision tower splits its own sequences (one per image): plain SDPA there
-    attention = {"text_config": plan.attention, "vision_config": "sdpa", "": plan.attention}
+    # the tower attends within each image window: flash-attn by name; torch's varlen kernel is
+    # pinned on the loaded tower (from_pretrained would look for a hub kernel of that name)
+    tower = plan.vision_attention or "sdpa"
+    attention = {"text_config": plan.attention, "vision_config": "sdpa" if tower == VISION_VARLEN else tower, "": plan.attention}
     if params.method == "qlora":
         model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device))
     else:
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
+    if tower == VISION_VARLEN:
+        pin_vision_attention(model.get_submodule(vision_tower_prefix(model)), VISION_VARLEN)
     if params.gradient_checkpointing:
         enable_checkpointing(model)
     keep_tower_in_step(model)
