@@ -98,29 +98,37 @@ def keep_tower_in_step(model: Any) -> None:
     micro-batch is text-only would skip the tower while its peers gather, and the collectives
     fall out of step (the hang LLaMA-Factory and others work around the same way). Under
     ZeRO-2/DDP a trainable projector or tower would get a gradient on some ranks and none on
-    others. The blank image runs where the real images would (after the token embedding,
-    before the language model), so every rank gathers the same modules in the same order, and
-    `0 * tower_output.sum()` added to the embeddings leaves the loss and every gradient exactly
-    as they were (the tower's gradients from it are exact zeros). Its cost is one tower pass
-    over 4 patches per text-only micro-batch."""
+    others. The blank image runs where real images do — after the token embedding, before the
+    language model — and joins the embeddings outside any module, as the real image features
+    do, so every rank enters the same modules in the same order, forward and backward: ZeRO-3
+    records that order once and checks it on every rank (a rank whose order changed drops its
+    prefetch plan and waits in a collective its peers never enter). Adding
+    `0 * tower_output.sum()` to the embeddings leaves the loss and every gradient as they were
+    (the tower's gradients from it are exact zeros). Its cost: one tower pass over 4 patches per
+    text-only micro-batch."""
     tower = vision_tower_prefix(model)
     owner = model.get_submodule(tower.rsplit(".", 1)[0]) if "." in tower else model
     visual = model.get_submodule(tower)
+    language_model = model.get_submodule(language_model_prefix(model))
+    blank = {"wanted": False}
 
-    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        if not module.training or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
-            return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
+    def before_model(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        no_image = kwargs.get("pixel_values") is None and not kwargs.get("mm_encoder_outputs")
+        blank["wanted"] = module.training and no_image
+
+    def before_language_model(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = module.get_input_embeddings()(ids)
+        if not blank["wanted"] or embeds is None:
+            return None
+        blank["wanted"] = False
         pixels, grid = blank_image(visual)
         out = visual(pixels, grid_thw=grid)
         features = getattr(out, "pooler_output", out)
         kwargs["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
         return args, kwargs
 
-    owner.register_forward_pre_hook(hook, with_kwargs=True)
+    owner.register_forward_pre_hook(before_model, with_kwargs=True)
+    language_model.register_forward_pre_hook(before_language_model, with_kwargs=True)
 
 
 def part_of(name: str, llm: str, visual: str) -> str:

@@ -41,6 +41,49 @@ def test_vlm_two_processes_equal_one_process(
     assert two["tokens"] == one["tokens"] and two["parameters"] == one["parameters"]
 
 
+@pytest.fixture(scope="module")
+def mixed_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """31 text-only chats and 1 image chat, 4 steps x 8: one epoch, so exactly one step holds the
+    image, and under 2 processes one rank's micro-batch of that step has it (with 3 text chats)
+    while the other rank's has none; in the 3 other steps no rank has an image."""
+    import json
+
+    from stages.prepare.shards import prepare
+
+    root = tmp_path_factory.mktemp("mixed")
+    image = REPO / "pipelines" / "tiny-vlm" / "raw" / "shapes" / "red_square.png"
+    records = [{"messages": [{"role": "user", "content": f"Chat {i}: count to {i % 7 + 1}."},
+                             {"role": "assistant", "content": " ".join(map(str, range(1, i % 7 + 2)))}]}
+               for i in range(STEPS * GLOBAL_BATCH - 1)]
+    records.insert(11, {"conversations": [{"from": "human", "value": "<image>Which shape is this?"},
+                                          {"from": "gpt", "value": "It is a square."}], "images": [str(image)]})
+    raw = root / "mixed.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = root / "out"
+    report = prepare(DataParams(sources=(SourceParams(path=str(raw)),), image=ImageParams(min_pixels=3136, max_pixels=3136)),
+                     vlm_base, out)
+    assert report["splits"]["train"]["samples"] == STEPS * GLOBAL_BATCH, report
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", ["zero2", "zero3"])
+def test_mixed_text_and_image_chats_two_processes_equal_one_process(
+    vlm_base: Path, mixed_prepared: Path, tmp_path: Path, deepspeed: str
+) -> None:
+    """Text-only chats mixed with an image chat (LLaMA-Factory's Qwen2.5-VL recipe mixes two text
+    sets with one image set): a rank whose micro-batch has no image runs the vision tower on a
+    blank image with zero weight, so ZeRO-3's gathers stay in step (no hang) and ZeRO-2 reduces
+    the projector's gradient on every rank; per-step losses equal 1 process's within 1e-5 (fp32)."""
+    extra = {"vision": {"tune_projector": True}}
+    one = cli_train(tmp_path / "one", vlm_base, mixed_prepared, train_section("lora", 1, **extra))
+    two = cli_train(tmp_path / "two", vlm_base, mixed_prepared, train_section("lora", 2, deepspeed, **extra))
+    assert two["distributed"]["zero_stage"] == int(deepspeed[-1]) and two["distributed"]["world_size"] == 2
+    assert len(two["losses"]) == len(one["losses"]) == STEPS
+    assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"])) <= 1e-5, (two["losses"], one["losses"])
+    assert two["tokens"] == one["tokens"]
+
+
 @pytest.mark.slow
 def test_vlm_train_killed_with_sigkill_resumes(vlm_base: Path, vlm_prepared: Path, tmp_path: Path) -> None:
     """`sftflow train` on image chats killed with SIGKILL after checkpoint-2: the re-run resumes
