@@ -198,8 +198,7 @@ def run_mode(
     if mode.endswith("_gc"):
         knobs["gradient_checkpointing"] = True
         mode = mode[: -len("_gc")]
-    if mode.endswith("_bf16"):
-        knobs["precision"] = "bf16"
+    knobs["precision"] = "bf16" if mode.endswith("_bf16") else "fp32"  # the mode's own, on any device
     if mode.startswith("qlora"):
         knobs["method"] = "qlora"
         knobs["qlora"] = QLoraParams(compute_dtype="bfloat16" if mode.endswith("_bf16") else "float32")

@@ -20,14 +20,12 @@ from typing import Any
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
-from stages.core.integrity import verify_dir
 from stages.core.io import atomic_file, read_json, write_json
-from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer, tokenizer_fingerprint
+from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
 from stages.train import distributed
 from stages.train.attention import base_softcap
-from stages.train.checkpoints import check_before_resume, checksum_callback, usable_checkpoints
 from stages.train.cpu import entry as cpu
 from stages.train.gpu_kernels import LIGER_LOSS, base_model_type, liger_report
 from stages.train.loss import (
@@ -65,7 +63,6 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
     manifest_path = prepared / "manifest.json"
     if not manifest_path.exists():
         raise SftflowError("no manifest.json: run `sftflow prepare` first", path=prepared)
-    verify_dir(prepared)  # every shard as prepare wrote it, before a row of it is trained on
     manifest = read_json(manifest_path)
     expected = tokenizer_fingerprint(tok)
     if manifest["tokenizer_fingerprint"] != expected:
@@ -115,11 +112,11 @@ def resume_point(checkpoints: Path, run: dict[str, Any]) -> Path | None:
     """The last checkpoint of this same run, or None; checkpoints of another run are cleared
     with a message saying what changed (never silently reused, never silently dropped)."""
     run_file = checkpoints / RUN_FILE
-    found = usable_checkpoints(checkpoints, _say) if checkpoints.is_dir() else []  # whole ones only
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = [c for c in found if (c / "trainer_state.json").exists()]
     if run_file.exists() and found:
         previous = read_json(run_file)
         if previous == run:
-            check_before_resume(found[-1])  # unchanged since saved, and no pickle that runs code
             _say(f"train: resuming from {found[-1]} (a checkpoint of this same run)")
             return found[-1]
         changed = sorted(
@@ -174,7 +171,7 @@ def train(
     if distributed.is_main():
         _say(distributed.format_estimate(memory))
     collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
-    extra = [TokenCounts(), checksum_callback(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
+    extra = [TokenCounts(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
     trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, extra)
     # run
     started = time.perf_counter()
@@ -190,7 +187,6 @@ def train(
     # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below
     save_check = _save(trainer, model, tok, out, params)
-    carry_remote_code(base_dir, out)
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
         for entry in trainer.state.log_history
@@ -205,7 +201,7 @@ def train(
     return {
         "method": params.method,
         "packing": params.packing,
-        "precision": params.precision,
+        "precision": plan.precision,
         "attention": attention,
         "plan": plan.report(),
         "trained_logits_only": _keeps_trained_logits(params, plan, model),
@@ -337,12 +333,9 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         gradient_accumulation_steps=params.grad_accum,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
-        bf16=params.precision == "bf16",
+        **optimizer_and_precision(params, plan),
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=params.logging_steps,
@@ -363,6 +356,34 @@ def training_arguments(params: TrainParams, plan: RunPlan, checkpoints: Path, ha
         liger_kernel_config=dict(plan.liger) if plan.liger is not None else None,
         deepspeed=plan.deepspeed,
     )
+
+
+def optimizer_and_precision(params: TrainParams, plan: RunPlan) -> dict[str, Any]:
+    """The TrainingArguments of the optimizer, its schedule's warmup, the precision and DDP, from
+    the params and the plan (a GPU plan's are checked here without building the arguments, which
+    refuse fp16 and TF32 without a GPU).
+
+    >>> from stages.train.plan import Machine, decide
+    >>> from stages.core.devices import Hardware
+    >>> t4 = Machine(hardware=Hardware(gpus=1, capability=(7, 5)))
+    >>> knobs = optimizer_and_precision(TrainParams(warmup_steps=10), decide(TrainParams(), t4, env={}))
+    >>> knobs["fp16"], knobs["bf16"], knobs["tf32"], knobs["warmup_steps"], knobs["optim"]
+    (True, False, None, 10, 'adamw_torch_fused')
+    """
+    return {
+        "optim": params.optim,
+        "adam_beta1": params.adam_beta1,
+        "adam_beta2": params.adam_beta2,
+        "adam_epsilon": params.adam_epsilon,
+        "weight_decay": params.weight_decay,
+        "max_grad_norm": params.max_grad_norm,
+        # an int >= 1 counts steps; a float in [0, 1) is a ratio of the total steps
+        "warmup_steps": params.warmup_steps if params.warmup_steps > 0 else params.warmup_ratio,
+        "bf16": plan.precision == "bf16",
+        "fp16": plan.precision == "fp16",  # autocast + GradScaler's loss scaling
+        "tf32": True if plan.tf32 else None,  # None: leave torch's setting as it is
+        "ddp_find_unused_parameters": plan.find_unused_parameters,
+    }
 
 
 def peak_rss_mb() -> float:

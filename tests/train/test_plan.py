@@ -38,8 +38,7 @@ def test_attention_follows_packing_and_flash_attention_only_on_cuda() -> None:
     flash_gpu = Machine(hardware=Hardware(gpus=1, capability=(8, 0)), flash_attn=True)
     assert decide(TrainParams(), flash_gpu, env={}).attention == "flash_attention_2"
     assert decide(TrainParams(), Machine(flash_attn=True), env={}).attention == "sdpa_varlen"  # a CPU
-    assert decide(TrainParams(), GPU, env={}).attention == "varlen"  # not installed: torch's varlen kernel
-    assert decide(TrainParams(precision="fp32"), flash_gpu, env={}).attention == "sdpa_varlen"  # fp32: no flash
+    assert decide(TrainParams(), GPU, env={}).attention == "sdpa_varlen"  # not installed
     assert decide(TrainParams(packing="none"), flash_gpu, env={}).attention == "sdpa"
 
 
@@ -156,6 +155,8 @@ def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype() -> None:
     on_t4 = decide(qlora, gpu(7, 5, gpus=2), env={})
     assert on_t4.quant_storage == "float16"
     assert decide(TrainParams(method="qlora"), gpu(9, 0), env={}).quant_storage is None
+    with pytest.raises(SftflowError, match=r"train\.distributed\.deepspeed: zero3 with qlora is written for text models"):
+        decide(qlora, gpu(9, 0, gpus=8), vision=True, env={})
     assert decide(TrainParams(distributed=DistributedParams(deepspeed="zero3")), gpu(9, 0), env={}).quant_storage is None
     plain = bnb_4bit_config(TrainParams().qlora)  # merge: auto computes in float32, stored as uint8
     assert (str(plain.bnb_4bit_compute_dtype), str(plain.bnb_4bit_quant_storage)) == ("torch.float32", "torch.uint8")
