@@ -350,12 +350,12 @@ class EvalParams:
     # auto: a GPU when torch sees one (bf16 where supported, else fp16; batch_size "auto"),
     # else the CPU in fp32 with batch_size above
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (pip install vllm; GPU only)
-
     # on a GPU: single puts the model on the first visible GPU (one process per GPU: run more
     # evals side by side with CUDA_VISIBLE_DEVICES); auto spreads it over every visible GPU
     # (transformers' device_map="auto"), for a model too big for one GPU
     device_map: Literal["single", "auto"] = "single"
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (pip install vllm; GPU only)
+
 
 # GGUF types: the first four are written by llama.cpp's converter itself, the others by
 # llama.cpp's quantizer (through llama-cpp-python) from the f16 file.
@@ -571,8 +571,6 @@ def _train_checks(t: TrainParams) -> list[str]:
         out.append("train.full.frozen_modules: only for method full (LoRA already freezes the base)")
     if not 0.0 <= t.warmup_ratio < 1.0:
         out.append("train.warmup_ratio: must be in [0, 1)")
-    if t.eval_steps < 0 or t.logging_steps < 1:
-        out.append("train.eval_steps must be >= 0 and train.logging_steps >= 1")
     if t.warmup_steps < 0:
         out.append("train.warmup_steps: must be >= 0")
     elif t.warmup_steps > 0 and t.warmup_ratio > 0:
@@ -587,6 +585,8 @@ def _train_checks(t: TrainParams) -> list[str]:
         out.append("train.adam_epsilon: must be > 0")
     if t.max_grad_norm < 0 or t.weight_decay < 0:
         out.append("train.max_grad_norm / train.weight_decay: must be >= 0")
+    if t.eval_steps < 0 or t.logging_steps < 1:
+        out.append("train.eval_steps must be >= 0 and train.logging_steps >= 1")
     out += _distributed_checks(t)
     return out
 
