@@ -184,6 +184,15 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pipeline
 
 
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default pipeline (the real SmolLM2-135M) run once by `dvc repro` in a temp copy of the
+    project: minutes, so only slow tests ask for it, and they share it (it was run once per test)."""
+    root = copy_project(tmp_path_factory.mktemp("default"))
+    assert_ran_every_stage(repro(root))
+    return root
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, assert_ran_every_stage, bin_path, copy_project, read_json, repro, run
+from tests.conftest import REPO, bin_path, read_json, run
 from tests.evaluate.test_evaluate import tiny_model_dir
 
 
@@ -126,12 +126,12 @@ def test_vision_language_model_is_refused_with_the_alternative(vlm_base: Path, t
 
 
 @pytest.mark.slow
-def test_default_pipeline_exports_a_verified_gguf(tmp_path: Path) -> None:
-    """The default pipeline, then `dvc repro pipelines/export/dvc.yaml`: f16 replies equal the HF
-    model's on the held-out prompts. ~5 min for the pipeline + ~1 min export on 2 idle cores."""
+def test_default_pipeline_exports_a_verified_gguf(default_project: Path) -> None:
+    """The default pipeline (shared with tests/pipeline/test_default_pipeline.py), then `dvc repro
+    pipelines/export/dvc.yaml`: f16 replies equal the HF model's on the held-out prompts. ~5 min
+    for the pipeline + ~1 min export on 2 idle cores."""
     converter_or_skip()
-    root = copy_project(tmp_path)
-    assert_ran_every_stage(repro(root))
+    root = default_project
     start = time.perf_counter()
     proc = run([bin_path("dvc"), "repro", "pipelines/export/dvc.yaml"], root)
     assert "Running stage 'pipelines/export/dvc.yaml:export'" in proc.stdout, proc.stdout

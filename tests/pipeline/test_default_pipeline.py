@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_ran_every_stage, bin_path, copy_project, read_json, repro, run
+from tests.conftest import bin_path, read_json, run
 
 
 @pytest.mark.slow
-def test_default_pipeline_teaches_the_demo_identity(tmp_path: Path) -> None:
-    root = copy_project(tmp_path)
-    assert_ran_every_stage(repro(root))
+def test_default_pipeline_teaches_the_demo_identity(default_project: Path) -> None:
+    root = default_project  # every stage ran once, in order (the fixture checks)
     metrics = read_json(root / "reports" / "eval.json")
     # The demo data teaches "I am Sftflow Assistant": held-out questions must show it.
     assert metrics["sftflow_replies.contains.tuned"] > metrics["sftflow_replies.contains.base"] + 0.3
