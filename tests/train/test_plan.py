@@ -22,9 +22,10 @@ def gpu(major: int, minor: int, gpus: int = 1) -> Machine:
 
 def test_a_gpu_runs_the_plain_path_and_the_cpu_its_speed_wing() -> None:
     gpu, cpu = decide(TrainParams(), GPU, env={}), decide(TrainParams(), CPU, env={})
+    # no liger-kernel on GPU: plain with the chunked loss (tests/train/test_gpu_kernels.py)
     assert (gpu.device, gpu.kernels, gpu.chunked_loss, gpu.cpu.allocator, gpu.cpu.dropout_masks) == (
         "cuda", "plain", True, "system", "torch"
-    )  # fmt: skip  (no liger-kernel on GPU: the chunked loss, tests/train/test_gpu_kernels.py)
+    )  # fmt: skip
     assert (cpu.device, cpu.kernels, cpu.chunked_loss, cpu.cpu.allocator, cpu.cpu.dropout_masks) == (
         "cpu", "fast", True, "jemalloc", "sftflow"
     )  # fmt: skip
