@@ -335,12 +335,12 @@ def eval_model(params: EvalParams, model_dir: Path, tok: PreTrainedTokenizerBase
             raise SftflowError("eval.backend vllm needs vLLM: pip install vllm (a CUDA GPU machine)", field="eval.backend")
         from lm_eval.models.vllm_causallms import VLLM
 
-        from stages.core.loading import model_source
+        from stages.core.loading import load_source
 
-        name, revision = model_source(model_dir)
+        name, options = load_source(model_dir)  # the folder checked against its file list first
         # vLLM loads the weights itself; the stop string ends replies (generation_kwargs.until)
-        return VLLM(pretrained=name, revision=revision, tokenizer=str(model_dir), dtype=placement.dtype,
-                    batch_size="auto", seed=params.seed)
+        return VLLM(pretrained=name, revision=options["revision"], tokenizer=str(model_dir), dtype=placement.dtype,
+                    batch_size="auto", seed=params.seed, trust_remote_code=options["trust_remote_code"])
     from lm_eval.models.huggingface import HFLM
 
     model = load_causal_lm(model_dir, placement.dtype, **placement.load_kwargs())
