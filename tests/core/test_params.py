@@ -138,3 +138,10 @@ def test_the_optimizer_list_is_the_installed_transformers_one() -> None:
     from stages.core.params import OPTIMIZERS
 
     assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+def test_train_takes_device_on_the_command_line() -> None:
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0 and "--device [auto|cpu|cuda]" in result.output and "train.precision" in result.output
+    result = CliRunner().invoke(cli, ["train", "--device", "gpu"])
+    assert result.exit_code == 2 and "'gpu' is not one of 'auto', 'cpu', 'cuda'" in result.output
