@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from stages.core.params import EvalParams
 from tests.conftest import REPO
 
@@ -27,3 +29,12 @@ def test_vlm_scores_on_the_cpu_in_float32_with_its_images(vlm_base: Path) -> Non
     # the pixels reach the model: other images, other likelihoods (the same text)
     assert shuffled["metrics"]["sftflow_perplexity"]["reply_nll"] != nll
     assert shuffled["inputs"]["shuffled_images"] and not scores["inputs"]["shuffled_images"]
+
+
+def test_vlm_eval_asked_to_run_on_cuda_without_one_is_refused(vlm_base: Path) -> None:
+    from stages.core.errors import SftflowError
+    from stages.evaluate.vision import score_vision_model
+
+    with pytest.raises(SftflowError) as err:
+        score_vision_model(EvalParams(data=str(EVAL_DATA), tasks=("sftflow_replies",), device="cuda"), vlm_base)
+    assert err.value.field == "eval.device"

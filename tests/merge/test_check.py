@@ -112,3 +112,13 @@ def test_logits_stay_in_the_check_dtype_on_the_models_device(dtype: str | None) 
     want = {"float32": torch.float32, "float64": torch.float64, None: torch.float32}[dtype]
     assert logits.dtype == want and logits.device == model.emb.weight.device
     assert model.pixel_dtypes == [want] and not logits.requires_grad
+
+
+def test_a_merge_asked_to_run_on_cuda_without_one_is_refused_before_loading(tmp_path: Any) -> None:
+    """The merge asks choose_placement first (text and VLM alike): no GPU here, so device cuda
+    names the key before any model, adapter or sample is read (none exist at these paths)."""
+    from stages.merge.fold import merge
+
+    with pytest.raises(SftflowError) as err:
+        merge(MergeParams(device="cuda"), tmp_path / "base", tmp_path / "adapter", tmp_path / "prepared", tmp_path / "out")
+    assert err.value.field == "merge.device"
