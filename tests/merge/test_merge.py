@@ -185,3 +185,21 @@ def test_trained_lm_head_on_a_tied_model_is_saved_untied(
 def test_not_a_train_output_is_named(tiny_base: Path, prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(SftflowError, match=r"sftflow_train\.json"):
         merge(MergeParams(), tiny_base, tiny_base, prepared, tmp_path / "merged")
+
+
+def test_qlora_merge_placed_by_a_device_map_equals_the_plain_cpu_one(
+    tiny_base: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU every load of the merge (fp32 bases, the 4-bit base, the reloaded model) goes
+    through the placement's device map. The same code with a map onto the CPU (accelerate's
+    dispatch, the only part that a GPU run adds besides the device) gives the same figures."""
+    import stages.core.devices as devices
+    from stages.core.devices import Placement
+
+    adapter = adapter_dir(tiny_base, tmp_path / "adapter", method="qlora", quant="nf4")
+    plain = merge(MergeParams(), tiny_base, adapter, prepared, tmp_path / "plain")
+    mapped = Placement("cpu", "float32", "cpu", 32)  # device_map="cpu" on every load
+    monkeypatch.setattr(devices, "choose_placement", lambda *a, **k: mapped)
+    placed = merge(MergeParams(), tiny_base, adapter, prepared, tmp_path / "mapped")
+    for key in ("max_abs_diff", "mean_abs_diff", "vs_trained_4bit", "vs_full_precision", "qlora"):
+        assert placed[key] == plain[key], key
