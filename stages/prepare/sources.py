@@ -46,21 +46,41 @@ def open_source(src: SourceParams, work: Path, where: str) -> RawSource:
     if src.hub_id:
         return _open_hub(src, where)
     path = Path(str(src.path))
-    if path.is_dir():
-        return RawSource(src.label, load_folder(path, src.split, f"{where}.split"), "table")
-    if not path.is_file():
+    if not path.is_dir() and not path.is_file():
         raise SftflowError("raw data file not found", path=path)
-    if path.suffix.lower() == ".arrow":  # one Arrow file (a Dataset's data file), memory-mapped
+    if path.is_file() and path.suffix.lower() != ".arrow" and path.suffix.lower() not in TABLE_SUFFIXES:
+        return RawSource(src.label, _json_to_arrow(path, work), "json")
+    try:
+        return RawSource(src.label, _open_table(path, src.split, work, where), "table")
+    except SftflowError:
+        raise
+    except Exception as e:  # pyarrow, datasets and the codecs raise a dozen types for a damaged file
+        cause = e.__cause__ if type(e).__name__ == "DatasetGenerationError" and e.__cause__ else e
+        raise SftflowError(
+            f"cannot read this {'data folder' if path.is_dir() else path.suffix.lstrip('.')} (damaged, or"
+            f" not what its name says): {type(cause).__name__}: {cause}",
+            path=path,
+        ) from e
+
+
+def _open_table(path: Path, split: str, work: Path, where: str) -> Any:
+    """A parquet/CSV file (decoded by `datasets` into its own Arrow cache), an Arrow file or a
+    save_to_disk folder. The user's own Arrow data is memory-mapped as written, so its buffers
+    are validated once here (offsets, UTF-8): a damaged one would otherwise fail, or read out of
+    bounds, in the middle of the map."""
+    if path.is_dir():
+        data = load_folder(path, split, f"{where}.split")
+    elif path.suffix.lower() == ".arrow":  # one Arrow file (a Dataset's data file), memory-mapped
         from datasets import Dataset
 
-        return RawSource(src.label, Dataset.from_file(str(path)), "table")
-    builder = TABLE_SUFFIXES.get(path.suffix.lower())
-    if builder is not None:
+        data = Dataset.from_file(str(path))
+    else:
         from datasets import load_dataset
 
-        data = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work / "tables"))
-        return RawSource(src.label, data, "table")
-    return RawSource(src.label, _json_to_arrow(path, work), "json")
+        builder = TABLE_SUFFIXES[path.suffix.lower()]
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work / "tables"))
+    data.data.table.validate(full=True)
+    return data
 
 
 def _json_to_arrow(path: Path, work: Path) -> Any:

@@ -25,7 +25,7 @@ from stages.core.params import DataParams, SourceParams
 from stages.prepare.records import parse_record, read_records
 from stages.prepare.sources import open_source
 from stages.prepare.stream import RecordMapper
-from tests.properties import budget, jsonl_file, tried, write_jsonl
+from tests.properties import TEXT, Mutated, budget, chat, jsonl_file, mutated, record, tried, write_jsonl
 
 
 def assert_names(message: str, path: Any, line: int, field: str | None = None) -> None:
@@ -144,3 +144,118 @@ def test_jsonl_through_arrow_and_the_tokenizer(items: list, smollm: Any, smollm_
             with pytest.raises(SftflowError) as err:
                 mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "error", "error")
             assert str(err.value) == skipped[0]
+
+
+TABLE_CONTENT = st.one_of(
+    TEXT, st.sampled_from(["", "   ", "\x00\x01\x1b", "<|im_end|>", "<|im_start|>assistant\n", "x" * (1 << 20)]), st.none()
+)
+
+
+@st.composite
+def table_rows(draw: Any) -> list[tuple[list[dict[str, Any]], bool]]:
+    """(turns, still valid) per row: chats, some changed in their fields (within one Arrow schema)."""
+    rows = []
+    for turns in draw(st.lists(chat(), min_size=2, max_size=6)):
+        if not draw(st.booleans()):
+            rows.append((turns, True))
+            continue
+        turns = [dict(m) for m in turns]
+        how = draw(st.sampled_from(["role", "content", "order", "cut"]))
+        i = draw(st.integers(0, len(turns) - 1))
+        if how == "role":
+            turns[i]["role"] = draw(st.one_of(TEXT, st.sampled_from(["human", "gpt", "tool", "", "system"])))
+        elif how == "content":
+            turns[i]["content"] = draw(TABLE_CONTENT)
+        elif how == "order":
+            turns = list(draw(st.permutations(turns)))
+        else:
+            turns = turns[:i]
+        rows.append((turns, False))
+    return rows
+
+
+def write_table(path: Path, kind: str, rows: list[list[dict[str, Any]]]) -> Path:
+    from datasets import Dataset, Features, List, Value
+
+    features = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+    if kind == "csv":
+        Dataset.from_dict({"messages": [json.dumps(r) for r in rows]}).to_csv(path / "chats.csv", index=False)
+        return path / "chats.csv"
+    data = Dataset.from_dict({"messages": rows}, features=features)
+    if kind == "parquet":
+        data.to_parquet(path / "chats.parquet")
+        return path / "chats.parquet"
+    data.save_to_disk(str(path / "folder"))
+    return path / "folder"
+
+
+@budget(12)
+@given(rows=table_rows(), kind=st.sampled_from(["parquet", "csv", "arrow folder"]))
+def test_tables_account_for_every_row(rows: list, kind: str, smollm: Any, smollm_tokenizer_dir: Path) -> None:
+    """Parquet, CSV (turns as JSON text cells) and save_to_disk folders: one outcome per row,
+    bad rows named by 1-based row and field, valid rows kept, the same twice."""
+    tried(kind)
+    with tempfile.TemporaryDirectory() as d:
+        path = write_table(Path(d), kind, [turns for turns, _ in rows])
+        by_row = {n: (turns, None if ok else Mutated(b"")) for n, (turns, ok) in enumerate(rows, start=1)}
+        out = mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "work", "skip")
+        skipped = check_outcomes(out, by_row, str(path))
+        assert mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "again", "skip") == out
+        if skipped:
+            with pytest.raises(SftflowError) as err:
+                mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "error", "error")
+            assert str(err.value) == skipped[0]
+
+
+@budget(12)
+@given(rec=record(shapes=("messages",)), data=st.data())
+def test_csv_cells_of_json_text(rec: dict, data: st.DataObject, smollm: Any, smollm_tokenizer_dir: Path) -> None:
+    """A CSV cell's JSON text changed at the byte and JSON level (deep, 1e999999, lone
+    surrogates, duplicated keys, cut): the row is kept or skipped naming row and field."""
+    tried("csv")
+    mutation = data.draw(mutated(rec["messages"]))
+    cell = mutation.text.decode("utf-8", "replace")
+    with tempfile.TemporaryDirectory() as d:
+        from datasets import Dataset
+
+        path = Path(d) / "chats.csv"
+        Dataset.from_dict({"messages": [json.dumps(rec["messages"]), cell]}).to_csv(path, index=False)
+        field = f"messages{mutation.field}" if mutation.field and mutation.field.startswith("[") else None
+        by_row = {1: (rec, None), 2: (rec, Mutated(b"", field=field))}
+        try:
+            out = mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "work", "skip")
+        except SftflowError as e:  # the CSV reader refused the file (a NUL in a cell): named
+            assert e.path is not None and str(e).startswith(f"{path}"), str(e)
+            return
+        check_outcomes(out, by_row, str(path))
+
+
+@budget(10)
+@given(
+    kind=st.sampled_from(["parquet", "csv", "arrow folder"]),
+    damage=st.sampled_from(["cut", "flip", "append", "empty"]),
+    at=st.integers(0, 1 << 16),
+    rows=st.lists(chat(), min_size=1, max_size=4),
+)
+def test_a_damaged_table_file_is_refused_by_name(kind: str, damage: str, at: int, rows: list, smollm: Any, smollm_tokenizer_dir: Path) -> None:
+    """A table file cut short, with a byte flipped, junk appended or emptied: read (every row
+    accounted for) or refused with a SftflowError naming the file, never a reader's traceback."""
+    tried(f"{kind} (damaged file)")
+    with tempfile.TemporaryDirectory() as d:
+        path = write_table(Path(d), kind, rows)
+        target = path if path.is_file() else max(path.glob("*.arrow"), key=lambda p: p.stat().st_size)
+        data = target.read_bytes()
+        at %= max(len(data), 1)
+        changed = {
+            "cut": data[:at],
+            "flip": data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :] if data else data,
+            "append": data + b"\x00\xff junk \xed\xa0\x80",
+            "empty": b"",
+        }[damage]
+        target.write_bytes(changed)
+        try:
+            out = mapped(smollm, smollm_tokenizer_dir, path, Path(d) / "work", "skip")
+        except SftflowError as e:
+            assert str(e).startswith(str(path)) or str(e).startswith(str(target)), str(e)
+            return
+        assert len(out["line"]) == len(set(out["line"]))
