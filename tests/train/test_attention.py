@@ -264,3 +264,47 @@ def test_torch_varlen_kernel_equals_its_reference_on_cuda() -> None:
     out, _ = attention.torch_varlen_forward(module, q, k, v, None, scaling=0.125, sliding_window=32, **kwargs)
     args = attention.varlen_kernel_args(q.float(), k.float(), v.float(), kwargs["cu_seq_lens_q"], 199, window=32, scale=0.125)
     torch.testing.assert_close(out[0].float(), attention.varlen_reference(args), rtol=2e-2, atol=2e-2)
+
+
+def test_a_gpu_plans_vision_model_runs_its_kernels_arguments_here(vlm_base: Path, images: Path, tmp_path: Path) -> None:
+    """The VLM an sm90 plan without flash-attn builds (language model: `varlen`; tower: torch's
+    varlen kernel pinned on its config), run here through the kernel's reference: a packed row
+    of three image chats has the padded batch's loss under the model's own SDPA."""
+    from stages.core.vision import (
+        VisionCollator,
+        load_image_processor,
+        load_vlm,
+        model_config,
+        vision_tokens,
+        vision_tower_prefix,
+    )
+    from stages.train.loss import trained_logits_loss
+    from stages.train.vision import build_vision_model
+    from tests.vlm import BOUNDS, chats_in_each_shape, prepare_rows
+
+    plan = decide(TrainParams(), Machine(hardware=Hardware(gpus=1, capability=(9, 0))), vision=True, env={})
+    assert (plan.attention, plan.vision_attention) == ("varlen", attention.VISION_VARLEN)
+    model = build_vision_model(TrainParams(), plan, vlm_base, "float32", "params.yaml").eval()
+    assert model.get_submodule(vision_tower_prefix(model)).config._attn_implementation == attention.VISION_VARLEN
+    own = load_vlm(vlm_base, "float32", attn_implementation="sdpa").eval()
+    record = chats_in_each_shape(str(images))
+    rows, _, _ = prepare_rows(tmp_path, vlm_base, [record["llamafactory"], record["minicpmv"], record["hf_parts"]])
+    proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    losses = {}
+    for packing, m in ((True, model), (False, own)):
+        batch = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)(
+            [{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows]
+        )
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            losses[packing] = float(trained_logits_loss(m(**batch), labels, num_items_in_batch=1))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[False] > 1.0
+
+
+def test_the_base_config_says_whether_attention_logits_are_capped(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", "attn_logit_softcapping": 50.0}))
+    assert attention.base_softcap(tmp_path) == 50.0
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "attn_logit_softcapping": None}))
+    assert attention.base_softcap(tmp_path) is None
