@@ -14,7 +14,7 @@ from stages.core.chats import validate_messages
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader, decode_json_cells, is_image_record, parse_image_record
 from stages.core.params import EvalParams
-from stages.core.tables import hub_spec, is_table, open_table, undecoded
+from stages.core.tables import hub_spec, is_table, open_table, raw_rows
 
 
 def read_eval_chats(path: Path | str, images: ImageReader | None = None) -> list[dict[str, Any]]:
@@ -54,7 +54,7 @@ def _table_eval_chats(spec: str, images: ImageReader) -> list[dict[str, Any]]:
         data, hub = open_table(spec, "eval.data", Path(cache))
         if hub is not None:
             images.bases[spec] = None  # no folder: relative image paths need data.image.root
-        chats = [_eval_chat(decode_json_cells(row), spec, n, images) for n, row in enumerate(undecoded(data), start=1)]
+        chats = [_eval_chat(decode_json_cells(row), spec, n, images) for n, row in enumerate(raw_rows(data), start=1)]
     if not chats:
         raise SftflowError("no chats in the eval data", path=spec, field="eval.data")
     return chats

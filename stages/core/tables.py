@@ -6,6 +6,7 @@ held-out image chats), so both read a hub data set the same way and record the s
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,34 +120,15 @@ def cached_commit(data: Any) -> str | None:
     return None
 
 
-def undecoded(data: Any) -> Any:
-    """The data set with every `datasets` Image feature (at any depth) left undecoded: rows then
-    give `{"bytes", "path"}` — the stored bytes are hashed as they are, never re-encoded.
+def raw_rows(data: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """The data set's rows as stored: every `datasets` Image feature (at any depth) undecoded, a
+    `{"bytes", "path"}` cell, so the stored bytes are hashed as they are, never re-encoded. Read
+    through Arrow batches: nothing is cast, so no cache file is written next to the user's data.
 
-    >>> from datasets import Dataset, Features, Image, List, Value
-    >>> ds = Dataset.from_dict({"images": [[]], "n": [1]}, features=Features({"images": List(Image()), "n": Value("int64")}))
-    >>> undecoded(ds).features["images"].feature.decode
-    False
+    >>> from datasets import Dataset, Features, Image, List
+    >>> ds = Dataset.from_dict({"images": [[{"bytes": b"x", "path": None}]]}, features=Features({"images": List(Image())}))
+    >>> next(raw_rows(ds))
+    {'images': [{'bytes': b'x', 'path': None}]}
     """
-    from datasets import Image
-
-    def plain(feature: Any) -> Any:
-        if isinstance(feature, Image):
-            return Image(decode=False)
-        if isinstance(feature, dict):
-            return type(feature)({k: plain(v) for k, v in feature.items()})
-        if isinstance(feature, list):
-            return [plain(v) for v in feature]
-        if hasattr(feature, "feature"):  # List, LargeList, Sequence
-            import copy
-
-            out = copy.copy(feature)
-            out.feature = plain(feature.feature)
-            return out
-        return feature
-
-    features = data.features
-    if features is None:
-        return data
-    changed = plain(features)
-    return data if changed == features else data.cast(changed)
+    for batch in data.with_format("arrow").iter(batch_size=batch_size):
+        yield from batch.to_pylist()

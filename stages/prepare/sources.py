@@ -12,7 +12,7 @@ Arrow-backed `datasets.Dataset` on disk, so no source is ever held in memory as 
   `split` and `revision`; offline, the local datasets cache answers. The commit actually loaded
   is read off the cache folder (`datasets` names it after the commit) and recorded.
 Image chats (vision-language models) come from the same sources: a table's images may be
-embedded bytes (the `datasets` Image feature, read undecoded: stages/core/tables.py `undecoded`)
+embedded bytes (the `datasets` Image feature, read undecoded: stages/core/tables.py `raw_rows`)
 or paths (stages/core/image_chats.py resolves and checks them).
 """
 

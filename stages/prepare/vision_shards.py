@@ -44,7 +44,7 @@ from stages.core.io import write_json, write_jsonl
 from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
 from stages.core.shards import IMAGES, shard_features
-from stages.core.tables import undecoded
+from stages.core.tables import raw_rows
 from stages.core.vision import (
     VisionTokens,
     check_tokenizer,
@@ -171,7 +171,7 @@ def source_records(
     tools = source_tools(src, where)
     if raw.hub is not None:
         reader.bases[raw.label] = None  # a hub data set has no folder: relative paths need data.image.root
-    data = raw.data if raw.kind == "json" else undecoded(raw.data)
+    data = raw.data if raw.kind == "json" else raw_rows(raw.data)
 
     def records() -> Iterator[RawRecord]:
         for index, row in enumerate(data):

@@ -109,16 +109,19 @@ def test_every_source_kind_gives_the_jsonl_samples(tmp_path: Path, vlm_base: Pat
     paths.to_parquet(data / "chats.parquet")
     Dataset.from_dict({k: [json.dumps(v)] for k, v in by_path.items()}).to_csv(data / "chats.csv", index=False)
     paths.save_to_disk(str(data / "folder"))
-    # embedded bytes (the Image feature): parquet, a DatasetDict folder; images far from the data
+    # embedded bytes (the Image feature): parquet, a DatasetDict folder, its Arrow file; images far from the data
     cell = {name: {"bytes": b, "path": None} for name, b in raw.items()}
     embedded = Dataset.from_list([shapes(cell["wide.png"], cell["small.png"])[shape]], features=image_features(shape))
     embedded.to_parquet(tmp_path / "elsewhere.parquet")
     DatasetDict({"train": embedded}).save_to_disk(str(tmp_path / "embedded_dict"))
+    stored = sorted(f.name for f in (tmp_path / "embedded_dict" / "train").iterdir())
     for i, path in enumerate([data / "chats.json", data / "chats.parquet", data / "chats.csv", data / "folder",
-                              tmp_path / "embedded_dict", tmp_path / "elsewhere.parquet"]):
+                              tmp_path / "embedded_dict", tmp_path / "embedded_dict" / "train" / "data-00000-of-00001.arrow",
+                              tmp_path / "elsewhere.parquet"]):
         got, report, _ = run(tmp_path / f"kind{i}", vlm_base, {"path": str(path)})
         assert samples(got) == samples(want), path
         assert report["sources"][str(path)]["kept"] == 1
+    assert sorted(f.name for f in (tmp_path / "embedded_dict" / "train").iterdir()) == stored  # nothing written there
 
 
 def test_embedded_images_are_written_by_content_and_hashed_into_the_manifest(
