@@ -344,3 +344,33 @@ def test_held_out_image_chats_from_a_table_or_the_hub_score_as_the_jsonl(
     assert from_hub["metrics"] == base["metrics"] and base["metrics"]["sftflow_perplexity"]["reply_nll"] > 0
     assert [r["reply"] for r in from_hub["replies"]["sftflow_replies"]] == [r["reply"] for r in base["replies"]["sftflow_replies"]]
     assert from_hub["inputs"]["data_sha256"] != base["inputs"]["data_sha256"]
+
+
+def test_sftflow_prepare_names_embedded_images_where_the_output_lands_and_the_collator_loads_them(
+    tmp_path: Path, vlm_base: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command prepares into a temp folder renamed to data/prepared: the shards must name the
+    embedded images by the final folder, which train's collator reads from the pipeline's folder."""
+    from click.testing import CliRunner
+
+    from stages.core.vision import VisionCollator, load_image_processor, model_config, vision_tokens
+    from stages.prepare.command import prepare_cmd
+
+    cell = {name: {"bytes": b, "path": None} for name, b in pictures(images, tmp_path / "src").items()}
+    (tmp_path / "raw").mkdir()
+    Dataset.from_list([shapes(cell["wide.png"], cell["small.png"])["hf_parts"]],
+                      features=image_features("hf_parts")).to_parquet(tmp_path / "raw" / "vqa.parquet")
+    (tmp_path / "params.yaml").write_text(json.dumps({"data": {
+        "sources": [{"path": "raw/vqa.parquet"}],
+        "image": {"min_pixels": BOUNDS.min_pixels, "max_pixels": BOUNDS.max_pixels}}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(prepare_cmd, ["--params", "params.yaml", "--model", str(vlm_base)])
+    assert result.exit_code == 0, result.output
+    (row,) = load_from_disk("data/prepared/train")
+    paths = [im["path"] for im in row["images"]]
+    assert all(p.startswith("data/prepared/images/") and Path(p).is_file() for p in paths)
+    assert not list(tmp_path.glob("data/.prepared.tmp-*"))
+    collate = VisionCollator(load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels),
+                             vision_tokens(model_config(vlm_base)), 151643, packing=False)
+    batch = collate([{k: row[k] for k in ("input_ids", "labels", "images")}])
+    assert [tuple(g) for g in batch["image_grid_thw"].tolist()] == [(1, 4, 8), (1, 4, 4)]
