@@ -11,7 +11,7 @@ Resuming unpickles files: transformers reads the RNG, optimizer and scheduler st
 `weights_only=False` (deepspeed 0.19.8, `TorchCheckpointEngine.load`). So before a resume every
 pickle-based file is disassembled without running it (`torch.serialization.
 get_unsafe_globals_in_checkpoint`) and refused when it names a global outside what
-`weights_only` allows (plus DeepSpeed's own classes in DeepSpeed's files).
+`weights_only` allows (plus DeepSpeed's own state classes in DeepSpeed's files).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ from stages.core.integrity import CHECKSUMS, record, verify_dir
 
 PICKLED = (".pt", ".pth", ".bin", ".pkl", ".pickle")  # torch.save / pickle files a resume may read
 NOT_READ = ("training_args.bin",)  # written by Trainer for the user; no resume reads it
-DEEPSPEED_GLOBALS = ("deepspeed.",)  # DeepSpeed's state classes (loss scaler, ZeRO stage enum)
+# The classes DeepSpeed's own checkpoint files name (ZeRO-2 and ZeRO-3, read by disassembling
+# the files deepspeed 0.19.8 writes; DynamicLossScaler: fp16). Exact names, not the package: a
+# function anywhere in deepspeed could be called by a crafted pickle.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -69,7 +77,7 @@ def refuse_unsafe_pickle(path: Path, deepspeed: bool = False) -> None:
     except Exception as e:  # not a torch.save zip file: a raw pickle, or damaged
         raise SftflowError(f"not a torch.save checkpoint file ({e}): refused, nothing in it was run", path=path) from e
     if deepspeed:
-        unsafe = [g for g in unsafe if not g.startswith(DEEPSPEED_GLOBALS)]
+        unsafe = [g for g in unsafe if g not in DEEPSPEED_GLOBALS]
     if unsafe:
         raise SftflowError(
             f"it would run {', '.join(sorted(unsafe))} when loaded: refused, nothing in it was run", path=path

@@ -90,7 +90,7 @@ def test_a_raw_pickle_is_refused(cut_run: Path, tiny_base: Path, prepared: Path,
     checkpoint = _copy(cut_run, tmp_path)
     (checkpoint / "scheduler.pt").write_bytes(pickle.dumps(Payload(tmp_path / "marker")))
     record(checkpoint)
-    with pytest.raises(SftflowError, match="not a torch.save checkpoint file") as e:
+    with pytest.raises(SftflowError, match=r"not a torch\.save checkpoint file") as e:
         _train(tmp_path, tiny_base, prepared)
     assert Path(e.value.path).name == "scheduler.pt" and not (tmp_path / "marker").exists()
 
@@ -119,3 +119,44 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped_for_the_one_before(
     assert "checkpoint-4 was cut off while saving" in err and resumed["resumed_from"].endswith("checkpoint-2")
     whole = _train(tmp_path / "whole", tiny_base, prepared)
     assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-5)
+
+
+DEEPSPEED_SAVE = """
+import os, sys
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+config = {"train_batch_size": 1, "zero_optimization": {"stage": int(sys.argv[2])},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+engine.backward(engine(torch.randn(1, 8)).sum())
+engine.step()
+engine.save_checkpoint(sys.argv[1], tag="global_step1")
+"""
+
+
+def test_deepspeed_checkpoint_files_pass_the_scan(tmp_path: Path) -> None:
+    """Real ZeRO-2 checkpoint files (what DeepSpeed loads with weights_only=False) name only the
+    DeepSpeed classes the scan allows, and only in DeepSpeed's own folder. (ZeRO-2 names all
+    three; ZeRO-3's name two of them. One stage: DeepSpeed's import alone takes seconds.)"""
+    stage = 2
+    import socket
+    import subprocess
+    import sys
+
+    from stages.train.checkpoints import refuse_unsafe_pickle
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_SAVE, str(tmp_path), str(stage), port], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted((tmp_path / "global_step1").glob("*.pt"))
+    assert any("optim_states" in f.name for f in files), files
+    for f in files:
+        refuse_unsafe_pickle(f, deepspeed=True)
+    (optim,) = [f for f in files if "optim_states" in f.name]
+    with pytest.raises(SftflowError, match=r"deepspeed\.runtime\.zero\.config\.ZeroStageEnum"):
+        refuse_unsafe_pickle(optim, deepspeed=False)  # outside DeepSpeed's folder, refused
