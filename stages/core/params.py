@@ -2,12 +2,15 @@
 
 Defaults live here and nowhere else. Loading collects every problem at once and names each
 by its dotted key path and the file, so a typo such as `train.learning_rte` fails loudly
-instead of silently training with a default (some tools drop unknown keys silently).
+instead of silently training with a default (some tools drop unknown keys silently). A key
+written twice is refused too (YAML keeps the last one silently), as is a float that is not a
+finite number (`.inf`, `.nan`, `1e999999`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -419,18 +422,48 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not path.exists():
         raise SftflowError("params file not found (pass --params PATH)", path=path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+    except UnicodeDecodeError as e:
+        raise SftflowError(f"not UTF-8 text: invalid byte at offset {e.start}", path=path) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise SftflowError(f"not valid YAML: {e}", path=path, line=mark.line + 1 if mark else None) from e
+    except RecursionError as e:  # the YAML composer recurses once per nesting level
+        raise SftflowError("not valid YAML: nested too deep to read", path=path) from e
     problems: list[str] = []
-    params = _build(Params, raw, "", problems)
+    try:
+        params = _build(Params, raw, "", problems)
+    except RecursionError as e:  # an alias that contains itself (`a: &x [*x]`)
+        raise SftflowError("a value that contains itself (a YAML alias inside its own anchor)", path=path) from e
     if not problems:  # cross-field rules assume well-typed values
         problems += _cross_checks(params)
     if problems:
         listing = "\n  ".join(problems)
         raise SftflowError(f"{len(problems)} problem(s):\n  {listing}", path=path)
     return params
+
+
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader, refusing a mapping that holds a key twice (at the second one's line)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so below
+                    repeated = False
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"key {key!r} given twice", key_node.start_mark
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
@@ -684,13 +717,20 @@ def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         return None
     if tp is float:
         # YAML reads 2e-4 as a string (no dot in the mantissa); accept it as a number.
+        number = value
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+                number = None
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            try:
+                number = float(number)
+            except OverflowError:  # an int past float's range
+                number = math.inf
+            if not math.isfinite(number):
+                problems.append(f"{where}: expected a finite number, got {value!r}")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
