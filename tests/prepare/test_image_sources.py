@@ -53,6 +53,11 @@ def shapes(wide: Any, small: Any) -> dict[str, dict]:
                 {"role": "assistant", "content": [{"type": "text", "text": a2, "image": None}]},
             ]
         },
+        "minicpmv": {  # MiniCPM-V's one image, placed before the first question (no <image> written)
+            "image": wide,
+            "conversations": [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                              {"role": "user", "content": q2}, {"role": "assistant", "content": a2}],
+        },
         "minicpmv_dict": {  # MiniCPM-V's several images: each name written where its image goes
             "image": {"<image_00>": wide, "<image_01>": small},
             "conversations": [{"role": "user", "content": f"<image_00>{q1}"}, {"role": "assistant", "content": a1},
@@ -71,6 +76,7 @@ def image_features(shape: str) -> Features:
         "llamafactory": {"conversations": List(TURNS), "images": List(Image())},
         "hf_parts": {"messages": List({"role": Value("string"), "content": List(
             {"type": Value("string"), "text": Value("string"), "image": Image()})})},
+        "minicpmv": {"image": Image(), "conversations": List(ROLES)},
         "minicpmv_dict": {"image": {"<image_00>": Image(), "<image_01>": Image()}, "conversations": List(ROLES)},
     }[shape])
 
@@ -88,7 +94,7 @@ def samples(rows: list[dict]) -> list[tuple]:
     return [(r["input_ids"], r["labels"], [(im["sha256"], im["grid"]) for im in r["images"]]) for r in rows]
 
 
-@pytest.mark.parametrize("shape", ["llamafactory", "hf_parts", "minicpmv_dict"])
+@pytest.mark.parametrize("shape", ["llamafactory", "hf_parts", "minicpmv", "minicpmv_dict"])
 def test_every_source_kind_gives_the_jsonl_samples(tmp_path: Path, vlm_base: Path, images: Path, shape: str) -> None:
     from transformers import AutoTokenizer
 
@@ -100,14 +106,15 @@ def test_every_source_kind_gives_the_jsonl_samples(tmp_path: Path, vlm_base: Pat
     want, _, _ = run(tmp_path / "jsonl", vlm_base, {"path": str(data / "chats.jsonl")})
     (row,) = want
     assert [tok.decode(s) for s in trained_spans(row["input_ids"], row["labels"])] == REPLIES
-    assert [tuple(im["grid"]) for im in row["images"]] == [(1, 4, 8), (1, 4, 4)]
+    assert [tuple(im["grid"]) for im in row["images"]] == [(1, 4, 8), (1, 4, 4)][: 1 if shape == "minicpmv" else 2]
     assert row["images"][0]["path"] == str(data / "pics" / "wide.png")
 
     # paths: a JSON array, parquet, CSV (JSON text cells), an Arrow file, a save_to_disk folder
     (data / "chats.json").write_text(json.dumps([by_path]))
     paths = Dataset.from_list([by_path])
     paths.to_parquet(data / "chats.parquet")
-    Dataset.from_dict({k: [json.dumps(v)] for k, v in by_path.items()}).to_csv(data / "chats.csv", index=False)
+    Dataset.from_dict({k: [v if isinstance(v, str) else json.dumps(v)] for k, v in by_path.items()}).to_csv(
+        data / "chats.csv", index=False)
     paths.save_to_disk(str(data / "folder"))
     # embedded bytes (the Image feature): parquet, a DatasetDict folder, its Arrow file; images far from the data
     cell = {name: {"bytes": b, "path": None} for name, b in raw.items()}
