@@ -295,6 +295,10 @@ def _prepare_vision(
     }
     report = build_report(reports, lengths, len(rejects), duplicates)
     used = {im["path"]: im["sha256"] for rows in splits.values() for r in rows for im in r["images"]}
+    # embedded images of chats not kept (skipped, dropped, sampled out, cut off) leave the output
+    for stored in sorted((out / "images").glob("*")) if (out / "images").is_dir() else []:
+        if str(images_at / stored.name) not in used:
+            stored.unlink()
     report["total"]["truncated_before_image"] = before_image
     report["images"] = {
         "distinct": len(used),

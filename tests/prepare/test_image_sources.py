@@ -139,7 +139,10 @@ def test_embedded_images_are_written_by_content_and_hashed_into_the_manifest(
     raw = pictures(images, tmp_path / "pics")
     cell = {name: {"bytes": b, "path": "ignored.png"} for name, b in raw.items()}
     record = shapes(cell["wide.png"], cell["small.png"])["llamafactory"]
-    Dataset.from_list([record], features=image_features("llamafactory")).to_parquet(tmp_path / "a.parquet")
+    other = {"bytes": _png((10, 200, 10)), "path": None}
+    too_long = llamafactory(other) | {"conversations": [{"from": "human", "value": "<image>Hi"},
+                                                        {"from": "gpt", "value": "word " * 1100}]}
+    Dataset.from_list([record, too_long], features=image_features("llamafactory")).to_parquet(tmp_path / "a.parquet")
     params = DataParams(sources=(SourceParams(path=str(tmp_path / "a.parquet")),), image=BOUNDS)
     # as `sftflow prepare` runs it: into a temp folder renamed to data/prepared afterwards
     report = prepare(params, vlm_base, tmp_path / "tmp-out", final_out=Path("data/prepared"))
@@ -151,7 +154,10 @@ def test_embedded_images_are_written_by_content_and_hashed_into_the_manifest(
     assert rows[0]["images"][0]["path"] == f"data/prepared/images/{digest}.png"
     assert (tmp_path / "tmp-out" / "images" / f"{digest}.png").read_bytes() == raw["wide.png"]
     assert manifest["vision"]["images_sha256"][f"data/prepared/images/{digest}.png"] == digest
-    assert report["images"]["distinct"] == 2
+    assert report["images"]["distinct"] == 2 and report["total"]["dropped"] == 1
+    # the dropped chat's image was read and hashed, but is not left in the output
+    assert sorted(f.name for f in (tmp_path / "tmp-out" / "images").iterdir()) == sorted(
+        Path(im["path"]).name for im in rows[0]["images"])
     # another pixel in the embedded image: another hash, so DVC re-runs prepare and what follows
     buf = tmp_path / "changed.png"
     with PILImage.open(images / "wide.png") as im:
@@ -160,10 +166,20 @@ def test_embedded_images_are_written_by_content_and_hashed_into_the_manifest(
     im.save(buf)
     changed = {**cell["wide.png"], "bytes": buf.read_bytes()}
     record = shapes(changed, cell["small.png"])["llamafactory"]
-    Dataset.from_list([record], features=image_features("llamafactory")).to_parquet(tmp_path / "a.parquet")
+    Dataset.from_list([record, too_long], features=image_features("llamafactory")).to_parquet(tmp_path / "a.parquet")
     prepare(params, vlm_base, tmp_path / "out2")
     after = json.loads((tmp_path / "out2" / "manifest.json").read_text())["vision"]["images_sha256"]
     assert digest not in after.values() and len(after) == 2
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", (56, 56), colour).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_hub_cache(cache: Path, repo_id: str, data: Dataset, tmp: Path) -> None:
