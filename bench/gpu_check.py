@@ -386,7 +386,7 @@ def loss_checks(args: argparse.Namespace, base_dir: Path, prepared: Path) -> dic
             loss.backward()
             opt.step()
             opt.zero_grad()
-            out.append(float(loss))
+            out.append(loss.detach().item())
         del model, opt
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
