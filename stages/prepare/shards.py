@@ -202,7 +202,9 @@ def _account(mapped: Any, label: str, rep: SourceReport, rejects_file: Path) -> 
     lengths = table.column("length").to_numpy()
     trained = table.column("num_trained").to_numpy()
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
-    rep.kept += len(kept)
+    # kept counts records (chats, and texts before they are packed), so read = kept + skipped +
+    # dropped; the texts' tokens are counted as blocks (with their EOS), in _pack_texts
+    rep.kept += int(ok.sum())
     rep.truncated += int(truncated[kept].sum())
     rep.tokens += int(lengths[kept].sum())
     rep.trained_tokens += int(trained[kept].sum())
@@ -263,7 +265,6 @@ def _pack_texts(
                 "hash": sample_hash(ids, ids) if with_hash else 0,
             }
         )
-        rep.kept += 1
         rep.tokens += len(ids)
         rep.trained_tokens += len(ids)
         if len(pending) >= TEXT_BATCH:

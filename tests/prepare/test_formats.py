@@ -98,7 +98,8 @@ def test_text_is_joined_with_eos_and_cut_into_fully_trained_blocks(
     assert stream == expected  # nothing lost, nothing reordered
     assert all(r["labels"] == r["input_ids"] for r in rows)
     assert all(len(r["input_ids"]) == 16 for r in list(rows)[:-1])
-    assert report["total"]["read"] == 5
+    assert report["total"]["read"] == report["total"]["kept"] == 5  # records, not blocks
+    assert report["total"]["sampled"] == len(rows)
 
 
 def test_explicit_format_overrides_detection(smollm_tokenizer_dir: Path, tmp_path: Path) -> None:
