@@ -62,6 +62,7 @@ def train_cmd(
     from stages.train import distributed
     from stages.train.attention import base_softcap
     from stages.train.cpu import entry as cpu
+    from stages.train.gpu_kernels import base_model_type
     from stages.train.plan import decide, probe_machine
 
     options = {"--params": params_path, "--model": model_dir, "--data": prepared, "--out": out}
@@ -70,7 +71,7 @@ def train_cmd(
     argv = ["train", *(str(x) for pair in options.items() for x in pair)]
     plan = decide(
         params.train, probe_machine(), vision=is_vision_model(model_dir), softcap=base_softcap(model_dir),
-        params_file=str(params_path),
+        model_type=base_model_type(model_dir), params_file=str(params_path),
     )  # fmt: skip
     cuda_env = distributed.cuda_environment(plan.device, os.environ)
     if cuda_env:  # before this process allocates on the GPU; torchrun's children inherit it

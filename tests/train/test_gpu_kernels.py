@@ -81,3 +81,24 @@ def test_the_model_computing_its_own_loss_matches_sftflows(tiny_base: Path, prep
     }
     assert reports["sftflow"]["trained_logits_only"] and not reports["model"]["trained_logits_only"]
     assert reports["model"]["losses"] == pytest.approx(reports["sftflow"]["losses"], rel=1e-5)
+
+
+def test_the_train_command_decides_with_the_bases_model_type(
+    tiny_base: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sftflow train` hands its plan to the trainer: that plan must know the base's family, or
+    Liger could never run from the command. On a made-up CUDA machine whose Liger patches
+    qwen2 only, `kernels: liger` is refused naming the tiny base's own type (llama)."""
+    import yaml
+    from click.testing import CliRunner
+
+    import stages.train.plan
+    from stages.core.cli import cli
+
+    monkeypatch.setattr(stages.train.plan, "probe_machine", lambda: Machine(hardware=H100, liger=frozenset({"qwen2"})))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"kernels": "liger"}}))
+    args = ["train", "--params", str(tmp_path / "params.yaml"), "--model", str(tiny_base), "--data", str(prepared),
+            "--out", str(tmp_path / "out"), "--report", str(tmp_path / "train.json")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "liger-kernel has no kernels for model type 'llama'" in result.output + str(result.exception)
