@@ -102,3 +102,18 @@ def test_the_train_command_decides_with_the_bases_model_type(
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
     assert "liger-kernel has no kernels for model type 'llama'" in result.output + str(result.exception)
+
+
+def test_a_liger_plan_reaches_trainers_arguments(tmp_path: Path) -> None:
+    """Liger is applied by Trainer from its arguments (transformers' own integration), with the
+    plan's config, and no sftflow loss function stands in the way of the model's fused one."""
+    from stages.train.trainer import _loss, training_arguments
+
+    liger = decide(TrainParams(), LIGER_GPU, model_type="qwen2", env={})
+    # the CPU plan with the GPU plan's Liger choice: TrainingArguments refuses bf16 without a GPU
+    plan = dataclasses.replace(decide(TrainParams(), CPU, env={}), liger=liger.liger, loss=liger.loss)
+    args = training_arguments(TrainParams(), plan, tmp_path, has_eval=False)
+    assert args.use_liger_kernel and args.liger_kernel_config == liger.liger
+    assert _loss(plan, head=None) is None
+    plain = training_arguments(TrainParams(), decide(TrainParams(), CPU, env={}), tmp_path, has_eval=False)
+    assert not plain.use_liger_kernel and plain.liger_kernel_config is None
