@@ -36,12 +36,13 @@ def tried(reader: str) -> None:
     CASES[reader] += 1
 
 
-def named_examples(arg: str, values: list[Any]) -> Any:
-    """Hypothesis `example`s for `arg`: cases every run tries, whatever the generator draws."""
+def named_examples(arg: str, values: list[Any], **others: Any) -> Any:
+    """Hypothesis `example`s for `arg` (the test's other arguments set to `others`): cases
+    every run tries, whatever the generator draws."""
 
     def decorate(test: Any) -> Any:
         for value in reversed(values):
-            test = example(**{arg: value})(test)
+            test = example(**{arg: value}, **others)(test)
         return test
 
     return decorate
@@ -232,3 +233,66 @@ def write_jsonl(path: Any, items: list[tuple[dict[str, Any], Mutated | None]]) -
     lines = [m.text if m else json.dumps(r, ensure_ascii=False).encode() for r, m in items]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return {n: item for n, (item, data) in enumerate(zip(items, lines), start=1) if data.strip()}
+
+
+BAD_ARGUMENTS = {  # arguments text -> the field inside them the error names ("" : the arguments)
+    "{": "", "[1, 2]": "", "null": "", '{"a": 1, "a": 2}': "", "[" * 3000 + "]" * 3000: "",
+    '{"a":' * 150 + "1" + "}" * 150: "", '{"a": "\\ud800"}': ".a", "1e999999": "", "{'a': 1}": "", "": "",
+}
+
+
+@st.composite
+def tool_mutation(draw: Any, rec: dict[str, Any]) -> Mutated:
+    """A tool-calling record changed where tool calls can go wrong; the field it must name."""
+    rec = json.loads(json.dumps(rec))
+    i = next(k for k, m in enumerate(rec["messages"]) if m.get("tool_calls"))
+    call = rec["messages"][i]["tool_calls"][0]
+    fn = call.get("function", call)
+    at = f"messages[{i}].tool_calls"
+    how = draw(st.sampled_from(["arguments", "name", "calls", "tools", "no_result"]))
+    if how == "arguments":
+        text = draw(st.sampled_from(sorted(BAD_ARGUMENTS)))
+        fn["arguments"] = text
+        field = f"{at}[0].arguments{BAD_ARGUMENTS[text]}"
+    elif how == "name":
+        value = draw(st.sampled_from(["", "   ", 3, None, ["f"], "drop"]))
+        if value == "drop":
+            fn.pop("name")
+        else:
+            fn["name"] = value
+        field = f"{at}[0].name"
+    elif how == "calls":
+        rec["messages"][i]["tool_calls"] = draw(st.sampled_from([[], "call", {}, 0]))
+        field = at
+    elif how == "tools":
+        rec["tools"], field = draw(st.sampled_from([("not json", "tools"), ([{"parameters": {}}], "tools[0].name"), (5, "tools")]))
+    else:
+        rec["messages"].pop(i + 1)  # the call is never answered
+        field = "messages"
+    return Mutated(json.dumps(rec).encode(), field=field, how=f"tool {how}")
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _line(text: str, field: str | None = None) -> tuple[dict[str, Any], Mutated]:
+    return GOOD, Mutated(text.encode(), field=field, how="named")
+
+
+def _chat_with(content: str) -> str:
+    return '{"messages": [{"role": "user", "content": ' + content + '}, {"role": "assistant", "content": "x"}]}'
+
+
+# the garbage every run tries (a file: a bad line between two good ones), whatever is generated
+NAMED_FILES = [
+    [(GOOD, None), _line('{"messages": ' + "[" * 3000 + "]" * 3000 + "}"), (GOOD, None)],  # nested 3,000 deep
+    [(GOOD, None), _line(_chat_with("1e999999"), "messages[0].content"), (GOOD, None)],  # a number where a string belongs
+    [(GOOD, None), _line(_chat_with('"a\\ud800b"'), "messages[0].content"), (GOOD, None)],  # a lone surrogate
+    [(GOOD, None), _line('{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "x"}]}', "messages[0]")],
+    [(GOOD, None), _line("\ufeff" + json.dumps(GOOD)), (GOOD, None)],  # a BOM in the middle of a file
+    [(GOOD, None), (GOOD, Mutated(json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}, {"role": "assistant", "content": "y"}]}).encode(), how="1 MB")), (GOOD, None)],
+    [(GOOD, None), _line(_chat_with('"a\\u0000\\u0007\\u001b[0m"')), _line('{"messages": [\x00]}')],  # NUL and control characters
+    [_line("[]"), (GOOD, None)],  # a list first: a bad record, not a JSON array file
+    [(GOOD, None), (GOOD, Mutated(b"\xff\xfe" + json.dumps(GOOD).encode(), how="bad UTF-8"))],
+]
+NAMED_ITEMS = [NAMED_FILES[i] for i in (0, 1, 2, 3, 5, 7)]  # those that are JSON: array items too

@@ -25,7 +25,21 @@ from stages.core.params import DataParams, SourceParams
 from stages.prepare.records import parse_record, read_records
 from stages.prepare.sources import open_source
 from stages.prepare.stream import RecordMapper
-from tests.properties import TEXT, Mutated, budget, chat, jsonl_file, mutated, record, tried, write_jsonl
+from tests.properties import (
+    NAMED_FILES,
+    NAMED_ITEMS,
+    TEXT,
+    Mutated,
+    budget,
+    chat,
+    jsonl_file,
+    mutated,
+    named_examples,
+    record,
+    tool_mutation,
+    tried,
+    write_jsonl,
+)
 
 
 def assert_names(message: str, path: Any, line: int, field: str | None = None) -> None:
@@ -40,6 +54,8 @@ def read_alone(rec: dict[str, Any], path: Path, line: int, index: int) -> Any:
 
 @budget(40)
 @given(items=jsonl_file(), as_array=st.booleans())
+@named_examples("items", NAMED_FILES, as_array=False)
+@named_examples("items", NAMED_ITEMS, as_array=True)
 def test_json_readers_account_for_every_record(items: list, as_array: bool) -> None:
     """read_records (JSONL and JSON arrays, as vision prepare and eval read them)."""
     tried("json array" if as_array else "jsonl")
@@ -130,6 +146,7 @@ def check_outcomes(out: dict[str, list], by_line: dict[int, tuple], label: str) 
 
 @budget(15)
 @given(items=jsonl_file(shapes=("messages", "sharegpt", "alpaca", "text")))
+@named_examples("items", NAMED_FILES)
 def test_jsonl_through_arrow_and_the_tokenizer(items: list, smollm: Any, smollm_tokenizer_dir: Path) -> None:
     """JSONL lines written to Arrow, parsed, rendered, tokenized and masked (prepare's map
     step): one outcome per line, the same twice, and error mode stops at the first bad line."""
@@ -311,3 +328,32 @@ def test_prepare_reports_every_record_and_repeats_itself(items: list, smollm_tok
             with pytest.raises(SftflowError) as err:
                 prepare(strict, smollm_tokenizer_dir, Path(d) / "strict")
             assert str(err.value) == bad[0]["detail"]
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+@budget(12)
+@given(recs=st.lists(record(shapes=("tools",)), min_size=2, max_size=5), data=st.data())
+def test_tool_calls_through_a_template_with_tools(recs: list, data: st.DataObject, qwen: Any, qwen_tokenizer_dir: Path) -> None:
+    """Tool-calling chats (OpenAI and bare call shapes, arguments as objects or JSON text, a
+    tools list) through Qwen3's template, which renders tools: valid ones kept with trained
+    replies, calls gone wrong (arguments malformed, nested 3,000 deep, with a duplicated key or
+    a lone surrogate; no name; no list; an unanswered call; a broken tools list) skipped naming
+    the field, in error mode the first of them raised."""
+    tried("tool calls")
+    bad = data.draw(st.sets(st.integers(0, len(recs) - 1), min_size=1, max_size=len(recs)))
+    items = [(r, data.draw(tool_mutation(r)) if i in bad else None) for i, r in enumerate(recs)]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "tools.jsonl"
+        by_line = write_jsonl(path, items)
+        out = mapped(qwen, qwen_tokenizer_dir, path, Path(d) / "work", "skip")
+        skipped = check_outcomes(out, by_line, str(path))
+        assert len(skipped) == len(bad)  # each of these mutations breaks the record
+        with pytest.raises(SftflowError) as err:
+            mapped(qwen, qwen_tokenizer_dir, path, Path(d) / "error", "error")
+        assert str(err.value) == skipped[0]
