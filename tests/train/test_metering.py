@@ -66,3 +66,19 @@ def test_resumed_run_reports_the_whole_runs_counts(tiny_base: Path, prepared: Pa
     assert (resumed["tokens"], resumed["trained_tokens"]) == (real, trained)  # step 1's counts came back
     assert resumed["token_slots"] == resumed["tokens"]  # packed: no padding
     assert resumed["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("packing", ["padding_free", "none"])
+def test_image_chats_counted_with_workers(tmp_path: Path, vlm_base: Path, images: Path, packing: str) -> None:
+    """Image chats collated (pixels decoded and resized) in 2 worker processes: the report counts
+    the split's real and trained tokens (image tokens included), as for text."""
+    from tests.vlm import chats_in_each_shape, prepare_rows, train_params
+
+    record = chats_in_each_shape(str(images))
+    rows, _, _ = prepare_rows(tmp_path / "p", vlm_base, [record["llamafactory"], record["hf_parts"]] * 2)
+    real = sum(len(r["input_ids"]) for r in rows)
+    trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+    params = train_params(max_steps=1, batch_size=4, save_steps=0, report_to=[], packing=packing, dataloader_workers=2)
+    report = train(params, vlm_base, tmp_path / "p" / "out", tmp_path / "a", tmp_path / "c", tmp_path / "l.csv")
+    assert (report["tokens"], report["trained_tokens"]) == (real, trained)
+    assert report["tokens_per_second"] > 0
