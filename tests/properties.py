@@ -21,7 +21,7 @@ from stages.core.chats import CHAT_SHAPES
 
 # cases tried per reader (every example Hypothesis ran, shrinking included); conftest prints it
 CASES: Counter[str] = Counter()
-SCALE = {"nightly": 25}.get(os.environ.get("HYPOTHESIS_PROFILE", "default"), 1)
+SCALE = {"nightly": 10}.get(os.environ.get("HYPOTHESIS_PROFILE", "default"), 1)
 
 
 def budget(examples: int) -> settings:

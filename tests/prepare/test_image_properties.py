@@ -154,7 +154,7 @@ PATHS = st.sampled_from(
 )
 
 
-@budget(6)
+@budget(3)
 @given(
     refs=st.lists(st.tuples(PATHS, image_file()), min_size=2, max_size=5),
     shape=st.sampled_from(["llamafactory", "hf_parts", "minicpmv"]),

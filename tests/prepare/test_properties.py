@@ -206,8 +206,9 @@ def write_table(path: Path, kind: str, rows: list[list[dict[str, Any]]]) -> Path
     return path / "folder"
 
 
-@budget(12)
-@given(rows=table_rows(), kind=st.sampled_from(["parquet", "csv", "arrow folder"]))
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder"])
+@budget(6)
+@given(rows=table_rows())
 def test_tables_account_for_every_row(rows: list, kind: str, smollm: Any, smollm_tokenizer_dir: Path) -> None:
     """Parquet, CSV (turns as JSON text cells) and save_to_disk folders: one outcome per row,
     bad rows named by 1-based row and field, valid rows kept, the same twice."""
@@ -247,9 +248,9 @@ def test_csv_cells_of_json_text(rec: dict, data: st.DataObject, smollm: Any, smo
         check_outcomes(out, by_row, str(path))
 
 
-@budget(10)
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder"])
+@budget(5)
 @given(
-    kind=st.sampled_from(["parquet", "csv", "arrow folder"]),
     damage=st.sampled_from(["cut", "flip", "append", "empty"]),
     at=st.integers(0, 1 << 16),
     rows=st.lists(chat(), min_size=1, max_size=4),
