@@ -37,6 +37,7 @@ from stages.core.vision import (
     vision_tokens,
     vision_tower_prefix,
 )
+from stages.train import attention as packed_attention
 from stages.train.adapters import add_adapters, enable_checkpointing, freeze, rank_device, trainable_in_fp32
 from stages.train.attention import VISION_VARLEN, pin_vision_attention
 from stages.train.plan import RunPlan
@@ -54,6 +55,7 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
     if tower == VISION_VARLEN:
         pin_vision_attention(model.get_submodule(vision_tower_prefix(model)), VISION_VARLEN)
+    hand_bounds_to_language_model(model)
     if params.gradient_checkpointing:
         enable_checkpointing(model)
     keep_tower_in_step(model)
@@ -67,6 +69,26 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
         model.enable_input_require_grads()
     trainable_in_fp32(model)
     return model
+
+
+def hand_bounds_to_language_model(model: Any) -> None:
+    """Packed image chats: the language model's attention gets each chat's bounds as the
+    flash-attention kwargs, derived once per forward from the text positions (the first of the
+    4 position rows). The batch cannot carry them as text rows do: the model hands its kwargs to
+    the vision tower too, whose attention passes cu_seqlens of its own; and flash-attention 2
+    without them would find the bounds again in every layer, waiting on the GPU each time."""
+    language_model = model.get_submodule(language_model_prefix(model))
+
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        positions = kwargs.get("position_ids")
+        packed = positions is not None and positions.dim() == 3 and tuple(positions.shape[:2]) == (4, 1)
+        if not packed or kwargs.get("attention_mask") is not None or "cu_seq_lens_q" in kwargs:
+            return None
+        cu, longest = packed_attention.boundaries({"position_ids": positions[0]})
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return args, kwargs
+
+    language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def blank_image(visual: Any) -> tuple[Any, Any]:

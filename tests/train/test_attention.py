@@ -290,15 +290,25 @@ def test_a_gpu_plans_vision_model_runs_its_kernels_arguments_here(vlm_base: Path
     record = chats_in_each_shape(str(images))
     rows, _, _ = prepare_rows(tmp_path, vlm_base, [record["llamafactory"], record["minicpmv"], record["hf_parts"]])
     proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
-    losses = {}
+    losses, handed = {}, []
+    found = attention.boundaries
+
+    def recording(kwargs: dict) -> Any:
+        handed.append("cu_seq_lens_q" in kwargs)
+        return found(kwargs)
+
     for packing, m in ((True, model), (False, own)):
         batch = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)(
             [{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows]
         )
         labels = batch.pop("labels")
-        with torch.no_grad():
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(attention, "boundaries", recording)
             losses[packing] = float(trained_logits_loss(m(**batch), labels, num_items_in_batch=1))
     assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[False] > 1.0
+    # the tower's 2 blocks get their cu_seqlens from the tower; the text bounds are derived once,
+    # before the language model (vision.hand_bounds_to_language_model), and handed to its 2 layers
+    assert handed == [True, True, False, True, True]
 
 
 def test_the_base_config_says_whether_attention_logits_are_capped(tmp_path: Path) -> None:
