@@ -105,7 +105,7 @@ def refuse_vision_model(model_dir: Path) -> None:
         " against the HF model. Serve the merged folder itself instead: `vllm serve " + str(model_dir) + "`"
         " (OpenAI-compatible, images in the messages), `transformers serve`, or"
         " AutoModelForImageTextToText + AutoProcessor; `sftflow chat --model " + str(model_dir) + " --image PATH`"
-        " talks to it here",
+        " talks to it here (docs/vision.md shows the llama.cpp commands to convert both files by hand, unchecked)",
         path=model_dir,
         field="export",
     )
