@@ -21,6 +21,7 @@ from stages.core.devices import Hardware, check_usable, detect_hardware
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams, needs_cuda_optimizer
 from stages.train import distributed, gpu_kernels
+from stages.train.attention import TORCH_VARLEN, VISION_VARLEN
 from stages.train.attention import register as register_varlen_attention
 from stages.train.cpu import entry as cpu
 
@@ -48,7 +49,7 @@ class RunPlan:
     device: Literal["cpu", "cuda"]
     # resolved (never auto), decided before the attention kernel: flash-attention needs bf16/fp16
     precision: Literal["fp32", "bf16", "fp16"]
-    attention: str  # the model's attn_implementation: sdpa, sdpa_varlen or flash_attention_2
+    attention: str  # the model's attn_implementation: sdpa, sdpa_varlen, varlen, flash_attention_2 or eager
     chunked_loss: bool  # the LM head + loss in chunks of trained rows (stages/train/loss.py)
     cpu: cpu.CpuChoices  # the CPU speed wing's part: kernels, allocator, dropout masks
     launch: distributed.Launch
@@ -65,6 +66,7 @@ class RunPlan:
     find_unused_parameters: bool | None = None
     # the 4-bit base's storage dtype under ZeRO-3 (bnb_4bit_quant_storage); None: bitsandbytes' uint8
     quant_storage: str | None = None
+    vision_attention: str | None = None  # a VLM's vision tower: sdpa, flash_attention_2 or flash_varlen_torch
 
     @property
     def dtype(self) -> str:
@@ -86,6 +88,7 @@ class RunPlan:
             "precision": self.precision,
             "tf32": self.tf32,
             "attention": self.attention,
+            **({"vision_attention": self.vision_attention} if self.vision_attention else {}),
             "kernels": self.kernels,
             "chunked_loss": self.chunked_loss,
             "loss": self.loss,
@@ -119,12 +122,14 @@ def decide(
     *,
     vision: bool = False,
     model_type: str | None = None,
+    softcap: float | None = None,
     env: Mapping[str, str] | None = None,
     params_file: str = "params.yaml",
 ) -> RunPlan:
     """The plan for `params` on `machine` (`vision`: the base is a vision-language model;
     `model_type`: its config's model_type, which Liger's kernels go by;
-    `env`: the launch overrides, os.environ when None).
+    `softcap`: its attention logit softcapping, `attention.logit_softcap`; `env`: the launch
+    overrides, os.environ when None).
 
     >>> plan = decide(TrainParams(), Machine(allocators={"jemalloc": "/lib/libjemalloc.so.2"}), env={})
     >>> plan.device, plan.attention, plan.kernels, plan.chunked_loss, plan.cpu.allocator
@@ -160,7 +165,12 @@ def decide(
             path=params_file,
             field="train.distributed.deepspeed",
         )
-    attention, why["attention"] = _attention(params.packing, device, machine.flash_attn)
+    flash = _flash_kernels(device, precision, machine.hardware)
+    attention, why["attention"] = _attention(params.packing, device, flash, machine.flash_attn, softcap)
+    register_varlen_attention()  # its names valid attn_implementations before any model loads
+    vision_attention = None
+    if vision:
+        vision_attention, why["vision_attention"] = _vision_attention(flash, machine.flash_attn)
     wing = cpu.choose(
         params,
         on_cpu=device == "cpu",
@@ -203,6 +213,7 @@ def decide(
         tf32=tf32,
         find_unused_parameters=find_unused,
         quant_storage=DTYPES[precision] if zero3_4bit else None,
+        vision_attention=vision_attention,
     )
 
 
@@ -297,14 +308,65 @@ def with_attention(plan: RunPlan, attention: str) -> RunPlan:
     return dataclasses.replace(plan, attention=attention, why={**plan.why, "attention": "set by the caller"})
 
 
-def _attention(packing: str, device: str, flash_attn: bool) -> tuple[str, str]:
-    """The attention kernel for a packing mode: padding-free rows need one that keeps samples
-    apart — flash-attention 2 on CUDA when installed, sftflow's per-sample SDPA otherwise."""
+def _flash_kernels(device: str, precision: str, hw: Hardware) -> str | None:
+    """Where flash kernels (flash-attn's and torch's own) run: CUDA, bf16/fp16, compute capability
+    8.0+ (they refuse fp32 at the first forward, and Turing/Volta GPUs); the GPU as NVIDIA writes
+    it (sm80), else None. Without a known capability, native bf16 stands for 8.0+.
+
+    >>> _flash_kernels("cuda", "bf16", Hardware(gpus=1, capability=(9, 0)))
+    'sm90'
+    >>> [_flash_kernels("cuda", "fp32", Hardware(gpus=1, capability=(9, 0))),
+    ...  _flash_kernels("cuda", "fp16", Hardware(gpus=1, capability=(7, 5))), _flash_kernels("cpu", "bf16", Hardware())]
+    [None, None, None]
+    """
+    if device != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    ampere = hw.capability >= (8, 0) if hw.capability is not None else hw.bf16
+    return (hw.sm if hw.capability is not None else "the GPU") if ampere else None
+
+
+def _attention(packing: str, device: str, flash: str | None, flash_attn: bool, softcap: float | None) -> tuple[str, str]:
+    """The attention kernel (and why): padding-free rows need one that keeps samples apart and
+    honours sliding windows exactly (stages/train/attention.py). Soft-capped attention logits
+    (Gemma 2) are computed by flash-attn's kernel or the model's eager attention only.
+
+    >>> _attention("auto", "cpu", None, False, None)[0], _attention("auto", "cuda", "sm80", True, None)[0]
+    ('sdpa_varlen', 'flash_attention_2')
+    >>> _attention("auto", "cuda", "sm90", False, None)[0], _attention("auto", "cuda", None, True, None)[0]
+    ('varlen', 'sdpa_varlen')
+    >>> _attention("auto", "cuda", "sm90", False, 50.0)[0], _attention("none", "cpu", None, False, 50.0)[0]
+    ('eager', 'eager')
+    """
+    if softcap is not None and (packing == "none" or not (flash and flash_attn)):
+        return "eager", (
+            f"attention logit softcapping ({softcap:g}): neither SDPA nor torch's varlen kernel computes it;"
+            " the model's own eager attention" + (" with transformers' per-sample masks" if packing != "none" else "")
+        )
     if packing == "none":
         return "sdpa", "padded batches: transformers' SDPA with the padding mask"
-    if device == "cuda" and flash_attn:
-        return "flash_attention_2", "packed rows on CUDA with flash-attn installed"
-    return register_varlen_attention(), "packed rows: one SDPA call per sample (stages/train/attention.py)"
+    if flash and flash_attn:
+        return "flash_attention_2", f"packed rows on {flash}: flash-attn's varlen kernel, one call per layer"
+    if flash:
+        return TORCH_VARLEN, f"packed rows on {flash} without flash-attn: torch's varlen_attn, one call per layer"
+    if device == "cuda":
+        return "sdpa_varlen", (
+            "packed rows: flash kernels need bf16/fp16 on compute capability 8.0+; one SDPA call per sample"
+        )
+    return "sdpa_varlen", "packed rows: one SDPA call per sample (stages/train/attention.py)"
+
+
+def _vision_attention(flash: str | None, flash_attn: bool) -> tuple[str, str]:
+    """The vision tower's attention (Qwen2-VL/2.5-VL): its image windows through one varlen
+    kernel call per layer where flash kernels run, else its own SDPA call per window.
+
+    >>> [_vision_attention("sm90", True)[0], _vision_attention("sm90", False)[0], _vision_attention(None, True)[0]]
+    ['flash_attention_2', 'flash_varlen_torch', 'sdpa']
+    """
+    if flash and flash_attn:
+        return "flash_attention_2", f"{flash}: flash-attn's varlen kernel over the image windows"
+    if flash:
+        return VISION_VARLEN, f"{flash} without flash-attn: torch's varlen_attn over the image windows"
+    return "sdpa", "one SDPA call per image window (flash kernels need bf16/fp16 on compute capability 8.0+)"
 
 
 def _cpu_has_bf16() -> bool:

@@ -39,7 +39,8 @@ def test_attention_follows_packing_and_flash_attention_only_on_cuda() -> None:
     flash_gpu = Machine(hardware=Hardware(gpus=1, capability=(8, 0)), flash_attn=True)
     assert decide(TrainParams(), flash_gpu, env={}).attention == "flash_attention_2"
     assert decide(TrainParams(), Machine(flash_attn=True), env={}).attention == "sdpa_varlen"  # a CPU
-    assert decide(TrainParams(), GPU, env={}).attention == "sdpa_varlen"  # not installed
+    assert decide(TrainParams(), GPU, env={}).attention == "varlen"  # not installed: torch's varlen kernel
+    assert decide(TrainParams(precision="fp32"), flash_gpu, env={}).attention == "sdpa_varlen"  # fp32: no flash
     assert decide(TrainParams(packing="none"), flash_gpu, env={}).attention == "sdpa"
 
 
