@@ -358,3 +358,23 @@ def test_tool_calls_through_a_template_with_tools(recs: list, data: st.DataObjec
         with pytest.raises(SftflowError) as err:
             mapped(qwen, qwen_tokenizer_dir, path, Path(d) / "error", "error")
         assert str(err.value) == skipped[0]
+
+
+@budget(30)
+@given(items=jsonl_file(shapes=("messages", "tools")))
+def test_held_out_chats_read_whole_or_name_the_bad_line(items: list) -> None:
+    """eval.data (read by eval and export's checks with prepare's validator, no skip mode): a
+    file of valid chats reads whole and in order; otherwise the error names a changed line."""
+    tried("held-out chats (eval.data)")
+    from stages.core.eval_chats import read_eval_chats
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "eval.jsonl"
+        by_line = write_jsonl(path, items)
+        try:
+            chats = read_eval_chats(path)
+        except SftflowError as e:
+            assert e.line is not None and by_line[e.line][1] is not None, str(e)
+            assert_names(str(e), path, e.line, by_line[e.line][1].field)
+            return
+        assert len(chats) == len(by_line)
