@@ -203,14 +203,16 @@ def write_table(path: Path, kind: str, rows: list[list[dict[str, Any]]]) -> Path
         data.to_parquet(path / "chats.parquet")
         return path / "chats.parquet"
     data.save_to_disk(str(path / "folder"))
+    if kind == "arrow file":  # the Arrow file save_to_disk wrote, read on its own
+        return next((path / "folder").glob("*.arrow"))
     return path / "folder"
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder"])
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder", "arrow file"])
 @budget(6)
 @given(rows=table_rows())
 def test_tables_account_for_every_row(rows: list, kind: str, smollm: Any, smollm_tokenizer_dir: Path) -> None:
-    """Parquet, CSV (turns as JSON text cells) and save_to_disk folders: one outcome per row,
+    """Parquet, CSV (turns as JSON text cells), save_to_disk folders and Arrow files: one outcome per row,
     bad rows named by 1-based row and field, valid rows kept, the same twice."""
     tried(kind)
     with tempfile.TemporaryDirectory() as d:
@@ -248,7 +250,7 @@ def test_csv_cells_of_json_text(rec: dict, data: st.DataObject, smollm: Any, smo
         check_outcomes(out, by_row, str(path))
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder"])
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow folder", "arrow file"])
 @budget(5)
 @given(
     damage=st.sampled_from(["cut", "flip", "append", "empty"]),
