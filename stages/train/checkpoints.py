@@ -16,6 +16,7 @@ get_unsafe_globals_in_checkpoint`) and refused when it names a global outside wh
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,32 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def usable_checkpoints(checkpoints: Path, say: Any = print) -> list[Path]:
-    """The complete checkpoints, oldest first. Incomplete ones (a save cut off) are removed,
-    with a message: nothing resumes from a half-written folder."""
+    """The checkpoints a run can resume from, oldest first. Removed, with a message: incomplete
+    ones (a save cut off: nothing resumes from a half-written folder), and the one saved at the
+    run's last step. transformers 5.23 checks for the end of training only after a step, so a run
+    resumed at `max_steps` trains one step more (found by killing train between its last
+    checkpoint and the adapter's save); resuming from the checkpoint before it re-does those
+    steps and ends where an uninterrupted run ends."""
     found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = []
+    usable = []
     for c in found:
-        if is_complete(c):
-            complete.append(c)
-        else:
+        if not is_complete(c):
             say(f"train: {c} was cut off while saving (no {CHECKSUMS}): removed, not resumed from")
-            shutil.rmtree(c, ignore_errors=True)
-    return complete
+        elif _at_last_step(c):
+            say(f"train: {c} is the run's last step: resuming from the checkpoint before it")
+        else:
+            usable.append(c)
+            continue
+        shutil.rmtree(c, ignore_errors=True)
+    return usable
+
+
+def _at_last_step(checkpoint: Path) -> bool:
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return state["max_steps"] > 0 and state["global_step"] >= state["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # judged by its file list (check_before_resume)
 
 
 def check_before_resume(checkpoint: Path) -> None:

@@ -121,6 +121,30 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped_for_the_one_before(
     assert resumed["losses"] == pytest.approx(whole["losses"], abs=1e-5)
 
 
+class CrashAtTheEnd(TrainerCallback):
+    def on_train_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("killed after the last checkpoint, before the adapter was saved")
+
+
+def test_a_run_killed_after_its_last_checkpoint_ends_at_max_steps(
+    tiny_base: Path, prepared: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """Resumed from the checkpoint of its last step, transformers would train one step past
+    max_steps (a different adapter): the resume takes the checkpoint before it instead."""
+    with pytest.raises(RuntimeError, match="before the adapter was saved"):
+        _train(tmp_path, tiny_base, prepared, callbacks=(CrashAtTheEnd(),))
+    assert (tmp_path / "ckpt" / "checkpoint-4" / CHECKSUMS).is_file()
+    capfd.readouterr()
+    resumed = _train(tmp_path, tiny_base, prepared)
+    assert "checkpoint-4 is the run's last step" in capfd.readouterr().err
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    whole = _train(tmp_path / "whole", tiny_base, prepared)
+    assert resumed["losses"] == whole["losses"]  # four steps, the same four
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "out" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
 DEEPSPEED_SAVE = """
 import os, sys
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
