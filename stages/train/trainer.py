@@ -20,12 +20,14 @@ from typing import Any
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
+from stages.core.integrity import verify_dir
 from stages.core.io import atomic_file, read_json, write_json
-from stages.core.loading import POINTER_FILE, load_tokenizer, tokenizer_fingerprint
+from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
 from stages.core.vision import is_vision_model
 from stages.train import distributed
 from stages.train.attention import base_softcap
+from stages.train.checkpoints import check_before_resume, checksum_callback, usable_checkpoints
 from stages.train.cpu import entry as cpu
 from stages.train.gpu_kernels import LIGER_LOSS, base_model_type, liger_report
 from stages.train.loss import (
@@ -63,6 +65,7 @@ def load_prepared(prepared: Path, tok: Any) -> tuple[Any, Any, dict[str, Any]]:
     manifest_path = prepared / "manifest.json"
     if not manifest_path.exists():
         raise SftflowError("no manifest.json: run `sftflow prepare` first", path=prepared)
+    verify_dir(prepared)  # every shard as prepare wrote it, before a row of it is trained on
     manifest = read_json(manifest_path)
     expected = tokenizer_fingerprint(tok)
     if manifest["tokenizer_fingerprint"] != expected:
@@ -112,11 +115,11 @@ def resume_point(checkpoints: Path, run: dict[str, Any]) -> Path | None:
     """The last checkpoint of this same run, or None; checkpoints of another run are cleared
     with a message saying what changed (never silently reused, never silently dropped)."""
     run_file = checkpoints / RUN_FILE
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    found = [c for c in found if (c / "trainer_state.json").exists()]
+    found = usable_checkpoints(checkpoints, _say) if checkpoints.is_dir() else []  # whole ones only
     if run_file.exists() and found:
         previous = read_json(run_file)
         if previous == run:
+            check_before_resume(found[-1])  # unchanged since saved, and no pickle that runs code
             _say(f"train: resuming from {found[-1]} (a checkpoint of this same run)")
             return found[-1]
         changed = sorted(
@@ -171,7 +174,7 @@ def train(
     if distributed.is_main():
         _say(distributed.format_estimate(memory))
     collator = _collator(params, plan, model, tok, base_dir, manifest, vision="images" in train_set.column_names)
-    extra = [TokenCounts(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
+    extra = [TokenCounts(), checksum_callback(), *_tensorboard(params, checkpoints, tensorboard_dir, run), *callbacks]
     trainer, head = _trainer(plan, model, args, (train_set, eval_set), collator, extra)
     # run
     started = time.perf_counter()
@@ -187,6 +190,7 @@ def train(
     # write and report
     attention = model.config._attn_implementation  # what trained, before the reset below
     save_check = _save(trainer, model, tok, out, params)
+    carry_remote_code(base_dir, out)
     rows = [
         {k: entry.get(k) for k in LOSS_COLUMNS}
         for entry in trainer.state.log_history
