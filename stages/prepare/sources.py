@@ -65,9 +65,10 @@ def open_source(src: SourceParams, work: Path, where: str) -> RawSource:
 
 def _open_table(path: Path, split: str, work: Path, where: str) -> Any:
     """A parquet/CSV file (decoded by `datasets` into its own Arrow cache), an Arrow file or a
-    save_to_disk folder. The user's own Arrow data is memory-mapped as written, so its buffers
-    are validated once here (offsets, UTF-8): a damaged one would otherwise fail, or read out of
-    bounds, in the middle of the map."""
+    save_to_disk folder. The Arrow data is validated once here (offsets, UTF-8): a user's Arrow
+    file is memory-mapped as written, and parquet pages carry no checksum (a flipped byte may
+    leave invalid UTF-8 in a string column), so a damaged one would otherwise fail, or read out
+    of bounds, in the middle of the map."""
     if path.is_dir():
         data = load_folder(path, split, f"{where}.split")
     elif path.suffix.lower() == ".arrow":  # one Arrow file (a Dataset's data file), memory-mapped
@@ -78,7 +79,7 @@ def _open_table(path: Path, split: str, work: Path, where: str) -> Any:
         from datasets import load_dataset
 
         builder = TABLE_SUFFIXES[path.suffix.lower()]
-        return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work / "tables"))
+        data = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work / "tables"))
     data.data.table.validate(full=True)
     return data
 
