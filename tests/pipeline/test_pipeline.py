@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
+from stages.core.integrity import record
 from tests.conftest import bin_path, read_json, repro, run
 
 
@@ -95,6 +96,7 @@ def test_train_refuses_shards_from_another_tokenizer(tiny_project: Path, tmp_pat
     manifest = read_json(prepared / "manifest.json")
     manifest["tokenizer_fingerprint"] = "0123456789abcdef"
     (prepared / "manifest.json").write_text(json.dumps(manifest))
+    record(prepared)  # a whole folder prepared with another tokenizer, not a damaged one
     proc = run(
         [
             bin_path("sftflow"),
