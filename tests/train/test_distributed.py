@@ -239,7 +239,7 @@ def test_killed_zero3_run_resumes_and_continues_the_curve(
     unbroken = cli_train(tmp_path / "unbroken", tiny_base, prepared, section)
     run = tmp_path / "killed"
     proc = cli_train(run, tiny_base, prepared, section, wait=False)
-    checkpoint = run / "ckpt" / "checkpoint-4" / "trainer_state.json"
+    checkpoint = run / "ckpt" / "checkpoint-4" / "sftflow_files.json"  # written last: the checkpoint is whole
     deadline = time.time() + 600
     while not checkpoint.exists():
         assert proc.poll() is None, proc.stdout.read()
