@@ -106,6 +106,12 @@ def checksum_callback() -> Any:
 
     class ChecksumCheckpoints(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                # Every rank writes its own rng_state_<rank>.pth after DeepSpeed's last barrier of
+                # the save: wait for all of them (every rank calls on_save) before listing.
+                dist.barrier()
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
                 record(folder)
