@@ -50,7 +50,7 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
     tower = plan.vision_attention or "sdpa"
     attention = {"text_config": plan.attention, "vision_config": "sdpa" if tower == VISION_VARLEN else tower, "": plan.attention}
     if params.method == "qlora":
-        model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device))
+        model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device), plan.dtype)
     else:
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
     if tower == VISION_VARLEN:
@@ -214,14 +214,15 @@ def vision_lora(params: TrainParams, model: Any) -> TrainParams:
     return dataclasses.replace(params, lora=dataclasses.replace(lora, target_modules=targets, modules_to_save=to_save))
 
 
-def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str) -> Any:
+def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str, dtype: str) -> Any:
     """The VLM with its language model quantized (NF4/FP4); the vision tower and lm_head stay
-    in full precision, as 4-bit ViT weights cost accuracy for little memory."""
+    in full precision, as 4-bit ViT weights cost accuracy for little memory. The 4-bit weights
+    dequantize to `dtype` (the plan's; `qlora.compute_dtype: auto` follows it), as for text."""
     from peft import prepare_model_for_kbit_training
 
     from stages.core.loading import bnb_4bit_config
 
-    config = bnb_4bit_config(params.qlora)
+    config = bnb_4bit_config(params.qlora, dtype)
     config.llm_int8_skip_modules = list(FULL_PRECISION_IN_4BIT)  # what merge rebuilds too
     model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
                      attn_implementation=attention)

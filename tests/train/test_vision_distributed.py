@@ -51,7 +51,8 @@ def mixed_prepared(vlm_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from stages.prepare.shards import prepare
 
     root = tmp_path_factory.mktemp("mixed")
-    image = REPO / "pipelines" / "tiny-vlm" / "raw" / "shapes" / "red_square.png"
+    image = root / "red_square.png"  # beside the chats: image paths must lie in the data file's folder
+    image.write_bytes((REPO / "pipelines" / "tiny-vlm" / "raw" / "shapes" / "red_square.png").read_bytes())
     records = [{"messages": [{"role": "user", "content": f"Chat {i}: count to {i % 7 + 1}."},
                              {"role": "assistant", "content": " ".join(map(str, range(1, i % 7 + 2)))}]}
                for i in range(STEPS * GLOBAL_BATCH - 1)]
