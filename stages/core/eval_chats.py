@@ -38,18 +38,11 @@ def read_eval_chats(path: Path | str, images: ImageReader | None = None) -> list
     if not path.exists():
         raise SftflowError("eval data file not found (set eval.data)", path=path, field="eval.data")
     chats = []
-    with path.open("rb") as f:  # lines end at \n only: str.splitlines would also cut at \r or U+2028
-        for n, raw in enumerate(f, start=1):
-            if n == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SftflowError(f"invalid UTF-8 at column {e.start + 1}", path=path, line=n) from e
-            obj = json_text.loads(line, path, n, malformed="not valid JSON")
-            chats.append(_eval_chat(obj, path, n, images))
+    for n, line, unreadable in json_text.jsonl_lines(path):
+        if line is None:
+            raise SftflowError(str(unreadable), path=path, line=n)
+        obj = json_text.loads(line, path, n, malformed="not valid JSON")
+        chats.append(_eval_chat(obj, path, n, images))
     if not chats:
         raise SftflowError("no chats in the eval data file", path=path, field="eval.data")
     return chats

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,29 @@ def loads(
                 field=_join(field, where[0]),
             )
     return obj
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    r"""(line number, the line's text, or why it is unreadable) for each non-blank line of a
+    JSONL file, streaming. Lines end at `\n` only (`str.splitlines` would also cut at `\r` or
+    U+2028, which JSON strings may hold raw); a leading BOM is dropped; bad UTF-8 makes that one
+    line unreadable, not the file.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "a.jsonl"
+    >>> _ = p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"b": "x\xe2\x80\xa8y"}\n\xff\n')
+    >>> [(n, text is not None, why) for n, text, why in jsonl_lines(p)]
+    [(1, True, None), (3, True, None), (4, False, 'invalid UTF-8 at column 1')]
+    """
+    with Path(path).open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                yield n, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield n, None, f"invalid UTF-8 at column {e.start + 1}"
 
 
 def too_deep_at(text: str, start: int = 0) -> int | None:

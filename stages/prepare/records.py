@@ -219,16 +219,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             else:
                 yield i + 1, item, None
         return
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if not raw.strip():
-                continue
-            try:
-                yield n, raw.decode("utf-8"), None
-            except UnicodeDecodeError as e:
-                yield n, None, f"invalid UTF-8 at column {e.start + 1}"
+    yield from json_text.jsonl_lines(path)
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
