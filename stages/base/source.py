@@ -40,7 +40,9 @@ def source_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:
     src = params.tokenizer or default
     local = resolve_local(src)
     if local is not None and local.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(local.parent, gguf_file=local.name, trust_remote_code=params.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            local.parent, gguf_file=local.name, trust_remote_code=params.trust_remote_code, **kwargs
+        )
     return AutoTokenizer.from_pretrained(
         str(local) if local else src, trust_remote_code=params.trust_remote_code, **kwargs
     )

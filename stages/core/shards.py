@@ -1,7 +1,7 @@
 """What prepared shards carry: the columns `prepare` writes and `train` reads.
 
 One definition for text and image chats; a shard of image chats has one more column, `images`
-(per image its path, sha256 and patch grid (t, h, w)).
+(per image its path, sha256, size [width, height] and how many tokens the processor made of it).
 """
 
 from __future__ import annotations
@@ -29,5 +29,6 @@ def shard_features(images: bool = False) -> Any:
         "num_trained": Value("int32"),
     }
     if images:
-        features[IMAGES] = [{"path": Value("string"), "sha256": Value("string"), "grid": Sequence(Value("int32"))}]
+        features[IMAGES] = [{"path": Value("string"), "sha256": Value("string"), "size": Sequence(Value("int32")),
+                             "tokens": Value("int32")}]
     return Features(features)

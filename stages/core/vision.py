@@ -1,55 +1,36 @@
 """Vision-language models: what prepare, train, merge and eval share about images.
 
-Qwen2-VL / Qwen2.5-VL (the family supported first) see an image as `<|vision_start|>`, then
-one `<|image_pad|>` per merged patch, then `<|vision_end|>`. The chat template writes a single
-`<|image_pad|>` per image; the processor expands it to the image's count, which follows from
-the *resized* image: each side rounded to a multiple of patch x merge (28 px) within
-[min_pixels, max_pixels], then (h/14)(w/14)/2² tokens. Their processor class
-(`Qwen2_5_VLProcessor`) cannot be built without torchvision (it insists on a video processor),
-so sftflow does the expansion itself with the image processor alone — which transformers
-builds with its PIL backend when torchvision is missing — and the count is checked against the
-`image_grid_thw` the image processor returns whenever pixels are made.
+Every family is driven by its own processor (`AutoProcessor` of the model folder `base` wrote):
+- the chat template writes one placeholder per image (the family's `placeholder`, e.g. Qwen's
+  `<|image_pad|>`, Gemma 3's `<start_of_image>`, SmolVLM's `<image>`); the processor replaces it
+  with the image's whole token sequence, which for every family depends on the image's size
+  only (Qwen's resize to a multiple of patch x merge, SmolVLM's tiles, LLaVA-OneVision's grid,
+  MiniCPM-V's slices). `ImageTokens` asks the processor once per size, on a blank image of that
+  size, and keeps the text: prepare needs no pixels, only each image's header;
+- the collator hands the processor the batch's images and keeps what it returns for the pixels
+  (`pixel_values` and the family's own: `image_grid_thw`, `pixel_attention_mask`,
+  `image_sizes`, ...), checking that each image still becomes the number of tokens it was
+  prepared with;
+- what the processor does not say — module names, packing, per-token type ids — is the family
+  table (stages/core/vlm_families.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
+from stages.core.vlm_families import Family, family_of, is_vision_type
 
 if TYPE_CHECKING:
     import torch
 
-# model_type of the config -> the family's conventions. Qwen2-VL and Qwen2.5-VL share them.
-VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-IMAGE_PLACEHOLDER = "<image>"
-# processor files copied verbatim from a source folder when present (they need no torchvision to copy)
-PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json")  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here"
-
-# QLoRA quantizes a VLM's language model only: these stay in full precision (4-bit ViT weights
-# cost accuracy for little memory). train builds the 4-bit model with them, merge rebuilds the
-# same one. transformers matches each from the start of a module's name (or as its suffix):
-# "model.visual" is the tower in transformers 5's layout, "visual" in older checkpoints' layout.
-FULL_PRECISION_IN_4BIT = ("model.visual", "visual", "lm_head")
-
-@dataclass(frozen=True)
-class VisionTokens:
-    """The token ids and strings that frame an image in the token stream."""
-
-    image_pad: int
-    vision_start: int
-    vision_end: int
-    pad_text: str = "<|image_pad|>"
-
-    @property
-    def never_trained(self) -> frozenset[int]:
-        """Ids that never carry loss: the model cannot predict pixels, and the markers are
-        part of the prompt."""
-        return frozenset((self.image_pad, self.vision_start, self.vision_end))
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here" in records
+# what a processor returns from the text; sftflow builds these from the prepared ids instead
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def model_config(model_dir: Path) -> dict[str, Any]:
@@ -71,7 +52,7 @@ def is_vision_config(config: dict[str, Any]) -> bool:
     >>> is_vision_config({"model_type": "qwen2_5_vl"}), is_vision_config({"model_type": "llama"})
     (True, False)
     """
-    return config.get("model_type") in VISION_MODEL_TYPES
+    return is_vision_type(config.get("model_type"))
 
 
 def is_vision_model(model_dir: Path) -> bool:
@@ -82,97 +63,185 @@ def is_vision_model(model_dir: Path) -> bool:
         return False
 
 
-def vision_tokens(config: dict[str, Any]) -> VisionTokens:
-    """The family's image token ids, from the model config (they must match the tokenizer)."""
-    return VisionTokens(config["image_token_id"], config["vision_start_token_id"], config["vision_end_token_id"])
+def model_family(model_dir: Path) -> Family:
+    return family_of(model_config(model_dir))
 
 
-def check_tokenizer(tok: Any, tokens: VisionTokens, model_dir: Path) -> None:
-    """The tokenizer must spell the vision tokens with the config's ids, or images land nowhere."""
-    for name, want in (("<|image_pad|>", tokens.image_pad), ("<|vision_start|>", tokens.vision_start),
-                       ("<|vision_end|>", tokens.vision_end)):
-        got = tok.convert_tokens_to_ids(name)
-        if got != want:
-            raise SftflowError(
-                f"the tokenizer maps {name} to {got}, the model config expects {want}: use the model's own tokenizer",
-                path=model_dir,
-                field="model.tokenizer",
-            )
+def load_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+    """The model's processor (what `base` saved beside the weights or the hub pointer), resizing
+    within the given pixel bounds where the family has them (Qwen-VL; elsewhere None only)."""
+    from transformers import AutoProcessor
 
-
-def load_image_processor(model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-    """The model's image processor (preprocessor_config.json), resizing within the given bounds.
-
-    AutoImageProcessor picks the torchvision backend where torchvision is installed and the
-    PIL one otherwise; both resize with the same rule, so token counts agree."""
-    from transformers import AutoImageProcessor
-
-    from stages.core.loading import load_source
+    from stages.core.integrity import verify_dir
+    from stages.core.loading import trust_remote_code
 
     path = Path(model_dir)
-    name, options = load_source(path)
-    if (path / "preprocessor_config.json").is_file():
-        name, options["revision"] = str(path), None  # base saved the hub model's processor here
-    proc = AutoImageProcessor.from_pretrained(name, revision=options["revision"], trust_remote_code=options["trust_remote_code"])
-    size = dict(proc.size)
-    size = {k: v for k, v in size.items() if k in ("shortest_edge", "longest_edge") and v}
+    verify_dir(path)
+    family = model_family(path)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code(path))
+    if min_pixels is None and max_pixels is None:
+        return processor
+    if not family.pixel_bounds:
+        raise SftflowError(
+            f"{family.name} sizes images by its image processor (preprocessor_config.json), not by a pixel"
+            " budget: leave data.image.min_pixels / max_pixels unset",
+            field="data.image.max_pixels",
+        )
+    size = {k: v for k, v in dict(processor.image_processor.size).items() if k in ("shortest_edge", "longest_edge") and v}
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
-    proc.size = size
-    return proc
+    processor.image_processor.size = size
+    return processor
 
 
-def image_grid(width: int, height: int, processor: Any) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image after the processor's resize: what the vision tower sees.
+def prepared_processor(model_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The model's processor resizing exactly as prepare counted tokens: its image settings come
+    from the prepared manifest, not from params (prepare's params decided the token counts)."""
+    processor = load_processor(model_dir)
+    for key, value in manifest["vision"]["image_processor"].items():
+        if hasattr(processor.image_processor, key):
+            setattr(processor.image_processor, key, value)
+    return processor
 
-    >>> from types import SimpleNamespace
-    >>> p = SimpleNamespace(patch_size=14, merge_size=2, size={"shortest_edge": 3136, "longest_edge": 12544})
-    >>> image_grid(100, 60, p)
-    (1, 4, 8)
+
+def image_settings(processor: Any) -> dict[str, Any]:
+    """The image processor's settings that decide token counts and pixels (its saved config):
+    part of the prepared data's identity, and what train checks it resizes with."""
+    config = processor.image_processor.to_dict()
+    return {k: config[k] for k in sorted(config) if not k.startswith("_")}
+
+
+class ImageTokens:
+    """The text each image of a chat becomes for the processor's model, found once per chat
+    shape (the sizes of its images, in order).
+
+    The processor runs on blank images of those sizes behind the family's placeholders (kept
+    apart by a plain-text separator) and what it wrote is decoded (special tokens kept); the
+    decoded text must tokenize back to the same ids, so putting each image's part in place of
+    its placeholder gives exactly the processor's ids. A whole chat at a time, because an
+    image's tokens may depend on more than its size: MiniCPM-V numbers a chat's images, and
+    LLaVA-OneVision tiles an image only when it is alone in its chat."""
+
+    SEPARATOR = "\n|sftflow-image-boundary|\n"
+
+    def __init__(self, processor: Any, family: Family) -> None:
+        self.processor, self.family = processor, family
+        self.placeholder: str = getattr(processor, family.placeholder)
+        self.tokenizer = processor.tokenizer
+        self._cache: dict[tuple[tuple[int, int], ...], list[str]] = {}
+
+    def expansions(self, sizes: list[tuple[int, int]]) -> list[str]:
+        """Each image's text, for a chat whose images have these (width, height) sizes."""
+        key = tuple((int(w), int(h)) for w, h in sizes)
+        if key and key not in self._cache:
+            from PIL import Image
+
+            blanks = [Image.new("RGB", size) for size in key]
+            out = self.processor(text=[self.SEPARATOR.join([self.placeholder] * len(key))], images=[blanks],
+                                 add_special_tokens=False)
+            ids = list(out["input_ids"][0])
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            parts = text.split(self.SEPARATOR)
+            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids or len(parts) != len(key):
+                raise SftflowError(
+                    "the processor's text for a chat's images does not tokenize back to its own ids:"
+                    " this tokenizer and processor do not belong together",
+                    field="model.tokenizer",
+                )
+            self._cache[key] = parts
+        return self._cache.get(key, [])
+
+    def expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """`text` with its i-th placeholder replaced by image i's text, and where each lies in
+        the result ([start, end) characters).
+
+        Raises ValueError when the text holds another number of placeholders than images."""
+        return expand_placeholders(text, self.placeholder, self.expansions(sizes))
+
+
+def expand_placeholders(text: str, placeholder: str, replacements: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Replace the i-th `placeholder` with replacements[i]; also return each replacement's span.
+
+    >>> expand_placeholders("a<p>b<p>c", "<p>", ["XX", "YYY"])
+    ('aXXbYYYc', [(1, 3), (4, 7)])
     """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    factor = processor.patch_size * processor.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=processor.size["shortest_edge"],
-                        max_pixels=processor.size["longest_edge"])
-    return 1, h // processor.patch_size, w // processor.patch_size
-
-
-def image_token_count(grid: tuple[int, int, int] | list[int], merge_size: int) -> int:
-    """How many `<|image_pad|>` tokens stand for an image with this grid.
-
-    >>> image_token_count((1, 4, 8), 2)
-    8
-    """
-    t, h, w = grid
-    return t * h * w // merge_size**2
+    parts = text.split(placeholder)
+    if len(parts) - 1 != len(replacements):
+        raise ValueError(f"the rendered chat holds {len(parts) - 1} image slot(s) for {len(replacements)} image(s)")
+    out, spans, at = [parts[0]], [], len(parts[0])
+    for rep, rest in zip(replacements, parts[1:]):
+        spans.append((at, at + len(rep)))
+        out += [rep, rest]
+        at += len(rep) + len(rest)
+    return "".join(out), spans
 
 
-def expand_image_pads(text: str, counts: list[int], pad_text: str = "<|image_pad|>") -> str:
-    """Replace the i-th single `pad_text` the template wrote with counts[i] copies.
-
-    >>> expand_image_pads("a<p>b<p>c", [2, 3], "<p>")
-    'a<p><p>b<p><p><p>c'
-    """
-    parts = text.split(pad_text)
-    if len(parts) - 1 != len(counts):
-        raise ValueError(f"the rendered chat holds {len(parts) - 1} image slots for {len(counts)} images")
-    out = [parts[0]]
-    for n, rest in zip(counts, parts[1:]):
-        out += [pad_text * n, rest]
-    return "".join(out)
+def token_type_ids(input_ids: torch.Tensor, family: Family, processor: Any) -> dict[str, torch.Tensor]:
+    """The per-token types the family's model reads, from the ids: Qwen's mm_token_type_ids
+    (1 image, 2 video), Gemma 3's token_type_ids (1 image); nothing for the others."""
+    if family.token_types is None:
+        return {}
+    types = (input_ids == processor.image_token_id).long()
+    video = getattr(processor, "video_token_id", None)
+    if family.token_types == "mm_token_type_ids" and video is not None:
+        types = types + 2 * (input_ids == video).long()
+    return {family.token_types: types}
 
 
-def rope_positions(input_ids: list[int], grids: list[tuple[int, int, int]], merge_size: int, image_pad: int) -> Any:
-    """Qwen2-VL's 3-D rotary positions (temporal, height, width) for one sample, as a (3, L) tensor.
+def pixel_inputs(samples: list[dict[str, Any]], processor: Any, family: Family) -> dict[str, torch.Tensor]:
+    """What the processor gives the model for each sample's images (a prepared row: its
+    `input_ids` and `images`, each `{"path", "size", ...}`), in order. Each image must still have
+    its prepared size, and each sample's images must still become as many image tokens as its
+    row holds: a replaced image or changed processor settings would otherwise put a different
+    number of features than tokens."""
+    from PIL import Image
+
+    opened: list[list[Any]] = []
+    for sample in samples:
+        opened.append([])
+        for im in sample.get("images") or []:
+            p = im["path"]
+            if not Path(p).is_file():  # shards keep paths as prepare saw them: relative to where it ran
+                raise SftflowError(
+                    f"image not found from {Path.cwd()}: run train/merge/eval in the folder prepare ran in"
+                    " (the pipeline's folder), or re-run prepare",
+                    path=p,
+                )
+            with Image.open(p) as f:
+                rgb = f.convert("RGB")
+            if [rgb.width, rgb.height] != list(im["size"]):
+                raise SftflowError(
+                    f"the image is {rgb.width}x{rgb.height}, prepared as {im['size'][0]}x{im['size'][1]}:"
+                    " re-run `sftflow prepare`",
+                    path=p,
+                )
+            opened[-1].append(rgb)
+    with_images = [(sample, ims) for sample, ims in zip(samples, opened) if ims]
+    placeholder = getattr(processor, family.placeholder)
+    out = processor(text=[placeholder * len(ims) for _, ims in with_images], images=[ims for _, ims in with_images],
+                    add_special_tokens=False, padding=True, return_tensors="pt")
+    image_token = processor.image_token_id
+    for (sample, _), got in zip(with_images, (out["input_ids"] == image_token).sum(dim=1).tolist()):
+        want = sum(1 for t in sample["input_ids"] if t == image_token)
+        if got != want:
+            raise SftflowError(
+                f"the chat's images become {got} image tokens, its prepared row holds {want}: the images or the"
+                " processor's settings changed; re-run `sftflow prepare`",
+                path=sample["images"][0]["path"],
+            )
+    return {k: v for k, v in out.items() if k not in TEXT_KEYS}
+
+
+def rope_positions(input_ids: list[int], grids: list[tuple[int, int, int]], merge_size: int, image_token: int) -> Any:
+    """Qwen-VL's 3-D rotary positions (temporal, height, width) for one sample, as a (3, L) tensor.
 
     Text tokens count up on all three axes; an image's tokens sit on a (h, w) grid starting at
     the position after the text before it, and the text after it resumes past the grid's larger
     side. transformers computes this inside the model from `mm_token_type_ids`; a padding-free
     packed row holds several samples, so their positions are computed here, per sample, and
-    concatenated (the packed = unpacked loss test holds this to the model's own computation).
+    concatenated (the packed = padded loss test holds this to the model's own computation).
 
     >>> rope_positions([7, 9, 9, 9, 9, 8], [(1, 4, 4)], 2, 9).tolist()
     [[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]]
@@ -182,7 +251,7 @@ def rope_positions(input_ids: list[int], grids: list[tuple[int, int, int]], merg
     out = torch.zeros(3, len(input_ids), dtype=torch.long)
     pos, i, k = 0, 0, 0
     while i < len(input_ids):
-        if input_ids[i] != image_pad:
+        if input_ids[i] != image_token:
             out[:, i] = pos
             pos, i = pos + 1, i + 1
             continue
@@ -196,35 +265,6 @@ def rope_positions(input_ids: list[int], grids: list[tuple[int, int, int]], merg
         pos += max(gh, gw)  # as transformers does for still images
         i, k = i + n, k + 1
     return out
-
-
-def pixel_inputs(paths: list[str], processor: Any, grids: list[Any] | None = None) -> dict[str, torch.Tensor]:
-    """`pixel_values` and `image_grid_thw` for the images at `paths`, in order; when `grids` (from
-    the prepared shards) are given, the processor's grids must equal them: a changed image or
-    resize setting would otherwise put a different number of features than tokens."""
-    from PIL import Image
-
-    images = []
-    for p in paths:
-        if not Path(p).is_file():  # shards keep paths as prepare saw them: relative to where it ran
-            raise SftflowError(
-                f"image not found from {Path.cwd()}: run train/merge/eval in the folder prepare ran in"
-                " (the pipeline's folder), or re-run prepare",
-                path=p,
-            )
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    out = processor(images=images, return_tensors="pt")
-    if grids is not None:
-        got = [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
-        want = [tuple(int(x) for x in g) for g in grids]
-        if got != want:
-            bad = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-            raise SftflowError(
-                f"the image resizes to grid {got[bad]}, but was prepared as {want[bad]}: re-run `sftflow prepare`",
-                path=paths[bad],
-            )
-    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
 def load_vlm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Any:
@@ -241,40 +281,49 @@ def load_vlm(model_dir: Path, dtype: str = "float32", **kwargs: Any) -> Any:
     )
 
 
-def language_model_prefix(model: Any) -> str:
-    """The dotted name of the language model inside a (possibly peft-wrapped) VLM."""
+def module_prefix(model: Any, last: str, what: str) -> str:
+    """The dotted name of the outermost module whose name ends in `last` (a family table name)
+    inside a (possibly peft-wrapped) VLM."""
     for name, _ in model.named_modules():
-        if name.endswith("language_model"):
+        if name == last or name.endswith("." + last):
             return name
-    raise SftflowError("cannot find the language model inside this vision-language model")
+    raise SftflowError(f"cannot find the {what} ({last}) inside this vision-language model")
 
 
-def vision_tower_prefix(model: Any) -> str:
-    for name, _ in model.named_modules():
-        if name.endswith("visual"):
-            return name
-    raise SftflowError("cannot find the vision tower inside this vision-language model")
+def language_model_prefix(model: Any, family: Family) -> str:
+    return module_prefix(model, family.language_model, "language model")
+
+
+def vision_tower_prefix(model: Any, family: Family) -> str:
+    return module_prefix(model, family.tower, "vision tower")
+
+
+def projector_prefixes(model: Any, family: Family) -> tuple[str, ...]:
+    names = [n for n, _ in model.named_modules()]
+    return tuple(module_prefix(model, p, "projector") for p in family.projector
+                 if any(n == p or n.endswith("." + p) for n in names))
 
 
 class VisionCollator:
-    """Token rows + their images -> the VLM's inputs (padded or one padding-free row).
+    """Token rows + their images -> the VLM's inputs (padded, or one padding-free row where the
+    family packs).
 
-    Picklable (a plain object holding the image processor), so `train.dataloader_workers`
-    worker processes decode and resize the next batches' images while a step runs."""
+    Picklable (a plain object holding the processor), so `train.dataloader_workers` worker
+    processes decode and resize the next batches' images while a step runs."""
 
-    def __init__(self, processor: Any, tokens: VisionTokens, pad_id: int, packing: bool) -> None:
-        self.processor, self.tokens, self.pad_id, self.packing = processor, tokens, pad_id, packing
+    def __init__(self, processor: Any, family: Family, pad_id: int, packing: bool) -> None:
+        self.processor, self.family, self.pad_id = processor, family, pad_id
+        self.packing = packing and family.packing != "none"
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        images = [im for f in features for im in f.get("images") or []]
         batch: dict[str, Any] = {}
-        if images:
-            batch |= pixel_inputs([im["path"] for im in images], self.processor, [im["grid"] for im in images])
+        if any(f.get("images") for f in features):
+            batch |= pixel_inputs(features, self.processor, self.family)
         if self.packing:
-            batch |= self._packed(features)
+            batch |= self._packed(features, batch.get("image_grid_thw"))
         else:
             batch |= self._padded(features)
-        batch["mm_token_type_ids"] = (batch["input_ids"] == self.tokens.image_pad).int()
+        batch |= token_type_ids(batch["input_ids"], self.family, self.processor)
         return batch
 
     def _padded(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,22 +340,24 @@ class VisionCollator:
             mask[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    def _packed(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+    def _packed(self, features: list[dict[str, Any]], grids: Any) -> dict[str, Any]:
         import torch
 
         ids, labels, text_pos, rope = [], [], [], []
-        merge = self.processor.merge_size
+        grids = [tuple(int(x) for x in g) for g in grids.tolist()] if grids is not None else []
+        k = 0
         for f in features:
             row = list(f["input_ids"])
             ids += row
             # a sample's first token is never predicted from the previous sample's last
             labels += [IGNORE_INDEX, *list(f["labels"])[1:]]
             text_pos.append(torch.arange(len(row)))
-            grids = [tuple(im["grid"]) for im in f.get("images") or []]
-            rope.append(rope_positions(row, grids, merge, self.tokens.image_pad))
-        positions = torch.cat([torch.cat(text_pos)[None], torch.cat(rope, dim=1)], dim=0)  # (4, N)
-        return {
-            "input_ids": torch.tensor([ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": positions[:, None, :],  # (4, 1, N): text positions first (sample bounds)
-        }
+            if self.family.packing == "mrope":
+                n = len(f.get("images") or [])
+                rope.append(rope_positions(row, grids[k : k + n], self.processor.image_processor.merge_size,
+                                           self.processor.image_token_id))
+                k += n
+        positions = torch.cat(text_pos)[None]
+        if self.family.packing == "mrope":  # (4, 1, N): text positions first (they carry the sample bounds)
+            positions = torch.cat([positions, torch.cat(rope, dim=1)], dim=0)[:, None, :]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": positions}

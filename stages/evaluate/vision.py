@@ -1,8 +1,8 @@
 """`eval` for vision-language models: replies to held-out image chats, scored with their images.
 
-lm-eval's HF model wrapper feeds text only (its multimodal wrapper needs the model's
-AutoProcessor, which Qwen2.5-VL cannot build without torchvision), so for VLMs this module
-scores the same held-out chats itself, with the same metric names and the same
+lm-eval's HF model wrapper feeds text only (its multimodal wrapper knows neither sftflow's
+record shapes nor its reply metrics), so for VLMs this module scores the same held-out chats
+itself, images through the model's own processor, with the same metric names and the same
 `{"model", "inputs", "metrics", "replies"}` scores that `harness.compare` turns into the flat
 base/tuned/delta `reports/eval.json` — gate and `dvc metrics diff` work unchanged:
 - `sftflow_replies`: greedy replies to each chat's prompt (its images included), scored
@@ -37,15 +37,7 @@ from stages.core.image_chats import ImageReader
 from stages.core.loading import load_tokenizer, torch_dtype
 from stages.core.params import EvalParams, ImageParams, to_dict
 from stages.core.turns import end_of_turn
-from stages.core.vision import (
-    VisionCollator,
-    image_grid,
-    image_token_count,
-    load_image_processor,
-    load_vlm,
-    model_config,
-    vision_tokens,
-)
+from stages.core.vision import ImageTokens, VisionCollator, load_processor, load_vlm, model_family
 
 VISION_TASKS = ("sftflow_replies", "sftflow_perplexity")
 METRICS_FILE = Path(__file__).resolve().parent / "tasks" / "metrics.py"
@@ -95,9 +87,10 @@ def score_vision_model(
     if params.limit is not None:
         chats = chats[: params.limit]
     tok = load_tokenizer(model_dir)
-    tokens = vision_tokens(model_config(model_dir))
-    processor = load_image_processor(model_dir, image.min_pixels, image.max_pixels)
-    collate = VisionCollator(processor, tokens, tok.pad_token_id, packing=False)
+    family = model_family(model_dir)
+    processor = load_processor(model_dir, image.min_pixels, image.max_pixels)
+    image_tokens = ImageTokens(processor, family)
+    collate = VisionCollator(processor, family, tok.pad_token_id, packing=False)
     model = load_vlm(model_dir, placement.dtype, **placement.load_kwargs())
     model.eval()
     device, dtype = input_device(model), torch_dtype(placement.dtype)
@@ -113,10 +106,10 @@ def score_vision_model(
             messages = with_system_prompt(chat["messages"], system_prompt)
             prompt_text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             full_text = tok.apply_chat_template(messages, tokenize=False)
-            images = [{"path": im.path, "grid": list(image_grid(im.width, im.height, processor))} for im in chat["images"]]
-            counts = [image_token_count(im["grid"], processor.merge_size) for im in images]
-            prompt_ids = _expand(tok(prompt_text, add_special_tokens=False)["input_ids"], counts, tokens.image_pad)
-            full_ids = _expand(tok(full_text, add_special_tokens=False)["input_ids"], counts, tokens.image_pad)
+            images = [{"path": im.path, "size": [im.width, im.height]} for im in chat["images"]]
+            sizes = [(im.width, im.height) for im in chat["images"]]
+            prompt_ids = tok(image_tokens.expand(prompt_text, sizes)[0], add_special_tokens=False)["input_ids"]
+            full_ids = tok(image_tokens.expand(full_text, sizes)[0], add_special_tokens=False)["input_ids"]
             reference = messages[-1]["content"]
             with torch.no_grad():
                 if "sftflow_replies" in params.tasks:
@@ -185,17 +178,6 @@ def placed(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
 def image_reader(image: ImageParams) -> ImageReader:
     """Reads the held-out chats' images as prepare read the training ones (`data.image.root`)."""
     return ImageReader(root=Path(image.root) if image.root else None)
-
-
-def _expand(ids: list[int], counts: list[int], pad: int) -> list[int]:
-    out, k = [], 0
-    for t in ids:
-        if t == pad:
-            out += [pad] * counts[k]
-            k += 1
-        else:
-            out.append(t)
-    return out
 
 
 def _through_end(ids: list[int], stop_id: int) -> int:

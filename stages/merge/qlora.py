@@ -24,7 +24,7 @@ from stages.core.devices import Placement
 from stages.core.errors import SftflowError
 from stages.core.loading import bnb_4bit_config, load_causal_lm
 from stages.core.params import MergeParams, TrainParams
-from stages.core.vision import FULL_PRECISION_IN_4BIT, load_vlm
+from stages.core.vision import load_vlm, model_family
 from stages.merge.check import compare, logits_on
 
 QLORA_BASES = ("original", "nf4_rounded")
@@ -101,7 +101,7 @@ def load_4bit(train: TrainParams, base_dir: Path, placement: Placement, vision: 
     config = bnb_4bit_config(train.qlora)
     if not vision:
         return load_causal_lm(base_dir, "float32", quantization_config=config, **four_bit_map(placement))
-    config.llm_int8_skip_modules = list(FULL_PRECISION_IN_4BIT)
+    config.llm_int8_skip_modules = list(model_family(base_dir).full_precision_in_4bit())
     return load_vlm(base_dir, "float32", quantization_config=config, **four_bit_map(placement))
 
 

@@ -16,37 +16,29 @@ adapter folded into the closer one.
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 from typing import Any
 
 from stages.core.devices import Placement
 from stages.core.io import read_json
-from stages.core.loading import load_tokenizer, torch_dtype
+from stages.core.loading import load_tokenizer, torch_dtype, trust_remote_code
 from stages.core.params import MergeParams
-from stages.core.vision import (
-    PROCESSOR_FILES,
-    VisionCollator,
-    load_image_processor,
-    load_vlm,
-    model_config,
-    vision_tokens,
-)
+from stages.core.vision import VisionCollator, load_vlm, model_family, prepared_processor
 from stages.merge.check import build_report, check_rows, compare_each, logits_of, logits_on, write_report
 from stages.merge.qlora import merge_qlora
 from stages.merge.save import save_merged
 
 
 def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> list[dict[str, Any]]:
-    """Up to n prepared samples (eval split first, else train), each a 1-row batch with its pixels."""
-    sizes = read_json(prepared / "manifest.json")["vision"]["image_processor"]
-    processor = load_image_processor(base_dir, sizes["min_pixels"], sizes["max_pixels"])
-    collate = VisionCollator(processor, vision_tokens(model_config(base_dir)), tok.pad_token_id, packing=False)
+    """Up to n prepared samples (eval split first, else train), each a 1-row batch with its
+    pixels; each batch says how many images it holds under `images`."""
+    processor = prepared_processor(base_dir, read_json(prepared / "manifest.json"))
+    collate = VisionCollator(processor, model_family(base_dir), tok.pad_token_id, packing=False)
     batches = []
     for r in check_rows(prepared, n):
         b = collate([{"input_ids": r["input_ids"], "labels": r["labels"], "images": r["images"]}])
         b.pop("labels")
-        batches.append(b)
+        batches.append((b, len(r["images"] or [])))
     return batches
 
 
@@ -64,7 +56,8 @@ def merge_vision(
 
     method = trained["method"]
     tok = load_tokenizer(adapter_dir)
-    batches = vision_check_batches(prepared, params.check_samples, base_dir, tok)
+    batches, images = zip(*vision_check_batches(prepared, params.check_samples, base_dir, tok))
+    batches = list(batches)
     place = placement.load_kwargs()
     extra: dict[str, Any] = {}
     if method == "full":
@@ -95,17 +88,16 @@ def merge_vision(
     checked = {
         "samples_checked": len(batches),
         "tokens_checked": sum(int(b["input_ids"].numel()) for b in batches),
-        "images_checked": sum(int(b["image_grid_thw"].shape[0]) for b in batches if "image_grid_thw" in b),
+        "images_checked": sum(images),
     }
     report = build_report(params, trained, reference, checked, check, tied, adapter_dir, out, extra, vision=True)
     return write_report(report, check, params, adapter_dir, out)
 
 
 def save_processor(adapter_dir: Path, base_dir: Path, out: Path) -> None:
-    """The image processor the model trained with (saved by train next to the adapter), and the
-    base's other processor files, so AutoProcessor loads models/merged where torchvision exists."""
+    """The processor the model trained with (train saves it next to the adapter, with the image
+    settings prepare counted tokens with; else the base's), so AutoProcessor loads models/merged."""
+    from transformers import AutoProcessor
+
     source = adapter_dir if (Path(adapter_dir) / "preprocessor_config.json").is_file() else base_dir
-    load_image_processor(source).save_pretrained(out)
-    for name in PROCESSOR_FILES:
-        if (Path(base_dir) / name).is_file():
-            shutil.copy(Path(base_dir) / name, out / name)
+    AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code(Path(base_dir))).save_pretrained(out)

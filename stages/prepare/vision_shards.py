@@ -30,7 +30,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,31 +45,24 @@ from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
 from stages.core.shards import IMAGES, shard_features
 from stages.core.tables import raw_rows
-from stages.core.vision import (
-    VisionTokens,
-    check_tokenizer,
-    image_grid,
-    image_token_count,
-    load_image_processor,
-    model_config,
-    vision_tokens,
-)
+from stages.core.vision import ImageTokens, expand_placeholders, image_settings, load_processor, model_config
+from stages.core.vlm_families import family_of
 from stages.prepare.output import manifest, save_split
 from stages.prepare.records import RawRecord, _reason_key, parse_record
-from stages.prepare.render import TemplateError, label_tokens, render_chat
+from stages.prepare.render import RenderedChat, TemplateError, label_tokens, render_chat
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import sample_indices
 from stages.prepare.sources import open_source, source_tools
 
 
 class ImageChatTokenizer:
-    """Renders, tokenizes, masks and expands one image chat at a time."""
+    """Renders, expands, tokenizes and masks one image chat at a time."""
 
-    def __init__(self, tok: Any, processor: Any, tokens: VisionTokens, params: DataParams) -> None:
-        self.tok, self.processor, self.tokens, self.params = tok, processor, tokens, params
+    def __init__(self, tok: Any, images: ImageTokens, params: DataParams) -> None:
+        self.tok, self.images, self.params = tok, images, params
         eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
-        # replies are closed by a special token (trained); the vision tokens never close one
-        self.end_of_turn_ids = (frozenset(tok.all_special_ids) | {i for i in eos if i is not None}) - tokens.never_trained
+        # replies are closed by a special token (trained)
+        self.end_of_turn_ids = frozenset(tok.all_special_ids) | {i for i in eos if i is not None}
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         if tools:
@@ -78,7 +71,7 @@ class ImageChatTokenizer:
 
     def __call__(self, r: RawRecord) -> dict[str, Any]:
         """{"input_ids", "labels", "images", "drop", "truncated", "before_image"} of one chat."""
-        p, t = self.params, self.tokens
+        p = self.params
         messages = with_system_prompt(r.messages, p.system_prompt)
         try:
             chat = render_chat(lambda ms: self._render(ms, r.tools), messages, p.train_on)
@@ -90,8 +83,27 @@ class ImageChatTokenizer:
                     )
         except TemplateError as e:
             raise SftflowError(f"{e} (set model.chat_template)", path=r.source, line=r.line) from e
+        sizes = [(im.width, im.height) for im in r.images]
+        try:
+            chat, spans = expand_chat(chat, self.images, sizes)
+        except ImageSizeError as e:  # e.g. Qwen-VL's resize refuses an aspect ratio over 200:1 (a 1x40000 strip)
+            im = r.images[e.index]
+            raise SftflowError(
+                f"image {e.index + 1} of the chat ({im.path}, {im.width}x{im.height}) cannot be resized for the model:"
+                f" {e.reason} (aspect ratio)",
+                path=r.source,
+                line=r.line,
+            ) from e
+        except ValueError as e:
+            raise SftflowError(
+                f"{e}: use a chat template that renders image parts as {self.images.placeholder!r}"
+                " (model.chat_template)",
+                path=r.source,
+                line=r.line,
+            ) from e
         enc = self.tok(chat.text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        in_image = image_token_mask(offsets, spans)
         trained, closed = label_tokens(offsets, ids, chat, self.end_of_turn_ids)
         if not closed:
             raise SftflowError(
@@ -100,64 +112,96 @@ class ImageChatTokenizer:
                 path=r.source,
                 line=r.line,
             )
-        slots = ids.count(t.image_pad)
-        if slots != len(r.images):
-            raise SftflowError(
-                f"the chat template rendered {slots} image slot(s) for {len(r.images)} image(s): use a template"
-                " that renders image parts (model.chat_template: qwen2_vl)",
-                path=r.source,
-                line=r.line,
-            )
-        grids = []
-        for k, im in enumerate(r.images):
-            try:
-                grids.append(image_grid(im.width, im.height, self.processor))
-            except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio over 200:1 (a 1x40000 strip)
-                raise SftflowError(
-                    f"image {k + 1} of the chat ({im.path}, {im.width}x{im.height}) cannot be resized for the model: {e}",
-                    path=r.source,
-                    line=r.line,
-                ) from e
-        counts = [image_token_count(g, self.processor.merge_size) for g in grids]
-        out_ids, out_labels, k = [], [], 0
-        for tid, keep in zip(ids, trained):
-            if tid == t.image_pad:
-                out_ids += [tid] * counts[k]
-                out_labels += [IGNORE_INDEX] * counts[k]
-                k += 1
-            else:
-                out_ids.append(tid)
-                out_labels.append(tid if keep and tid not in t.never_trained else IGNORE_INDEX)
-        images = [{"path": im.path, "sha256": im.sha256, "grid": list(g)} for im, g in zip(r.images, grids)]
-        row = {"input_ids": out_ids, "labels": out_labels, "images": images, "drop": "", "truncated": False,
+        # an image's tokens never carry loss, whatever train_on says (the model cannot predict pixels)
+        labels = [tid if keep and not img else IGNORE_INDEX for tid, keep, img in zip(ids, trained, in_image)]
+        starts, ends = zip(*(token_span(offsets, span) for span in spans)) if spans else ((), ())
+        images = [{"path": im.path, "sha256": im.sha256, "size": [im.width, im.height], "tokens": b - a}
+                  for im, a, b in zip(r.images, starts, ends)]
+        row = {"input_ids": ids, "labels": labels, "images": images, "drop": "", "truncated": False,
                "before_image": False}
-        if len(out_ids) > p.max_length:
+        if len(ids) > p.max_length:
             if p.truncation == "drop":
                 row["drop"] = "too_long"
                 return row
-            cut, row["before_image"] = truncation_point(out_ids, p.max_length, t)
-            row["input_ids"], row["labels"], row["truncated"] = out_ids[:cut], out_labels[:cut], True
-            row["images"] = images[: out_ids[:cut].count(t.vision_start)]
+            cut, row["before_image"] = truncation_point(p.max_length, starts, ends)
+            row["input_ids"], row["labels"], row["truncated"] = ids[:cut], labels[:cut], True
+            row["images"] = [im for im, end in zip(images, ends) if end <= cut]
             if all(lab == IGNORE_INDEX for lab in row["labels"]):
                 row["drop"] = "no_trained_tokens_after_truncation"
-        elif all(lab == IGNORE_INDEX for lab in out_labels):
+        elif all(lab == IGNORE_INDEX for lab in labels):
             row["drop"] = "no_trained_tokens"
         return row
 
 
-def truncation_point(ids: list[int], max_length: int, t: VisionTokens) -> tuple[int, bool]:
-    """Where to cut a too-long sample: at max_length, or before the image that cut would split.
+class ImageSizeError(ValueError):
+    """The processor refused image `index` (its size or aspect ratio)."""
 
-    >>> t = VisionTokens(image_pad=9, vision_start=8, vision_end=7)
-    >>> truncation_point([1, 8, 9, 9, 7, 2, 3], 3, t), truncation_point([1, 8, 9, 9, 7, 2, 3], 6, t)
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def expand_chat(
+    chat: RenderedChat, images: ImageTokens, sizes: list[tuple[int, int]]
+) -> tuple[RenderedChat, list[tuple[int, int]]]:
+    """The chat with each image placeholder replaced by the processor's text for that image, its
+    trained spans moved with the text, and the images' character spans."""
+    try:
+        expansions = images.expansions(sizes)
+    except SftflowError:
+        raise
+    except ValueError as e:  # name the image the processor refused
+        for k, size in enumerate(sizes):
+            try:
+                images.expansions([size])
+            except ValueError as one:
+                raise ImageSizeError(k, str(one)) from one
+        raise ImageSizeError(0, str(e)) from e
+    text, spans = expand_placeholders(chat.text, images.placeholder, expansions)
+    olds, at = [], 0
+    for _ in expansions:
+        at = chat.text.index(images.placeholder, at)
+        olds.append(at)
+        at += len(images.placeholder)
+    growth = [len(x) - len(images.placeholder) for x in expansions]
+
+    def moved(offset: int) -> int:  # a trained span never starts or ends inside a placeholder
+        return offset + sum(g for s, g in zip(olds, growth) if s < offset)
+
+    trained = tuple((moved(s), moved(e)) for s, e in chat.trained_spans)
+    return RenderedChat(text, trained, chat.train_all), spans
+
+
+def image_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Which tokens lie inside an image's text.
+
+    >>> image_token_mask([(0, 1), (1, 4), (4, 7), (7, 8)], [(1, 7)])
+    [False, True, True, False]
+    """
+    return [any(s < ce and e > cs for cs, ce in spans) for s, e in offsets]
+
+
+def token_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> tuple[int, int]:
+    """[first, last + 1) of the tokens overlapping a character span.
+
+    >>> token_span([(0, 1), (1, 4), (4, 7), (7, 8)], (2, 7))
+    (1, 3)
+    """
+    inside = [i for i, (s, e) in enumerate(offsets) if s < span[1] and e > span[0]]
+    return inside[0], inside[-1] + 1
+
+
+def truncation_point(max_length: int, starts: Sequence[int], ends: Sequence[int]) -> tuple[int, bool]:
+    """Where to cut a too-long sample (images spanning tokens [starts[i], ends[i])): at
+    max_length, or before the image that cut would split.
+
+    >>> truncation_point(3, [1], [5]), truncation_point(6, [1], [5])
     ((1, True), (6, False))
     """
-    cut = max_length
-    opened = max((i for i in range(cut) if ids[i] == t.vision_start), default=-1)
-    closed = max((i for i in range(cut) if ids[i] == t.vision_end), default=-1)
-    if opened > closed:  # the last image begun before the cut ends after it
-        return opened, True
-    return cut, False
+    for a, b in zip(starts, ends):
+        if a < max_length < b:
+            return a, True
+    return max_length, False
 
 
 def source_records(
@@ -213,10 +257,9 @@ def _prepare_vision(
 ) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
     config = model_config(model_dir)
-    tokens = vision_tokens(config)
-    check_tokenizer(tok, tokens, model_dir)
-    processor = load_image_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
-    chat_tokenizer = ImageChatTokenizer(tok, processor, tokens, params)
+    processor = load_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
+    image_tokens = ImageTokens(processor, family_of(config))
+    chat_tokenizer = ImageChatTokenizer(tok, image_tokens, params)
     root = Path(params.image.root) if params.image.root else None
     if root is not None and not root.is_dir():
         raise SftflowError("image root folder not found", path=root, field="data.image.root")
@@ -303,9 +346,7 @@ def _prepare_vision(
     report["images"] = {
         "distinct": len(used),
         "per_split": {name: sum(len(r["images"]) for r in rows) for name, rows in splits.items()},
-        "image_tokens": {
-            name: sum(r["input_ids"].count(tokens.image_pad) for r in rows) for name, rows in splits.items()
-        },
+        "image_tokens": {name: sum(im["tokens"] for r in rows for im in r["images"]) for name, rows in splits.items()},
     }
     written = manifest(tok, params, {k: len(v) for k, v in splits.items()})
     if hubs:
@@ -317,9 +358,7 @@ def _prepare_vision(
             # the data's identity includes the pixels: a changed image changes this manifest
             "vision": {
                 "model_type": config["model_type"],
-                "image_processor": {"patch_size": processor.patch_size, "merge_size": processor.merge_size,
-                                    "min_pixels": processor.size["shortest_edge"],
-                                    "max_pixels": processor.size["longest_edge"]},
+                "image_processor": image_settings(processor),
                 "images_sha256": dict(sorted(used.items())),
             },
         },

@@ -109,17 +109,24 @@ def load_chat_model(
     return model, load_tokenizer(tok_dir)
 
 
-def load_chat_images(folders: list[Path | None], min_pixels: int, max_pixels: int) -> Any:
-    """The image processor of a VLM (from the first of `folders` holding preprocessor_config.json,
-    else the model's source), resizing within data.image's bounds as training did; None for a
-    text model. The last folder is the model's own (merged, or the base under an adapter)."""
-    from stages.core.vision import is_vision_model, load_image_processor
+def load_chat_images(folders: list[Path | None], min_pixels: int | None, max_pixels: int | None) -> Any:
+    """The processor of a VLM (from the first of `folders` holding one, else the model's own),
+    resizing within data.image's bounds as training did; None for a text model. The last
+    folder is the model's own (merged, or the base under an adapter)."""
+    from stages.core.vision import is_vision_model, load_processor, model_family
 
     dirs = [Path(d) for d in folders if d is not None]
     if not dirs or not is_vision_model(dirs[-1]):
         return None
-    where = next((d for d in dirs if (d / "preprocessor_config.json").is_file()), dirs[-1])
-    return load_image_processor(where, min_pixels, max_pixels)
+    if (dirs[0] / "preprocessor_config.json").is_file() and dirs[0] != dirs[-1]:  # an adapter's processor
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(dirs[0]))
+        if model_family(dirs[-1]).pixel_bounds and (min_pixels or max_pixels):
+            processor.image_processor.size = {"shortest_edge": min_pixels or processor.image_processor.size["shortest_edge"],
+                                              "longest_edge": max_pixels or processor.image_processor.size["longest_edge"]}
+        return processor
+    return load_processor(dirs[-1], min_pixels, max_pixels)
 
 
 def check_image(path: str | Path) -> str:
@@ -199,22 +206,27 @@ class ChatSession:
         messages = with_system_prompt([*self.history, user_message(user_text, images)], self.system_prompt)
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         paths = message_images(messages)
-        pixels: dict[str, Any] = {}
-        if paths:
-            from stages.core.vision import expand_image_pads, image_token_count, pixel_inputs
+        if not paths and self.image_processor is None:
+            return self.tok(text, return_tensors="pt", add_special_tokens=False)
+        from PIL import Image
 
-            pixels = pixel_inputs(paths, self.image_processor)
-            merge = self.image_processor.merge_size
-            text = expand_image_pads(text, [image_token_count(g, merge) for g in pixels["image_grid_thw"].tolist()])
+        from stages.core.vision import ImageTokens, VisionCollator
+        from stages.core.vlm_families import family_of
+
+        family = family_of(self.model.config.to_dict())
+        sizes = []
+        for p in paths:
+            with Image.open(p) as im:
+                sizes.append((im.width, im.height))
+        text = ImageTokens(self.image_processor, family).expand(text, sizes)[0]
         # the rendered text already holds the template's BOS (if any): add no second one
-        inputs = self.tok(text, return_tensors="pt", add_special_tokens=False)
-        if self.image_processor is None:
-            return inputs
-        from stages.core.vision import vision_tokens
-
-        out = dict(inputs) | pixels
-        out["mm_token_type_ids"] = (out["input_ids"] == vision_tokens(self.model.config.to_dict()).image_pad).int()
-        return out
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        images = [{"path": p, "size": list(s)} for p, s in zip(paths, sizes)]
+        batch = VisionCollator(self.image_processor, family, self.tok.pad_token_id, packing=False)(
+            [{"input_ids": ids, "labels": ids, "images": images}]
+        )
+        batch.pop("labels")
+        return batch
 
     def stream(self, user_text: str, images: list[str] | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece as it is decoded; the turn (with its images)

@@ -1,22 +1,22 @@
 """`train` for vision-language models: which parts train, and the collator that brings the pixels.
 
-Parts (Qwen2-VL/2.5-VL names): the vision tower `visual` (patch embedding + ViT blocks), the
-projector `visual.merger` (ViT features -> language-model width), and the language model
-(`language_model` + `lm_head`). `train.vision` switches each on or off:
+Parts (names from the family table, stages/core/vlm_families.py: Qwen-VL's `visual` with its
+`merger`, Gemma 3's / LLaVA's `vision_tower` + `multi_modal_projector`, SmolVLM's `vision_model` +
+`connector`): the vision tower, the projector (vision features -> language-model width) and the
+language model (+ `lm_head`). `train.vision` switches each on or off:
 - lora / qlora: `target_modules: all-linear` means the language model's linear layers only
   (tune_llm) — the vision tower's linears too with tune_vision; tune_projector trains the
-  merger in full and saves it with the adapter (`modules_to_save`). Explicit target_modules
+  projector in full and saves it with the adapter (`modules_to_save`). Explicit target_modules
   (a list or a regex) are used as given.
 - full: each part's weights train or stay frozen by its switch; `train.full.frozen_modules`
   freezes more.
 
-The collator reads each batch's images from the paths in the shards, resizes them with the
-model's image processor (checking the grids match what prepare counted tokens for) and gives
-the model `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (which tokens are image
-tokens: the model places its 3-D rotary positions from them). Padding-free rows pack several
-image chats into one: their images' pixels and grids are concatenated in order, and the
-4-row position_ids (text positions restarting per sample, then the 3-D positions) are built
-per sample, so attention and positions equal those of each chat alone.
+The collator reads each batch's images from the paths in the shards and hands them to the
+model's own processor (with the image settings prepare counted tokens with), which gives the
+pixel inputs; it checks each image still becomes its prepared number of tokens. Where the
+family packs, padding-free rows hold several image chats: their images' inputs are
+concatenated in order, and positions restart per chat (Qwen-VL: 4 rows, text positions then
+its 3-D positions, built per chat), so attention and positions equal those of each chat alone.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ from typing import Any
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams, VisionParams
 from stages.core.vision import (
-    FULL_PRECISION_IN_4BIT,
+    TEXT_KEYS,
     VisionCollator,
     language_model_prefix,
-    load_image_processor,
+    load_processor,
     load_vlm,
-    model_config,
-    vision_tokens,
+    model_family,
+    prepared_processor,
+    projector_prefixes,
     vision_tower_prefix,
 )
+from stages.core.vlm_families import Family
 from stages.train import attention as packed_attention
 from stages.train.adapters import add_adapters, enable_checkpointing, freeze, rank_device, trainable_in_fp32
 from stages.train.attention import VISION_VARLEN, pin_vision_attention
@@ -45,74 +47,74 @@ from stages.train.plan import RunPlan
 
 def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype: str, params_file: str) -> Any:
     """The VLM to hand to Trainer, with exactly the parts `train.vision` names trainable."""
-    # the tower attends within each image window: flash-attn by name; torch's varlen kernel is
-    # pinned on the loaded tower (from_pretrained would look for a hub kernel of that name)
-    tower = plan.vision_attention or "sdpa"
+    family = model_family(base_dir)
+    # Qwen-VL's tower attends within image windows: flash-attn by name; torch's varlen kernel is
+    # pinned on the loaded tower (from_pretrained would look for a hub kernel of that name).
+    # Other families' towers attend over one image at a time: sdpa.
+    tower = (plan.vision_attention or "sdpa") if family.packing == "mrope" else "sdpa"
     attention = {"text_config": plan.attention, "vision_config": "sdpa" if tower == VISION_VARLEN else tower, "": plan.attention}
     if params.method == "qlora":
-        model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device), plan.dtype)
+        model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device), plan.dtype, family)
     else:
         model = load_vlm(base_dir, dtype, attn_implementation=attention)
     if tower == VISION_VARLEN:
-        pin_vision_attention(model.get_submodule(vision_tower_prefix(model)), VISION_VARLEN)
-    hand_bounds_to_language_model(model)
+        pin_vision_attention(model.get_submodule(vision_tower_prefix(model, family)), VISION_VARLEN)
+    hand_bounds_to_language_model(model, family)
     if params.gradient_checkpointing:
         enable_checkpointing(model)
-    keep_tower_in_step(model)
+    keep_tower_in_step(model, family, blank_image(load_processor(base_dir), family))
     if params.method == "full":
-        freeze_parts(model, params.vision)
+        freeze_parts(model, params.vision, family)
         if params.full.frozen_modules:
             freeze(model, params.full.frozen_modules, params_file)
         return model
-    model = add_adapters(model, vision_lora(params, model), params_file)
+    model = add_adapters(model, vision_lora(params, model, family), params_file)
     if params.gradient_checkpointing:
         model.enable_input_require_grads()
     trainable_in_fp32(model)
     return model
 
 
-def hand_bounds_to_language_model(model: Any) -> None:
+def hand_bounds_to_language_model(model: Any, family: Family) -> None:
     """Packed image chats: the language model's attention gets each chat's bounds as the
-    flash-attention kwargs, derived once per forward from the text positions (the first of the
-    4 position rows). The batch cannot carry them as text rows do: the model hands its kwargs to
-    the vision tower too, whose attention passes cu_seqlens of its own; and flash-attention 2
-    without them would find the bounds again in every layer, waiting on the GPU each time."""
-    language_model = model.get_submodule(language_model_prefix(model))
+    flash-attention kwargs, derived once per forward from the text positions (Qwen-VL's first
+    of 4 position rows, or the one row of 1-D positions). The batch cannot carry them as text
+    rows do: the model hands its kwargs to the vision tower too, whose attention passes
+    cu_seqlens of its own; and flash-attention 2 without them would find the bounds again in
+    every layer, waiting on the GPU each time."""
+    language_model = model.get_submodule(language_model_prefix(model, family))
 
     def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         positions = kwargs.get("position_ids")
-        packed = positions is not None and positions.dim() == 3 and tuple(positions.shape[:2]) == (4, 1)
-        if not packed or kwargs.get("attention_mask") is not None or "cu_seq_lens_q" in kwargs:
+        if positions is None or kwargs.get("attention_mask") is not None or "cu_seq_lens_q" in kwargs:
             return None
-        cu, longest = packed_attention.boundaries({"position_ids": positions[0]})
+        if positions.dim() == 3 and tuple(positions.shape[:2]) == (4, 1):
+            text = positions[0]
+        elif positions.dim() == 2 and positions.shape[0] == 1:
+            text = positions
+        else:
+            return None
+        cu, longest = packed_attention.boundaries({"position_ids": text})
+        if len(cu) <= 2:  # one sample: nothing to separate
+            return None
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return args, kwargs
 
     language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def blank_image(visual: Any) -> tuple[Any, Any]:
-    """`pixel_values` and `image_grid_thw` of the smallest image the tower takes: one merged
-    token (merge x merge patches) of zeros, in the tower's dtype and device.
+def blank_image(processor: Any, family: Family) -> dict[str, Any]:
+    """What the processor gives the model for one small black image (the pixel inputs only):
+    the cheapest image the tower takes."""
+    from PIL import Image
 
-    >>> import torch
-    >>> from types import SimpleNamespace
-    >>> embed = SimpleNamespace(in_channels=3, temporal_patch_size=2, patch_size=14)
-    >>> visual = SimpleNamespace(patch_embed=embed, spatial_merge_size=2, dtype=torch.float32,
-    ...                          device=torch.device("cpu"))
-    >>> pixels, grid = blank_image(visual)
-    >>> tuple(pixels.shape), grid.tolist()
-    ((4, 1176), [[1, 2, 2]])
-    """
-    import torch
-
-    embed, merge = visual.patch_embed, visual.spatial_merge_size
-    width = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
-    pixels = torch.zeros(merge * merge, width, dtype=visual.dtype, device=visual.device)
-    return pixels, torch.tensor([[1, merge, merge]], device=visual.device)
+    placeholder = getattr(processor, family.placeholder)
+    side = 2 * getattr(processor.image_processor, "patch_size", 14) * getattr(processor.image_processor, "merge_size", 1)
+    out = processor(text=[placeholder], images=[[Image.new("RGB", (side, side))]], return_tensors="pt")
+    return {k: v for k, v in out.items() if k not in TEXT_KEYS}
 
 
-def keep_tower_in_step(model: Any) -> None:
+def keep_tower_in_step(model: Any, family: Family, blank: dict[str, Any]) -> None:
     """Run the vision tower on a blank image, with zero weight, in every training forward
     whose batch holds no image.
 
@@ -126,26 +128,28 @@ def keep_tower_in_step(model: Any) -> None:
     records that order once and checks it on every rank (a rank whose order changed drops its
     prefetch plan and waits in a collective its peers never enter). Adding
     `0 * tower_output.sum()` to the embeddings leaves the loss and every gradient as they were
-    (the tower's gradients from it are exact zeros). Its cost: one tower pass over 4 patches per
-    text-only micro-batch."""
-    tower = vision_tower_prefix(model)
+    (the tower's gradients from it are exact zeros). Its cost: one tower pass over the smallest
+    image per text-only micro-batch. The image goes through the model's own
+    `get_image_features`, so tower and projector run as for a real image."""
+    tower = vision_tower_prefix(model, family)
     owner = model.get_submodule(tower.rsplit(".", 1)[0]) if "." in tower else model
-    visual = model.get_submodule(tower)
-    language_model = model.get_submodule(language_model_prefix(model))
-    blank = {"wanted": False}
+    language_model = model.get_submodule(language_model_prefix(model, family))
+    wanted = {"on": False}
 
     def before_model(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         no_image = kwargs.get("pixel_values") is None and not kwargs.get("mm_encoder_outputs")
-        blank["wanted"] = module.training and no_image
+        wanted["on"] = module.training and no_image
 
     def before_language_model(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
-        if not blank["wanted"] or embeds is None:
+        if not wanted["on"] or embeds is None:
             return None
-        blank["wanted"] = False
-        pixels, grid = blank_image(visual)
-        out = visual(pixels, grid_thw=grid)
+        wanted["on"] = False
+        inputs = {k: v.to(embeds.device, dtype=embeds.dtype if v.is_floating_point() else v.dtype) for k, v in blank.items()}
+        out = owner.get_image_features(**inputs)
         features = getattr(out, "pooler_output", out)
+        if isinstance(features, (list, tuple)):
+            features = features[0]
         kwargs["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
         return args, kwargs
 
@@ -153,77 +157,84 @@ def keep_tower_in_step(model: Any) -> None:
     language_model.register_forward_pre_hook(before_language_model, with_kwargs=True)
 
 
-def part_of(name: str, llm: str, visual: str) -> str:
-    """Which part a parameter/module name belongs to: vision, projector or llm.
+def part_of(name: str, llm: str, tower: str, projectors: tuple[str, ...]) -> str:
+    """Which part a parameter/module name belongs to: vision, projector or llm (a projector
+    may sit inside the tower, as Qwen-VL's merger does).
 
-    >>> [part_of(n, "model.language_model", "model.visual") for n in
+    >>> [part_of(n, "model.language_model", "model.visual", ("model.visual.merger",)) for n in
     ...  ("model.visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight", "lm_head.weight")]
     ['vision', 'projector', 'llm']
     """
-    if name.startswith(visual + ".merger") or name == visual + ".merger":
+    if any(name == p or name.startswith(p + ".") for p in projectors):
         return "projector"
-    if name.startswith(visual):
+    if name == tower or name.startswith(tower + "."):
         return "vision"
     return "llm"
 
 
-def freeze_parts(model: Any, vision: VisionParams) -> None:
+def _parts(model: Any, family: Family) -> tuple[str, str, tuple[str, ...]]:
+    return language_model_prefix(model, family), vision_tower_prefix(model, family), projector_prefixes(model, family)
+
+
+def freeze_parts(model: Any, vision: VisionParams, family: Family) -> None:
     """Full SFT: each part's parameters train only when its switch is on."""
-    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    llm, tower, projectors = _parts(model, family)
     on = {"vision": vision.tune_vision, "projector": vision.tune_projector, "llm": vision.tune_llm}
     for name, p in model.named_parameters():
-        p.requires_grad = on[part_of(name, llm, visual)]
+        p.requires_grad = on[part_of(name, llm, tower, projectors)]
 
 
-def linear_targets(model: Any, vision: VisionParams) -> str:
+def linear_targets(model: Any, vision: VisionParams, family: Family) -> str:
     """A regex (peft full-matches it against module names) selecting the linear layers of the
     parts that train: the language model's (tune_llm) and the vision tower's (tune_vision),
     never lm_head or the projector (those train in full through modules_to_save)."""
     import torch
 
-    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    llm, tower, projectors = _parts(model, family)
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        part = part_of(name, llm, visual)
+        part = part_of(name, llm, tower, projectors)
         if (part == "llm" and name.startswith(llm) and vision.tune_llm) or (part == "vision" and vision.tune_vision):
             names.append(name)
     if not names:
         return r"(?!x)x"  # matches nothing: only modules_to_save train
     # one alternation per part keeps the regex short: prefix, any layer, then the layer's own name
     groups = []
-    for prefix in sorted({llm if n.startswith(llm) else visual for n in names}):
+    for prefix in sorted({llm if n.startswith(llm) else tower for n in names}):
         leaves = sorted({n[len(prefix) + 1 :].split(".", 2)[-1] for n in names if n.startswith(prefix + ".")})
         groups.append(rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(leaf) for leaf in leaves)})")
     return "|".join(f"(?:{g})" for g in groups)
 
 
-def vision_lora(params: TrainParams, model: Any) -> TrainParams:
+def vision_lora(params: TrainParams, model: Any, family: Family) -> TrainParams:
     """train.lora with the VLM's defaults filled in: targets from train.vision when all-linear,
     the projector in modules_to_save when tune_projector."""
     import dataclasses
 
     lora = params.lora
-    targets = linear_targets(model, params.vision) if lora.target_modules == "all-linear" else lora.target_modules
+    targets = linear_targets(model, params.vision, family) if lora.target_modules == "all-linear" else lora.target_modules
     to_save = tuple(lora.modules_to_save)
-    if params.vision.tune_projector and "merger" not in to_save:
-        to_save += ("merger",)
+    if params.vision.tune_projector:
+        present = {p.rsplit(".", 1)[-1] for p in projector_prefixes(model, family)}
+        to_save += tuple(p for p in family.projector if p in present and p not in to_save)
     if targets == r"(?!x)x" and not to_save:
         raise SftflowError("train.vision switches leave nothing to train", field="train.vision")
     return dataclasses.replace(params, lora=dataclasses.replace(lora, target_modules=targets, modules_to_save=to_save))
 
 
-def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str, dtype: str) -> Any:
-    """The VLM with its language model quantized (NF4/FP4); the vision tower and lm_head stay
-    in full precision, as 4-bit ViT weights cost accuracy for little memory. The 4-bit weights
-    dequantize to `dtype` (the plan's; `qlora.compute_dtype: auto` follows it), as for text."""
+def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str, dtype: str, family: Family) -> Any:
+    """The VLM with its language model quantized (NF4/FP4); the vision tower, projector and
+    lm_head stay in full precision, as 4-bit ViT weights cost accuracy for little memory. The
+    4-bit weights dequantize to `dtype` (the plan's; `qlora.compute_dtype: auto` follows it), as
+    for text."""
     from peft import prepare_model_for_kbit_training
 
     from stages.core.loading import bnb_4bit_config
 
     config = bnb_4bit_config(params.qlora, dtype)
-    config.llm_int8_skip_modules = list(FULL_PRECISION_IN_4BIT)  # what merge rebuilds too
+    config.llm_int8_skip_modules = list(family.full_precision_in_4bit())  # what merge rebuilds too
     model = load_vlm(base_dir, "float32", quantization_config=config, device_map={"": device},
                      attn_implementation=attention)
     return prepare_model_for_kbit_training(
@@ -234,9 +245,6 @@ def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: 
 
 
 def build_vision_collator(base_dir: Path, tok: Any, packing: str, manifest: dict[str, Any]) -> VisionCollator:
-    """The collator, with the image processor resizing exactly as prepare counted (its bounds
-    come from the prepared manifest, not from params: prepare's params decided the token counts)."""
-    sizes = manifest["vision"]["image_processor"]
-    processor = load_image_processor(base_dir, sizes["min_pixels"], sizes["max_pixels"])
-    tokens = vision_tokens(model_config(base_dir))
-    return VisionCollator(processor, tokens, tok.pad_token_id, packing in ("padding_free", "auto"))
+    """The collator, with the processor resizing exactly as prepare counted."""
+    return VisionCollator(prepared_processor(base_dir, manifest), model_family(base_dir), tok.pad_token_id,
+                          packing in ("padding_free", "auto"))
