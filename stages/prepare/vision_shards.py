@@ -45,6 +45,7 @@ from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
 from stages.core.shards import IMAGES, shard_features
 from stages.core.tables import raw_rows
+from stages.core.turns import special_token_ids
 from stages.core.vision import ImageTokens, expand_placeholders, image_settings, load_processor, model_config
 from stages.core.vlm_families import family_of
 from stages.prepare.output import manifest, save_split
@@ -58,11 +59,14 @@ from stages.prepare.sources import open_source, source_tools
 class ImageChatTokenizer:
     """Renders, expands, tokenizes and masks one image chat at a time."""
 
-    def __init__(self, tok: Any, images: ImageTokens, params: DataParams) -> None:
+    def __init__(self, tok: Any, images: ImageTokens, params: DataParams, model_dir: Path) -> None:
         self.tok, self.images, self.params = tok, images, params
-        eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
-        # replies are closed by a special token (trained)
-        self.end_of_turn_ids = frozenset(tok.all_special_ids) | {i for i in eos if i is not None}
+        # replies are closed by a special token (trained): found as text chats find theirs
+        self.end_of_turn_ids = special_token_ids(tok, model_dir)
+        # the markers a chat template writes around an image's placeholder (Qwen-VL's <|vision_start|> /
+        # <|vision_end|>, named in its config) belong to the image: never trained, never cut from it
+        config = model_config(model_dir)
+        self.frame = (config.get("vision_start_token_id"), config.get("vision_end_token_id"))
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         if tools:
@@ -103,7 +107,9 @@ class ImageChatTokenizer:
             ) from e
         enc = self.tok(chat.text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        in_image = image_token_mask(offsets, spans)
+        inner = [token_span(offsets, span) for span in spans]
+        outer = [framed(ids, span, self.frame) for span in inner]
+        in_image = [any(a <= i < b for a, b in outer) for i in range(len(ids))]
         trained, closed = label_tokens(offsets, ids, chat, self.end_of_turn_ids)
         if not closed:
             raise SftflowError(
@@ -114,9 +120,9 @@ class ImageChatTokenizer:
             )
         # an image's tokens never carry loss, whatever train_on says (the model cannot predict pixels)
         labels = [tid if keep and not img else IGNORE_INDEX for tid, keep, img in zip(ids, trained, in_image)]
-        starts, ends = zip(*(token_span(offsets, span) for span in spans)) if spans else ((), ())
+        starts, ends = zip(*outer) if outer else ((), ())
         images = [{"path": im.path, "sha256": im.sha256, "size": [im.width, im.height], "tokens": b - a}
-                  for im, a, b in zip(r.images, starts, ends)]
+                  for im, (a, b) in zip(r.images, inner)]
         row = {"input_ids": ids, "labels": labels, "images": images, "drop": "", "truncated": False,
                "before_image": False}
         if len(ids) > p.max_length:
@@ -172,13 +178,18 @@ def expand_chat(
     return RenderedChat(text, trained, chat.train_all), spans
 
 
-def image_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """Which tokens lie inside an image's text.
+def framed(ids: list[int], span: tuple[int, int], frame: tuple[int | None, int | None]) -> tuple[int, int]:
+    """An image's token span [a, b) widened by the start / end marker ids right around it.
 
-    >>> image_token_mask([(0, 1), (1, 4), (4, 7), (7, 8)], [(1, 7)])
-    [False, True, True, False]
+    >>> framed([5, 7, 9, 9, 8, 5], (2, 4), (7, 8)), framed([5, 9, 9, 5], (1, 3), (7, 8))
+    ((1, 5), (1, 3))
     """
-    return [any(s < ce and e > cs for cs, ce in spans) for s, e in offsets]
+    a, b = span
+    if a > 0 and frame[0] is not None and ids[a - 1] == frame[0]:
+        a -= 1
+    if b < len(ids) and frame[1] is not None and ids[b] == frame[1]:
+        b += 1
+    return a, b
 
 
 def token_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> tuple[int, int]:
@@ -259,7 +270,7 @@ def _prepare_vision(
     config = model_config(model_dir)
     processor = load_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
     image_tokens = ImageTokens(processor, family_of(config))
-    chat_tokenizer = ImageChatTokenizer(tok, image_tokens, params)
+    chat_tokenizer = ImageChatTokenizer(tok, image_tokens, params, model_dir)
     root = Path(params.image.root) if params.image.root else None
     if root is not None and not root.is_dir():
         raise SftflowError("image root folder not found", path=root, field="data.image.root")

@@ -58,7 +58,7 @@ def train_cmd(
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, device=device))
     offline_by_default(model_dir)
     from stages.core.io import write_json
-    from stages.core.vision import is_vision_model
+    from stages.core.vision import is_vision_model, model_family
     from stages.train import distributed
     from stages.train.attention import base_softcap
     from stages.train.cpu import entry as cpu
@@ -70,7 +70,7 @@ def train_cmd(
     options |= {"--tensorboard": tensorboard_dir} | ({"--device": device} if device is not None else {})
     argv = ["train", *(str(x) for pair in options.items() for x in pair)]
     plan = decide(
-        params.train, probe_machine(), vision=is_vision_model(model_dir), softcap=base_softcap(model_dir),
+        params.train, probe_machine(), vision=is_vision_model(model_dir) and model_family(model_dir), softcap=base_softcap(model_dir),
         model_type=base_model_type(model_dir), params_file=str(params_path),
     )  # fmt: skip
     cuda_env = distributed.cuda_environment(plan.device, os.environ)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from stages.core.devices import Hardware, check_usable, detect_hardware
 from stages.core.errors import SftflowError
 from stages.core.params import TrainParams, needs_cuda_optimizer
+from stages.core.vlm_families import Family
 from stages.train import distributed, gpu_kernels
 from stages.train.attention import TORCH_VARLEN, VISION_VARLEN
 from stages.train.attention import register as register_varlen_attention
@@ -67,6 +68,7 @@ class RunPlan:
     # the 4-bit base's storage dtype under ZeRO-3 (bnb_4bit_quant_storage); None: bitsandbytes' uint8
     quant_storage: str | None = None
     vision_attention: str | None = None  # a VLM's vision tower: sdpa, flash_attention_2 or flash_varlen_torch
+    packing: str = "auto"  # train.packing as it runs: a VLM family that cannot pack gets "none"
 
     @property
     def dtype(self) -> str:
@@ -88,6 +90,7 @@ class RunPlan:
             "precision": self.precision,
             "tf32": self.tf32,
             "attention": self.attention,
+            "packing": self.packing,
             **({"vision_attention": self.vision_attention} if self.vision_attention else {}),
             "kernels": self.kernels,
             "chunked_loss": self.chunked_loss,
@@ -120,13 +123,14 @@ def decide(
     params: TrainParams,
     machine: Machine,
     *,
-    vision: bool = False,
+    vision: bool | Family = False,
     model_type: str | None = None,
     softcap: float | None = None,
     env: Mapping[str, str] | None = None,
     params_file: str = "params.yaml",
 ) -> RunPlan:
-    """The plan for `params` on `machine` (`vision`: the base is a vision-language model;
+    """The plan for `params` on `machine` (`vision`: the base is a vision-language model — its
+    family, where known, decides packing and the tower's attention;
     `model_type`: its config's model_type, which Liger's kernels go by;
     `softcap`: its attention logit softcapping, `attention.logit_softcap`; `env`: the launch
     overrides, os.environ when None).
@@ -166,10 +170,15 @@ def decide(
             field="train.distributed.deepspeed",
         )
     flash = _flash_kernels(device, precision, machine.hardware)
-    attention, why["attention"] = _attention(params.packing, device, flash, machine.flash_attn, softcap)
+    packing = params.packing
+    if isinstance(vision, Family) and vision.packing == "none" and packing != "none":
+        packing, why["packing"] = "none", f"padded batches: in {vision.name} {vision.why_padded}"
+    attention, why["attention"] = _attention(packing, device, flash, machine.flash_attn, softcap)
     register_varlen_attention()  # its names valid attn_implementations before any model loads
     vision_attention = None
-    if vision:
+    if isinstance(vision, Family) and vision.packing != "mrope":
+        vision_attention, why["vision_attention"] = "sdpa", f"{vision.name}'s tower attends over one image (tile) at a time"
+    elif vision:
         vision_attention, why["vision_attention"] = _vision_attention(flash, machine.flash_attn)
     wing = cpu.choose(
         params,
@@ -214,6 +223,7 @@ def decide(
         find_unused_parameters=find_unused,
         quant_storage=DTYPES[precision] if zero3_4bit else None,
         vision_attention=vision_attention,
+        packing=packing,
     )
 
 

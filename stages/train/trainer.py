@@ -24,7 +24,7 @@ from stages.core.integrity import verify_dir
 from stages.core.io import atomic_file, read_json, write_json
 from stages.core.loading import POINTER_FILE, carry_remote_code, load_tokenizer, tokenizer_fingerprint
 from stages.core.params import TrainParams, to_dict
-from stages.core.vision import is_vision_model
+from stages.core.vision import is_vision_model, model_family
 from stages.train import distributed
 from stages.train.attention import base_softcap
 from stages.train.checkpoints import check_before_resume, checksum_callback, usable_checkpoints
@@ -158,7 +158,7 @@ def train(
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
-    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir), model_type=base_model_type(base_dir), softcap=base_softcap(base_dir))
+    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir) and model_family(base_dir), model_type=base_model_type(base_dir), softcap=base_softcap(base_dir))
     for warning in plan.warnings:
         _say(warning)
     tok = load_tokenizer(base_dir)
@@ -251,7 +251,7 @@ def _collator(
     """The batch builder: image chats' (pixels through the model's processor) or text rows'
     (packed or padded), asking for logits at trained positions only where the model allows."""
     if vision:
-        collator = build_vision_collator(base_dir, tok, params.packing, manifest)
+        collator = build_vision_collator(base_dir, tok, plan.packing, manifest)
     else:
         collator = build_collator(tok, params.packing, plan.attention)
     return KeepTrainedLogits(collator) if _keeps_trained_logits(params, plan, model) else collator

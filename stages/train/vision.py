@@ -49,9 +49,8 @@ def build_vision_model(params: TrainParams, plan: RunPlan, base_dir: Path, dtype
     """The VLM to hand to Trainer, with exactly the parts `train.vision` names trainable."""
     family = model_family(base_dir)
     # Qwen-VL's tower attends within image windows: flash-attn by name; torch's varlen kernel is
-    # pinned on the loaded tower (from_pretrained would look for a hub kernel of that name).
-    # Other families' towers attend over one image at a time: sdpa.
-    tower = (plan.vision_attention or "sdpa") if family.packing == "mrope" else "sdpa"
+    # pinned on the loaded tower (from_pretrained would look for a hub kernel of that name)
+    tower = plan.vision_attention or "sdpa"
     attention = {"text_config": plan.attention, "vision_config": "sdpa" if tower == VISION_VARLEN else tower, "": plan.attention}
     if params.method == "qlora":
         model = _load_vlm_4bit(params, base_dir, attention, rank_device(plan.device), plan.dtype, family)
