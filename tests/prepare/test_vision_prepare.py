@@ -11,7 +11,18 @@ import pytest
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
 from stages.core.params import DataParams, SourceParams
-from tests.vlm import END, PAD, START, chats_in_each_shape, prepare_rows, trained_spans
+from tests.vlm import BOUNDS, END, PAD, START, chats_in_each_shape, prepare_rows, trained_spans
+
+
+def image_grids(base: Path, paths: list[Path]) -> list[tuple[int, int, int]]:
+    """The model's own processor's (t, h, w) patch grid of each image, resizing within BOUNDS."""
+    from PIL import Image
+
+    from stages.core.vision import load_processor
+
+    processor = load_processor(base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    out = processor.image_processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+    return [tuple(g) for g in out["image_grid_thw"].tolist()]
 
 
 @pytest.mark.parametrize("shape", ["llamafactory", "hf_parts", "minicpmv"])
@@ -24,11 +35,14 @@ def test_masks_exact_in_every_shape(tmp_path: Path, vlm_base: Path, images: Path
     rows, report, _ = prepare_rows(tmp_path, vlm_base, [record], train_on=train_on)
     (row,) = rows
     ids, labels = row["input_ids"], row["labels"]
-    grids = [tuple(im["grid"]) for im in row["images"]]
-    expected_grids = [(1, 4, 8), (1, 4, 4)] if shape != "minicpmv" else [(1, 4, 8)]
-    assert grids == expected_grids
-    # exactly the tokens the model will see: (h/14)(w/14)/4 pads per image, each framed by markers
-    assert ids.count(PAD) == sum(t * h * w // 4 for t, h, w in grids)
+    names = ["wide.png", "small.png"] if shape != "minicpmv" else ["wide.png"]
+    assert [(im["size"], im["tokens"]) for im in row["images"]] == [([100, 60], 8), ([56, 56], 4)][: len(names)]
+    # exactly the tokens the model will see: the processor's grid for each image, (h/14)(w/14)/4 pads,
+    # each image framed by markers
+    grids = image_grids(vlm_base, [images / n for n in names])
+    assert grids == [(1, 4, 8), (1, 4, 4)][: len(names)]
+    assert [t * h * w // 4 for t, h, w in grids] == [im["tokens"] for im in row["images"]]
+    assert ids.count(PAD) == sum(im["tokens"] for im in row["images"])
     assert ids.count(START) == ids.count(END) == len(grids)
     assert not {t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX} & {PAD, START, END}
     if train_on == "all":
