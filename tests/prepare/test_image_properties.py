@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
 from stages.core.params import DataParams, SourceParams
-from stages.core.vision import image_grid, load_image_processor, pixel_inputs
+from stages.core.vision import ImageTokens, load_processor, model_family, pixel_inputs
 from tests.properties import budget, named_examples, tried
 from tests.vlm import BOUNDS
 
@@ -118,13 +118,19 @@ NAMED = [
 
 @pytest.fixture(scope="module")
 def processor(vlm_base: Path) -> Any:
-    return load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    return load_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+
+
+@pytest.fixture(scope="module")
+def image_tokens(processor: Any, vlm_base: Path) -> ImageTokens:
+    return ImageTokens(processor, model_family(vlm_base))
 
 
 @budget(60)
 @given(image=image_file())
 @named_examples("image", NAMED)
-def test_image_reader_accepts_intact_images_and_names_the_rest(image: tuple, processor: Any) -> None:
+def test_image_reader_accepts_intact_images_and_names_the_rest(image: tuple, processor: Any,
+                                                               image_tokens: ImageTokens) -> None:
     tried("image files")
     data, size, what = image
     with tempfile.TemporaryDirectory() as d:
@@ -138,14 +144,20 @@ def test_image_reader_accepts_intact_images_and_names_the_rest(image: tuple, pro
             return
         if size is not None:
             assert (ref.width, ref.height) == size, what
-        try:
-            grid = image_grid(ref.width, ref.height, processor)
+        try:  # the image's text as prepare counts it, from its size alone
+            (text,) = image_tokens.expansions([(ref.width, ref.height)])
         except ValueError:  # prepare refuses it as a bad record (test below); no train step sees it
             assert max(ref.width, ref.height) / min(ref.width, ref.height) > 200, what
             return
-        # what the train collator computes from the pixels is what prepare counted
-        out = pixel_inputs([ref.path], processor, grids=[grid])
-        assert [tuple(g) for g in out["image_grid_thw"].tolist()] == [grid], what
+        pads = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert set(pads) == {processor.image_token_id}, what
+        # what the train collator computes from the pixels is what prepare counted (pixel_inputs checks
+        # the token count; the grid is the patches those tokens merge)
+        row = {"input_ids": pads, "images": [{"path": ref.path, "size": [ref.width, ref.height]}]}
+        out = pixel_inputs([row], processor, image_tokens.family)
+        ((t, h, w),) = out["image_grid_thw"].tolist()
+        assert t * h * w // processor.image_processor.merge_size**2 == len(pads), what
+        assert out["pixel_values"].shape[0] == t * h * w, what
 
 
 PATHS = st.sampled_from(
