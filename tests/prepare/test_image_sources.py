@@ -90,8 +90,9 @@ def run(tmp: Path, base: Path, source: dict, **data: Any) -> tuple[list[dict], d
 
 
 def samples(rows: list[dict]) -> list[tuple]:
-    """What must not depend on the source kind: tokens, labels and each image's content and grid."""
-    return [(r["input_ids"], r["labels"], [(im["sha256"], im["grid"]) for im in r["images"]]) for r in rows]
+    """What must not depend on the source kind: tokens, labels and each image's content, size and tokens."""
+    return [(r["input_ids"], r["labels"], [(im["sha256"], im["size"], im["tokens"]) for im in r["images"]])
+            for r in rows]
 
 
 @pytest.mark.parametrize("shape", ["llamafactory", "hf_parts", "minicpmv", "minicpmv_dict"])
@@ -106,7 +107,8 @@ def test_every_source_kind_gives_the_jsonl_samples(tmp_path: Path, vlm_base: Pat
     want, _, _ = run(tmp_path / "jsonl", vlm_base, {"path": str(data / "chats.jsonl")})
     (row,) = want
     assert [tok.decode(s) for s in trained_spans(row["input_ids"], row["labels"])] == REPLIES
-    assert [tuple(im["grid"]) for im in row["images"]] == [(1, 4, 8), (1, 4, 4)][: 1 if shape == "minicpmv" else 2]
+    assert [(im["size"], im["tokens"]) for im in row["images"]] == [([100, 60], 8), ([56, 56], 4)][
+        : 1 if shape == "minicpmv" else 2]
     assert row["images"][0]["path"] == str(data / "pics" / "wide.png")
 
     # paths: a JSON array, parquet, CSV (JSON text cells), an Arrow file, a save_to_disk folder
@@ -376,7 +378,7 @@ def test_sftflow_prepare_names_embedded_images_where_the_output_lands_and_the_co
     embedded images by the final folder, which train's collator reads from the pipeline's folder."""
     from click.testing import CliRunner
 
-    from stages.core.vision import VisionCollator, load_image_processor, model_config, vision_tokens
+    from stages.core.vision import VisionCollator, load_processor, model_family
     from stages.prepare.command import prepare_cmd
 
     cell = {name: {"bytes": b, "path": None} for name, b in pictures(images, tmp_path / "src").items()}
@@ -393,7 +395,7 @@ def test_sftflow_prepare_names_embedded_images_where_the_output_lands_and_the_co
     paths = [im["path"] for im in row["images"]]
     assert all(p.startswith("data/prepared/images/") and Path(p).is_file() for p in paths)
     assert not list(tmp_path.glob("data/.prepared.tmp-*"))
-    collate = VisionCollator(load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels),
-                             vision_tokens(model_config(vlm_base)), 151643, packing=False)
+    collate = VisionCollator(load_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels),
+                             model_family(vlm_base), 151643, packing=False)
     batch = collate([{k: row[k] for k in ("input_ids", "labels", "images")}])
     assert [tuple(g) for g in batch["image_grid_thw"].tolist()] == [(1, 4, 8), (1, 4, 4)]
