@@ -10,13 +10,27 @@ from tests.vlm import BOUNDS, PAD, chats_in_each_shape, prepare_rows, train_para
 
 
 def _batch(vlm_base: Path, images: Path, tmp_path: Path, packing: bool) -> dict:
-    from stages.core.vision import VisionCollator, load_image_processor, model_config, vision_tokens
+    from stages.core.vision import VisionCollator, load_processor, model_family
 
     record = chats_in_each_shape(str(images))
     rows, _, _ = prepare_rows(tmp_path, vlm_base, [record["llamafactory"], record["minicpmv"], record["hf_parts"]])
-    proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
-    collate = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)
+    proc = load_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    collate = VisionCollator(proc, model_family(vlm_base), 151643, packing)
     return collate([{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows])
+
+
+def parts(model: object, base: Path) -> tuple[str, str, tuple[str, ...]]:
+    """(language model, vision tower, projectors): the module prefixes of the model's three parts."""
+    from stages.core.vision import (
+        language_model_prefix,
+        model_family,
+        projector_prefixes,
+        vision_tower_prefix,
+    )
+
+    family = model_family(base)
+    return (language_model_prefix(model, family), vision_tower_prefix(model, family),
+            projector_prefixes(model, family))
 
 
 def test_packed_loss_equals_padded(tmp_path: Path, vlm_base: Path, images: Path) -> None:
@@ -64,13 +78,12 @@ def test_rope_positions_equal_the_models(tmp_path: Path, vlm_base: Path, images:
     ],
 )
 def test_lora_targets_follow_the_switches(vlm_base: Path, vision: dict, trainable_parts: set) -> None:
-    from stages.core.vision import language_model_prefix, vision_tower_prefix
     from stages.train.vision import part_of
 
     model = vision_model(train_params(vision=vision), vlm_base)
-    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    llm, visual, projectors = parts(model, vlm_base)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert {part_of(n, llm, visual) for n in trainable} == trainable_parts
+    assert {part_of(n, llm, visual, projectors) for n in trainable} == trainable_parts
     lora = [n for n in trainable if "lora_" in n]
     if "llm" in trainable_parts:  # every linear layer of the language model, nothing else
         assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora if n.startswith(llm)} == {
@@ -83,16 +96,16 @@ def test_full_sft_frozen_parts_stay_bit_identical(tmp_path: Path, vlm_base: Path
     leave every ViT weight bit-identical and change every trained part; counts add up."""
     import torch
 
-    from stages.core.vision import language_model_prefix, vision_tower_prefix
     from stages.train.model import count_parameters
     from stages.train.vision import part_of
 
     model = vision_model(train_params(method="full", vision={"tune_projector": True}), vlm_base)
-    llm, visual = language_model_prefix(model), vision_tower_prefix(model)
+    llm, visual, projectors = parts(model, vlm_base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    parts = {n: part_of(n, llm, visual) for n in before}
+    part = {n: part_of(n, llm, visual, projectors) for n in before}
+    assert set(part.values()) == {"vision", "projector", "llm"}
     counts = count_parameters(model)
-    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if parts[n] != "vision")
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if part[n] != "vision")
     batch = _batch(vlm_base, images, tmp_path, packing=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):
@@ -102,7 +115,7 @@ def test_full_sft_frozen_parts_stay_bit_identical(tmp_path: Path, vlm_base: Path
     after = dict(model.named_parameters())
     for n, old in before.items():
         same = torch.equal(old, after[n].detach())
-        assert same == (parts[n] == "vision"), n
+        assert same == (part[n] == "vision"), n
 
 
 @pytest.mark.slow
@@ -165,13 +178,13 @@ def test_text_only_batch_runs_the_tower_with_zero_weight(tmp_path: Path, vlm_bas
     gradient: the tower's gradients are exact zeros, the others equal those without it."""
     import torch
 
-    from stages.core.vision import VisionCollator, load_image_processor, model_config, vision_tokens
+    from stages.core.vision import VisionCollator, load_processor, model_family
 
     params = train_params(method="full", vision={"tune_vision": True, "tune_projector": True})
     rows, _, _ = prepare_rows(tmp_path, vlm_base, [text_chat(3), text_chat(5)])
     assert all(not r["images"] for r in rows)
-    proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
-    collate = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)
+    proc = load_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    collate = VisionCollator(proc, model_family(vlm_base), 151643, packing)
     batch = collate([{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows])
     assert "pixel_values" not in batch
 
@@ -190,7 +203,8 @@ def test_text_only_batch_runs_the_tower_with_zero_weight(tmp_path: Path, vlm_bas
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[blank] = (float(loss.detach()), grads, calls)
     (loss_on, grads_on, calls_on), (loss_off, grads_off, calls_off) = results[True], results[False]
-    assert calls_on == [torch.Size([4, 1176])] and calls_off == []
+    # the blank image: 56x56 (the processor's smallest, 3136 pixels) -> 4x4 patches of 3 x 2 x 14 x 14 values
+    assert calls_on == [torch.Size([16, 1176])] and calls_off == []
     assert loss_on == loss_off
     tower = [n for n in grads_on if ".visual." in n]
     assert tower and all(torch.count_nonzero(grads_on[n]) == 0 for n in tower)
