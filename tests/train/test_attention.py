@@ -225,11 +225,11 @@ def test_the_vision_tower_attends_through_one_varlen_call_per_block(vlm_base: Pa
     """Qwen2.5-VL's tower with torch's varlen kernel pinned (its name says "flash", so the
     tower hands over its window cu_seqlens): one attention call per block instead of one per
     image window, the same hidden states as the tower's own SDPA per window."""
-    from stages.core.vision import load_vlm, vision_tower_prefix
+    from stages.core.vision import load_vlm, model_family, vision_tower_prefix
 
     attention.register()
     model = load_vlm(vlm_base, "float32", attn_implementation={"vision_config": "sdpa", "text_config": "sdpa", "": "sdpa"})
-    tower = model.get_submodule(vision_tower_prefix(model)).eval()
+    tower = model.get_submodule(vision_tower_prefix(model, model_family(vlm_base))).eval()
     torch.manual_seed(0)
     grid = torch.tensor([[1, 8, 8], [1, 4, 12]])  # two images: 4 + 3 windows of 4x4 patches
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
@@ -270,14 +270,7 @@ def test_a_gpu_plans_vision_model_runs_its_kernels_arguments_here(vlm_base: Path
     """The VLM an sm90 plan without flash-attn builds (language model: `varlen`; tower: torch's
     varlen kernel pinned on its config), run here through the kernel's reference: a packed row
     of three image chats has the padded batch's loss under the model's own SDPA."""
-    from stages.core.vision import (
-        VisionCollator,
-        load_image_processor,
-        load_vlm,
-        model_config,
-        vision_tokens,
-        vision_tower_prefix,
-    )
+    from stages.core.vision import VisionCollator, load_processor, load_vlm, model_family, vision_tower_prefix
     from stages.train.loss import trained_logits_loss
     from stages.train.vision import build_vision_model
     from tests.vlm import BOUNDS, chats_in_each_shape, prepare_rows
@@ -285,11 +278,12 @@ def test_a_gpu_plans_vision_model_runs_its_kernels_arguments_here(vlm_base: Path
     plan = decide(TrainParams(), Machine(hardware=Hardware(gpus=1, capability=(9, 0))), vision=True, env={})
     assert (plan.attention, plan.vision_attention) == ("varlen", attention.VISION_VARLEN)
     model = build_vision_model(TrainParams(), plan, vlm_base, "float32", "params.yaml").eval()
-    assert model.get_submodule(vision_tower_prefix(model)).config._attn_implementation == attention.VISION_VARLEN
+    family = model_family(vlm_base)
+    assert model.get_submodule(vision_tower_prefix(model, family)).config._attn_implementation == attention.VISION_VARLEN
     own = load_vlm(vlm_base, "float32", attn_implementation="sdpa").eval()
     record = chats_in_each_shape(str(images))
     rows, _, _ = prepare_rows(tmp_path, vlm_base, [record["llamafactory"], record["minicpmv"], record["hf_parts"]])
-    proc = load_image_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
+    proc = load_processor(vlm_base, BOUNDS.min_pixels, BOUNDS.max_pixels)
     losses, handed = {}, []
     found = attention.boundaries
 
@@ -298,7 +292,7 @@ def test_a_gpu_plans_vision_model_runs_its_kernels_arguments_here(vlm_base: Path
         return found(kwargs)
 
     for packing, m in ((True, model), (False, own)):
-        batch = VisionCollator(proc, vision_tokens(model_config(vlm_base)), 151643, packing)(
+        batch = VisionCollator(proc, family, 151643, packing)(
             [{k: r[k] for k in ("input_ids", "labels", "images")} for r in rows]
         )
         labels = batch.pop("labels")
