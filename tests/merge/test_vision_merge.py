@@ -80,8 +80,8 @@ def test_qlora_run_merges_into_the_base_it_trained_on_checked_with_images(
     trained = PeftModel.from_pretrained(four_bit, str(adapter)).eval()
     saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     plain = AutoModelForImageTextToText.from_pretrained(vlm_base, dtype=torch.float32).eval()
-    (batch,) = vision_check_batches(prepared, 1, vlm_base, load_tokenizer(adapter))
-    assert "pixel_values" in batch
+    ((batch, count),) = vision_check_batches(prepared, 1, vlm_base, load_tokenizer(adapter))
+    assert "pixel_values" in batch and count == len(batch["image_grid_thw"]) >= 1
     with torch.no_grad():
         want, got, base = (m(**batch).logits for m in (trained, saved, plain))
     assert (got - want).abs().max() < 1e-4
