@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from tests.vlm import chats_in_each_shape, prepare_rows, train_params
 def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base: Path, images: Path) -> None:
     """train (LoRA + projector) -> merge: the merged folder reloads as the VLM class with its
     image processor, and its logits on samples with images equal base+adapter."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     from stages.core.params import MergeParams
+    from stages.core.vision import image_settings
     from stages.merge.fold import merge
     from stages.train.trainer import train
 
@@ -26,7 +28,9 @@ def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base
     params = train_params(max_steps=3, batch_size=2, save_steps=0, report_to=[], vision={"tune_projector": True})
     report = train(params, vlm_base, prepared, tmp_path / "adapter", tmp_path / "ckpt", tmp_path / "loss.csv")
     assert report["steps"] == 3 and report["first_loss"] > report["final_loss"]
-    assert (tmp_path / "adapter" / "preprocessor_config.json").is_file()
+    # the processor travels with the adapter, resizing as prepare counted
+    carried = AutoProcessor.from_pretrained(tmp_path / "adapter")
+    assert json.loads(json.dumps(image_settings(carried))) == json.loads((prepared / "manifest.json").read_text())["vision"]["image_processor"]
     merged = merge(MergeParams(), vlm_base, tmp_path / "adapter", prepared, tmp_path / "merged")
     assert merged["max_abs_diff"] < 1e-4 and merged["images_checked"] >= 1
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
