@@ -79,7 +79,7 @@ def prepare_rows(tmp_path: Path, base: Path, records: list[dict], **data: object
     tmp_path.mkdir(parents=True, exist_ok=True)
     raw = tmp_path / "chats.jsonl"
     raw.write_text("".join(json.dumps(r) + "\n" for r in records))
-    params = DataParams(sources=(SourceParams(path=str(raw)),), image=BOUNDS, **data)
+    params = DataParams(sources=(SourceParams(path=str(raw)),), image=data.pop("image", BOUNDS), **data)
     out = tmp_path / "out"
     report = prepare(params, base, out, rejects_path=tmp_path / "rejects.jsonl")
     return list(load_from_disk(str(out / "train"))), report, json.loads((out / "manifest.json").read_text())

@@ -29,9 +29,9 @@ from stages.merge.qlora import merge_qlora
 from stages.merge.save import save_merged
 
 
-def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> list[dict[str, Any]]:
-    """Up to n prepared samples (eval split first, else train), each a 1-row batch with its
-    pixels; each batch says how many images it holds under `images`."""
+def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> list[tuple[dict[str, Any], int]]:
+    """Up to n prepared samples (eval split first, else train), each as (a 1-row batch with its
+    pixels, how many images it holds)."""
     processor = prepared_processor(base_dir, read_json(prepared / "manifest.json"))
     collate = VisionCollator(processor, model_family(base_dir), tok.pad_token_id, packing=False)
     batches = []
@@ -99,5 +99,6 @@ def save_processor(adapter_dir: Path, base_dir: Path, out: Path) -> None:
     settings prepare counted tokens with; else the base's), so AutoProcessor loads models/merged."""
     from transformers import AutoProcessor
 
-    source = adapter_dir if (Path(adapter_dir) / "preprocessor_config.json").is_file() else base_dir
+    saved = any((Path(adapter_dir) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    source = adapter_dir if saved else base_dir
     AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code(Path(base_dir))).save_pretrained(out)

@@ -118,7 +118,8 @@ def load_chat_images(folders: list[Path | None], min_pixels: int | None, max_pix
     dirs = [Path(d) for d in folders if d is not None]
     if not dirs or not is_vision_model(dirs[-1]):
         return None
-    if (dirs[0] / "preprocessor_config.json").is_file() and dirs[0] != dirs[-1]:  # an adapter's processor
+    saved = any((dirs[0] / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    if saved and dirs[0] != dirs[-1]:  # an adapter's processor (transformers 5 saves processor_config.json)
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(dirs[0]))

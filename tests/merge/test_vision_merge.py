@@ -16,14 +16,16 @@ def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base
     image processor, and its logits on samples with images equal base+adapter."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
-    from stages.core.params import MergeParams
+    from stages.core.params import ImageParams, MergeParams
     from stages.core.vision import image_settings
     from stages.merge.fold import merge
     from stages.train.trainer import train
 
     record = chats_in_each_shape(str(images))
+    # a pixel budget other than the base processor's: the adapter and the merged model must carry it
+    narrow = ImageParams(min_pixels=3136, max_pixels=6272)
     _, _, _ = prepare_rows(tmp_path / "p", vlm_base, [record["llamafactory"], record["hf_parts"]] * 4,
-                           eval_fraction=0.25)
+                           eval_fraction=0.25, image=narrow)
     prepared = tmp_path / "p" / "out"
     params = train_params(max_steps=3, batch_size=2, save_steps=0, report_to=[], vision={"tune_projector": True})
     report = train(params, vlm_base, prepared, tmp_path / "adapter", tmp_path / "ckpt", tmp_path / "loss.csv")
@@ -35,7 +37,10 @@ def test_lora_run_merges_and_reloads_with_its_processor(tmp_path: Path, vlm_base
     assert merged["max_abs_diff"] < 1e-4 and merged["images_checked"] >= 1
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert type(AutoImageProcessor.from_pretrained(tmp_path / "merged")).__name__.startswith("Qwen2VLImageProcessor")
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path / "merged")
+    assert type(image_processor).__name__.startswith("Qwen2VLImageProcessor")
+    assert dict(image_processor.size) == {"shortest_edge": 3136, "longest_edge": 6272}
+    assert dict(AutoImageProcessor.from_pretrained(vlm_base).size)["longest_edge"] == 12544
 
 
 
