@@ -216,11 +216,25 @@ def vision_lora(params: TrainParams, model: Any, family: Family) -> TrainParams:
     targets = linear_targets(model, params.vision, family) if lora.target_modules == "all-linear" else lora.target_modules
     to_save = tuple(lora.modules_to_save)
     if params.vision.tune_projector:
-        present = {p.rsplit(".", 1)[-1] for p in projector_prefixes(model, family)}
-        to_save += tuple(p for p in family.projector if p in present and p not in to_save)
+        to_save += tuple(n for n in saved_projectors(model, family) if n not in to_save)
     if targets == r"(?!x)x" and not to_save:
         raise SftflowError("train.vision switches leave nothing to train", field="train.vision")
     return dataclasses.replace(params, lora=dataclasses.replace(lora, target_modules=targets, modules_to_save=to_save))
+
+
+def saved_projectors(model: Any, family: Family) -> tuple[str, ...]:
+    """The projector's names as peft's modules_to_save takes them: a module's last name, or for a
+    list of modules (Qwen3-VL's deepstack mergers) each member's, which peft can copy one by one."""
+    import torch
+
+    names = []
+    for prefix in projector_prefixes(model, family):
+        module, last = model.get_submodule(prefix), prefix.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.ModuleList):
+            names += [f"{last}.{i}" for i in range(len(module))]
+        else:
+            names.append(last)
+    return tuple(names)
 
 
 def _load_vlm_4bit(params: TrainParams, base_dir: Path, attention: Any, device: str, dtype: str, family: Family) -> Any:
