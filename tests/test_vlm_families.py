@@ -43,12 +43,12 @@ def _prepare(work: Path, base: Path, records: list[dict], **data: Any) -> tuple[
     from datasets import load_from_disk
 
     from stages.core.params import DataParams, SourceParams
-    from stages.prepare.vision_shards import prepare_vision
+    from stages.prepare.shards import prepare
 
     work.mkdir(parents=True)
     raw = work / "chats.jsonl"
     raw.write_text("".join(json.dumps(r) + "\n" for r in records))
-    report = prepare_vision(DataParams(sources=(SourceParams(path=str(raw)),), dedupe=False, **data), base, work / "out")
+    report = prepare(DataParams(sources=(SourceParams(path=str(raw)),), dedupe=False, **data), base, work / "out")
     return list(load_from_disk(str(work / "out" / "train"))), report
 
 

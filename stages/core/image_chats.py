@@ -203,10 +203,15 @@ class ImageReader:
         name = f"{digest}{SUFFIXES.get(fmt, '.' + fmt.lower())}"
         target = self.store / name
         if not target.is_file():
-            from stages.core.io import atomic_file
-
-            with atomic_file(target) as tmp:
-                tmp.write_bytes(data)
+            # a temp file of this process's own, renamed into place: prepare's map workers
+            # (num_proc) may write the same image at once, and atomic_file's clearing of stale
+            # temp files would take another worker's from under it
+            self.store.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}-", dir=self.store)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the stored images are ordinary files
+            os.replace(tmp, target)
         assert self.store_as is not None
         return ImageRef(str(self.store_as / name), digest, width, height)
 

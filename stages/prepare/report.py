@@ -17,6 +17,7 @@ class SourceReport:
     read: int = 0
     kept: int = 0
     truncated: int = 0
+    before_image: int = 0  # image chats truncated before an image (in `truncated` too)
     dropped: Counter = field(default_factory=Counter)  # reason -> count (too long, ...)
     skipped: Counter = field(default_factory=Counter)  # reason -> count (bad records)
     tokens: int = 0

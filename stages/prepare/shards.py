@@ -12,7 +12,9 @@ dataset (sources.py), one batched `map` (num_proc workers) turns its rows into s
 outcome columns (stream.py), continued-pre-training texts are packed into blocks by iterating
 those rows, and sampling, dedupe and the eval split work on index arrays (select.py) before
 the chosen rows are written as shards, instead of holding every row as Python lists (memory
-growing with the data: docs/benchmarks.md#prepare-at-scale).
+growing with the data: docs/benchmarks.md#prepare-at-scale). Image chats (a vision-language
+base) take the same loop: the map renders them with the model's processor (vision_shards.py)
+and the shards gain an `images` column.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, write_json
 from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
-from stages.core.shards import COLUMNS
+from stages.core.shards import COLUMNS, IMAGES
 from stages.core.vision import is_vision_model
 from stages.prepare.output import manifest, save_split
 from stages.prepare.report import SourceReport, build_report
 from stages.prepare.select import dedupe, sample_indices, split_off_eval
 from stages.prepare.sources import RawSource, open_source, source_tools
 from stages.prepare.stream import MAP_BATCH, RecordMapper, output_features, sample_hash
-from stages.prepare.vision_shards import prepare_vision
+from stages.prepare.vision_shards import ImageChats, image_chats
 
 TEXT_BATCH = 1000  # text rows read per step while packing blocks
 
@@ -46,27 +48,35 @@ def prepare(
     params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None, final_out: Path | None = None
 ) -> dict[str, Any]:
     """Prepare train/eval shards into `out` (an empty temp dir); return the report. A
-    vision-language model's data are image chats (stages/prepare/vision_shards.py); `final_out`
-    is where `out` will be renamed to (the shards name embedded images by that folder)."""
-    if is_vision_model(model_dir):
-        return prepare_vision(params, model_dir, out, rejects_path, Path(final_out or out) / "images")
+    vision-language model's data are image chats (stages/prepare/vision_shards.py): embedded
+    images are written to `out/images/<sha256>.<ext>` and named in the shards by where that
+    folder will be, `final_out/images` (`final_out`: where `out` will be renamed to; default `out`)."""
     tok = load_tokenizer(model_dir)
-    if not getattr(tok, "is_fast", False):
-        raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
     out = Path(out)
+    vision = None
+    if is_vision_model(model_dir):
+        vision = image_chats(tok, params, Path(model_dir), out / "images", Path(final_out or out) / "images")
+    elif not getattr(tok, "is_fast", False):
+        raise SftflowError("prepare needs a fast (Rust) tokenizer for exact offsets", path=model_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Scratch Arrow files (raw rows, map outputs) live inside the output folder, on its disk,
     # and go when prepare ends (a killed run's go with the stage's temp output folder); only
     # the chosen rows are copied into the shards.
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
-        return _prepare(params, Path(model_dir), tok, out, work, rejects_path)
+        return _prepare(params, Path(model_dir), tok, out, work, rejects_path, vision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _prepare(
-    params: DataParams, model_dir: Path, tok: Any, out: Path, work: Path, rejects_path: Path | None
+    params: DataParams,
+    model_dir: Path,
+    tok: Any,
+    out: Path,
+    work: Path,
+    rejects_path: Path | None,
+    vision: ImageChats | None = None,
 ) -> dict[str, Any]:
     from datasets import concatenate_datasets
 
@@ -87,7 +97,7 @@ def _prepare(
             if raw.hub:
                 hubs.append({"source": raw.label, **raw.hub})
             rep = reports.setdefault(raw.label, SourceReport())
-            mapped = _map_source(raw, tok, params, src, model_dir, work / f"{group}-{i}", where)
+            mapped = _map_source(raw, tok, params, src, model_dir, work / f"{group}-{i}", where, vision)
             kept, n_rejects = _account(mapped, raw.label, rep, rejects_file)
             texts = _text_rows(mapped)
             blocks = None
@@ -123,9 +133,11 @@ def _prepare(
         raise SftflowError("no training samples left after preparation", field="data.sources")
 
     splits = {"train": train, "eval": evals}
-    stats = {}
+    columns = [*COLUMNS, IMAGES] if vision is not None else list(COLUMNS)
+    stats, written_splits = {}, {}
     for name, index in splits.items():
-        save_split(everything.select(index).select_columns(list(COLUMNS)), out / name)
+        written_splits[name] = everything.select(index).select_columns(columns)
+        save_split(written_splits[name], out / name)
         lengths = everything.data.column("length").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
         trained = (
             everything.data.column("num_trained").to_numpy()[index] if len(index) else np.zeros(0, np.int64)
@@ -135,6 +147,9 @@ def _prepare(
     written = manifest(tok, params, {k: len(v) for k, v in splits.items()})
     if hubs:
         written["hub_sources"] = hubs  # the commits actually read, like the base model's revision
+    if vision is not None:
+        report["total"]["truncated_before_image"] = sum(r.before_image for r in reports.values())
+        report["images"], written["vision"] = vision.finish(written_splits, out / "images")
     write_json(out / "manifest.json", written)
     if rejects_path is not None:
         with atomic_file(Path(rejects_path)) as tmp:
@@ -146,27 +161,41 @@ def _prepare(
 
 
 def _map_source(
-    raw: RawSource, tok: Any, params: DataParams, src: SourceParams, model_dir: Path, work: Path, where: str
+    raw: RawSource,
+    tok: Any,
+    params: DataParams,
+    src: SourceParams,
+    model_dir: Path,
+    work: Path,
+    where: str,
+    vision: ImageChats | None = None,
 ) -> Any:
     """The source's rows through the RecordMapper: one output row per raw row, on disk."""
     tools = source_tools(src, where)
     work.mkdir(parents=True, exist_ok=True)
     n = len(raw.data)
-    return raw.data.map(
-        RecordMapper(tok, params, src, raw.label, raw.kind, tools, model_dir),
+    data = raw.data
+    if vision is not None:
+        if raw.hub is not None:  # a hub data set has no folder: relative image paths need data.image.root
+            vision.reader.bases[raw.label] = None
+        # Arrow batches, as stored: a table's Image cells stay {"bytes", "path"}, so embedded
+        # images are hashed as stored, never decoded and re-encoded (stages/core/tables.py raw_rows)
+        data = data.with_format("arrow")
+    return data.map(
+        RecordMapper(tok, params, src, raw.label, raw.kind, tools, model_dir, vision),
         batched=True,
         batch_size=MAP_BATCH,
         with_indices=True,
         num_proc=params.num_proc if params.num_proc > 1 and n > MAP_BATCH else None,
         remove_columns=raw.data.column_names,
-        features=output_features(),
+        features=output_features(images=vision is not None),
         load_from_cache_file=False,
         cache_file_name=str(work / "mapped.arrow"),
         # A fresh fingerprint: hashing the mapper would pickle the whole tokenizer for nothing
         # (the output is never reused from a cache).
         new_fingerprint=uuid.uuid4().hex,
         desc=f"tokenizing {Path(raw.label).name}",
-    )
+    ).with_format(None)  # the shards are saved with the output's format: plain rows
 
 
 def _account(mapped: Any, label: str, rep: SourceReport, rejects_file: Path) -> tuple[np.ndarray, int]:
@@ -206,6 +235,7 @@ def _account(mapped: Any, label: str, rep: SourceReport, rejects_file: Path) -> 
     # dropped; the texts' tokens are counted as blocks (with their EOS), in _pack_texts
     rep.kept += int(ok.sum())
     rep.truncated += int(truncated[kept].sum())
+    rep.before_image += int(table.column("before_image").to_numpy(zero_copy_only=False)[kept].sum())
     rep.tokens += int(lengths[kept].sum())
     rep.trained_tokens += int(trained[kept].sum())
     return kept, n_rejects
@@ -262,6 +292,7 @@ def _pack_texts(
                 "skipped": False,
                 "detail": "",
                 "truncated": False,
+                "before_image": False,
                 "hash": sample_hash(ids, ids) if with_hash else 0,
             }
         )

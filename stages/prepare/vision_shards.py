@@ -1,8 +1,8 @@
 """`prepare` for vision-language models: image chats -> token ids, labels and image references.
 
 The same contract as text chats (`stages/prepare/shards.py`), plus an `images` column: per
-image its path, sha256 and patch grid (t, h, w). Pixels are not stored: train's collator loads
-and resizes each batch's images (its grids are checked against these).
+image its path, sha256, size and how many tokens it became. Pixels are not stored: train's
+collator loads and resizes each batch's images (its token counts are checked against these).
 
 How a chat becomes tokens:
 1. render it with the model's chat template (each image as one `<|image_pad|>` between
@@ -16,44 +16,35 @@ How a chat becomes tokens:
    image: the cut moves to before that image's `<|vision_start|>` (counted as
    `truncated_before_image`), since half an image's tokens cannot be matched to its features.
 
-Runs in one process (`data.num_proc` applies to text chats): image chats are read and hashed
-once each, and token counting needs only the image header (size), not the pixels. Sources are
-the text ones (stages/prepare/sources.py: JSON(L), parquet, CSV, Arrow, save_to_disk, the hub),
-with `columns` and `tools`; embedded images (the `datasets` Image feature) are written once to
-`images/<sha256>.<ext>` in the output, so the shards refer to every image by a path.
+Image chats run through text prepare's streaming loop (stages/prepare/shards.py, stream.py):
+the same sources (JSON(L), parquet, CSV, Arrow, save_to_disk, the hub) with `columns` and
+`tools`, the same outcome columns, sampling, dedupe (over tokens, labels and the images'
+sha256s), eval split and `data.num_proc` map workers. `ImageChats` is what that loop adds: the
+chat tokenizer and image reader each map worker gets a copy of (each worker reads and hashes
+the images of its rows, once per image; token counting needs only an image's size, not its
+pixels), and what is written at the end (the report's image counts, the manifest's `vision`
+entry). Embedded images (the `datasets` Image feature) are written once to
+`images/<sha256>.<ext>` in the output, so the shards refer to every image by a path; those no
+kept chat uses are removed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from stages.core import json_text
 from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
-from stages.core.io import write_json, write_jsonl
-from stages.core.loading import load_tokenizer
-from stages.core.params import DataParams, SourceParams
-from stages.core.shards import IMAGES, shard_features
-from stages.core.tables import raw_rows
+from stages.core.params import DataParams
+from stages.core.shards import IMAGES
 from stages.core.turns import special_token_ids
 from stages.core.vision import ImageTokens, expand_placeholders, image_settings, load_processor, model_config
 from stages.core.vlm_families import family_of
-from stages.prepare.output import manifest, save_split
-from stages.prepare.records import RawRecord, _reason_key, parse_record
+from stages.prepare.records import RawRecord
 from stages.prepare.render import RenderedChat, TemplateError, label_tokens, render_chat
-from stages.prepare.report import SourceReport, build_report
-from stages.prepare.select import sample_indices
-from stages.prepare.sources import open_source, source_tools
 
 
 class ImageChatTokenizer:
@@ -215,203 +206,53 @@ def truncation_point(max_length: int, starts: Sequence[int], ends: Sequence[int]
     return max_length, False
 
 
-def source_records(
-    src: SourceParams, where: str, work: Path, reader: ImageReader, on_bad_record: str, rejects: list[dict[str, Any]]
-) -> tuple[Iterator[RawRecord], dict[str, Any] | None]:
-    """(the validated records of one source of any kind, its hub commit or None), bad ones
-    going to `rejects` under on_bad_record: skip. JSON(L) rows are numbered by line, table rows
-    (parquet, CSV, Arrow, save_to_disk, hub) by 1-based row; a table's Image columns are read
-    undecoded, so embedded images are hashed as stored."""
-    raw = open_source(src, work, where)
-    tools = source_tools(src, where)
-    if raw.hub is not None:
-        reader.bases[raw.label] = None  # a hub data set has no folder: relative paths need data.image.root
-    data = raw.data if raw.kind == "json" else raw_rows(raw.data)
+@dataclass
+class ImageChats:
+    """What prepare's map needs for image chats and writes at the end. Plain objects (the
+    tokenizers, the processor, the reader's cache of image headers), so `datasets.map` pickles
+    it to each num_proc worker."""
 
-    def records() -> Iterator[RawRecord]:
-        for index, row in enumerate(data):
-            line = row["line"] if raw.kind == "json" else index + 1
-            try:
-                if raw.kind == "json":
-                    if row["error"] is not None:
-                        raise SftflowError(row["error"], path=raw.label, line=line)
-                    obj = json_text.loads(row["json"], raw.label, line)
-                else:
-                    obj = row
-                yield parse_record(obj, src.format, raw.label, line, index, src.columns, tools, images=reader)
-            except SftflowError as e:
-                if on_bad_record != "skip":
-                    raise
-                rejects.append({"file": raw.label, "line": line, "reason": _reason_key(e), "detail": str(e)})
+    tokenizer: ImageChatTokenizer
+    reader: ImageReader
+    processor: Any
+    config: dict[str, Any]
 
-    return records(), raw.hub
+    def finish(self, splits: dict[str, Any], store: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the report's `images` entry, the manifest's `vision` entry) of the written splits
+        (`datasets` with an `images` column, read in Arrow batches), and embedded images in
+        `store` that no kept chat uses (skipped, dropped, sampled out, cut off) removed."""
+        import pyarrow.compute as pc
 
-
-def prepare_vision(
-    params: DataParams, model_dir: Path, out: Path, rejects_path: Path | None = None, images_at: Path | None = None
-) -> dict[str, Any]:
-    """Prepare image chats into `out` (an empty temp dir); return the report (text prepare's
-    shape, plus image counts). Embedded images are written to `out/images/<sha256>.<ext>` and
-    referred to as `images_at/<name>` (where that folder will be once `out` is renamed into
-    place; default `out/images`)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
-    try:
-        return _prepare_vision(params, model_dir, out, work, rejects_path, images_at or out / "images")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        used: dict[str, str] = {}
+        counts, tokens = {}, {}
+        for name, data in splits.items():
+            counts[name] = tokens[name] = 0
+            for batch in data.select_columns([IMAGES]).with_format("arrow").iter(batch_size=10_000):
+                flat = pc.list_flatten(batch.column(IMAGES).combine_chunks())
+                counts[name] += len(flat)
+                tokens[name] += int(pc.sum(flat.field("tokens")).as_py() or 0)
+                used.update(zip(flat.field("path").to_pylist(), flat.field("sha256").to_pylist()))
+        store_as = self.reader.store_as
+        for stored in sorted(store.glob("*")) if store.is_dir() else []:
+            if store_as is None or str(store_as / stored.name) not in used:
+                stored.unlink()
+        report = {"distinct": len(used), "per_split": counts, "image_tokens": tokens}
+        # the data's identity includes the pixels: a changed image changes the manifest
+        vision = {
+            "model_type": self.config["model_type"],
+            "image_processor": image_settings(self.processor),
+            "images_sha256": dict(sorted(used.items())),
+        }
+        return report, vision
 
 
-def _prepare_vision(
-    params: DataParams, model_dir: Path, out: Path, work: Path, rejects_path: Path | None, images_at: Path
-) -> dict[str, Any]:
-    tok = load_tokenizer(model_dir)
+def image_chats(tok: Any, params: DataParams, model_dir: Path, store: Path, store_as: Path) -> ImageChats:
+    """The model's image chat tokenizer and an image reader writing embedded images to `store`
+    (named `store_as/<name>` in the shards: where `store` lands once the output is in place)."""
     config = model_config(model_dir)
     processor = load_processor(model_dir, params.image.min_pixels, params.image.max_pixels)
-    image_tokens = ImageTokens(processor, family_of(config))
-    chat_tokenizer = ImageChatTokenizer(tok, image_tokens, params, model_dir)
+    tokenizer = ImageChatTokenizer(tok, ImageTokens(processor, family_of(config)), params, model_dir)
     root = Path(params.image.root) if params.image.root else None
     if root is not None and not root.is_dir():
         raise SftflowError("image root folder not found", path=root, field="data.image.root")
-    reader = ImageReader(root=root, store=out / "images", store_as=images_at)
-    hubs: list[dict[str, Any]] = []
-    reports: dict[str, SourceReport] = {}
-    rejects: list[dict[str, Any]] = []
-    before_image = 0
-    rng = random.Random(params.seed)
-
-    def load(sources: tuple[SourceParams, ...], group: str) -> list[dict[str, Any]]:
-        nonlocal before_image
-        rows: list[dict[str, Any]] = []
-        for i, src in enumerate(sources):
-            rep = reports.setdefault(src.label, SourceReport())
-            start = len(rejects)
-            found, hub = source_records(
-                src, f"data.{group}[{i}]", work / f"{group}-{i}", reader, params.on_bad_record, rejects
-            )
-            records = list(found)
-            if hub is not None:
-                hubs.append({"source": src.label, **hub})
-            rep.skipped.update(r["reason"] for r in rejects[start:])
-            rep.read += len(records) + len(rejects) - start
-            kept = []
-            for r in records:
-                if r.text is not None:
-                    raise SftflowError(
-                        "a text record (continued pre-training) in a vision-language data set: give chats",
-                        path=r.source, line=r.line, field="text",
-                    )
-                try:
-                    row = chat_tokenizer(r)
-                except SftflowError as e:  # an image the model cannot take is a bad record; the rest is config
-                    if params.on_bad_record != "skip" or _reason_key(e) != "image_aspect_ratio":
-                        raise
-                    rep.skipped["image_aspect_ratio"] += 1
-                    rejects.append({"file": r.source, "line": r.line, "reason": "image_aspect_ratio", "detail": str(e)})
-                    continue
-                if row["drop"]:
-                    rep.dropped[row["drop"]] += 1
-                    rejects.append({"file": r.source, "line": r.line, "reason": row["drop"]})
-                    continue
-                rep.truncated += row["truncated"]
-                before_image += row["before_image"]
-                rep.kept += 1
-                rep.tokens += len(row["input_ids"])
-                rep.trained_tokens += sum(lab != IGNORE_INDEX for lab in row["labels"])
-                kept.append({k: row[k] for k in ("input_ids", "labels", "images")} | {"source": r.source, "record": r.record})
-            picked = [kept[i] for i in sample_indices(np.arange(len(kept), dtype=np.int64), src, rng)]
-            rep.sampled += len(picked)
-            rows += picked
-        return rows
-
-    train, evals = load(params.sources, "sources"), load(params.eval_sources, "eval_sources")
-    duplicates = 0
-    if params.dedupe:
-        train, evals, duplicates = _dedupe(train, evals)
-    if not params.eval_sources and params.eval_fraction > 0:
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        held = set(order[: max(1, round(len(train) * params.eval_fraction))])
-        evals = [s for i, s in enumerate(train) if i in held]
-        train = [s for i, s in enumerate(train) if i not in held]
-    if not train:
-        raise SftflowError("no training samples left after preparation", field="data.sources")
-    splits = {"train": train, "eval": evals}
-    for name, rows in splits.items():
-        save_split(to_dataset(rows), out / name)
-    lengths = {
-        name: (
-            np.array([len(r["input_ids"]) for r in rows], dtype=np.int64),
-            np.array([sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows], dtype=np.int64),
-        )
-        for name, rows in splits.items()
-    }
-    report = build_report(reports, lengths, len(rejects), duplicates)
-    used = {im["path"]: im["sha256"] for rows in splits.values() for r in rows for im in r["images"]}
-    # embedded images of chats not kept (skipped, dropped, sampled out, cut off) leave the output
-    for stored in sorted((out / "images").glob("*")) if (out / "images").is_dir() else []:
-        if str(images_at / stored.name) not in used:
-            stored.unlink()
-    report["total"]["truncated_before_image"] = before_image
-    report["images"] = {
-        "distinct": len(used),
-        "per_split": {name: sum(len(r["images"]) for r in rows) for name, rows in splits.items()},
-        "image_tokens": {name: sum(im["tokens"] for r in rows for im in r["images"]) for name, rows in splits.items()},
-    }
-    written = manifest(tok, params, {k: len(v) for k, v in splits.items()})
-    if hubs:
-        written["hub_sources"] = hubs  # the commits actually read, as for text sources
-    write_json(
-        out / "manifest.json",
-        written
-        | {
-            # the data's identity includes the pixels: a changed image changes this manifest
-            "vision": {
-                "model_type": config["model_type"],
-                "image_processor": image_settings(processor),
-                "images_sha256": dict(sorted(used.items())),
-            },
-        },
-    )
-    if rejects_path is not None:
-        write_jsonl(rejects_path, rejects)
-    return report
-
-
-def _dedupe(
-    train: list[dict[str, Any]], evals: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Drop exact duplicates (same tokens, labels and image contents); eval wins over train."""
-    seen: set[bytes] = set()
-
-    def keep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for row in rows:
-            key = json.dumps([row["input_ids"], row["labels"], [im["sha256"] for im in row["images"]]])
-            digest = hashlib.sha1(key.encode()).digest()
-            if digest not in seen:
-                seen.add(digest)
-                out.append(row)
-        return out
-
-    kept_eval, kept_train = keep(evals), keep(train)
-    return kept_train, kept_eval, len(train) + len(evals) - len(kept_train) - len(kept_eval)
-
-
-def to_dataset(rows: list[dict[str, Any]]) -> Any:
-    """The shards' columns (stages/core/shards.py), with `images` (path, sha256, grid per image)."""
-    from datasets import Dataset
-
-    return Dataset.from_dict(
-        {
-            "input_ids": [r["input_ids"] for r in rows],
-            "labels": [r["labels"] for r in rows],
-            "length": [len(r["input_ids"]) for r in rows],
-            "source": [r["source"] for r in rows],
-            "record": [r["record"] for r in rows],
-            "num_trained": [sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in rows],
-            IMAGES: [r["images"] for r in rows],
-        },
-        features=shard_features(images=True),
-    )
+    return ImageChats(tokenizer, ImageReader(root=root, store=store, store_as=store_as), processor, config)

@@ -399,3 +399,37 @@ def test_sftflow_prepare_names_embedded_images_where_the_output_lands_and_the_co
                              model_family(vlm_base), 151643, packing=False)
     batch = collate([{k: row[k] for k in ("input_ids", "labels", "images")}])
     assert [tuple(g) for g in batch["image_grid_thw"].tolist()] == [(1, 4, 8), (1, 4, 4)]
+
+
+def test_map_workers_give_the_shards_of_one_process(tmp_path: Path, vlm_base: Path, images: Path) -> None:
+    """num_proc 2 — each map worker with its own copy of the chat tokenizer and image reader,
+    both writing the same embedded images into the output — gives the shards, report, manifest,
+    rejects and stored images of one process (bad records skipped, dedupe and the eval split on)."""
+    from stages.prepare.stream import MAP_BATCH
+
+    raw = pictures(images, tmp_path / "pics")
+    cell = {name: {"bytes": b, "path": None} for name, b in raw.items()}
+    base = shapes(cell["wide.png"], cell["small.png"])["llamafactory"]
+    records = []
+    for i in range(MAP_BATCH + 44):  # over one map batch, so the workers run
+        turns = [dict(t) for t in base["conversations"]]
+        turns[3]["value"] = f"Blue, {i % 150}."  # every chat twice: dedupe has work
+        pics = base["images"] if i % 37 else base["images"][:1]  # a bad record now and then
+        records.append({"conversations": turns, "images": pics})
+    Dataset.from_list(records, features=image_features("llamafactory")).to_parquet(tmp_path / "a.parquet")
+    got = {}
+    for num_proc in (1, 2):
+        out = tmp_path / f"out-{num_proc}"
+        params = DataParams(sources=(SourceParams(path=str(tmp_path / "a.parquet")),), image=BOUNDS, num_proc=num_proc,
+                            on_bad_record="skip", dedupe=True, eval_fraction=0.1)
+        report = prepare(params, vlm_base, out, rejects_path=tmp_path / f"rejects-{num_proc}.jsonl",
+                         final_out=Path("data/prepared"))
+        got[num_proc] = (report, json.loads((out / "manifest.json").read_text())["vision"],
+                         [list(load_from_disk(str(out / split))) for split in ("train", "eval")],
+                         (tmp_path / f"rejects-{num_proc}.jsonl").read_text(),
+                         sorted(f.name for f in (out / "images").iterdir()))
+    report = got[1][0]
+    # 9 bad records (i % 37 == 0); 141 of the 150 pairs (i, i + 150) both good
+    assert report["total"]["skipped"] == 9 and report["total"]["duplicates_removed"] == 141
+    assert len(got[1][4]) == 2 and report["images"]["distinct"] == 2
+    assert got[2] == got[1]
