@@ -401,6 +401,7 @@ def test_sftflow_prepare_names_embedded_images_where_the_output_lands_and_the_co
     assert [tuple(g) for g in batch["image_grid_thw"].tolist()] == [(1, 4, 8), (1, 4, 4)]
 
 
+@pytest.mark.slow  # ~35 s: 300 chats prepared twice
 def test_map_workers_give_the_shards_of_one_process(tmp_path: Path, vlm_base: Path, images: Path) -> None:
     """num_proc 2 — each map worker with its own copy of the chat tokenizer and image reader,
     both writing the same embedded images into the output — gives the shards, report, manifest,
