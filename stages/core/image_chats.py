@@ -12,8 +12,14 @@ Shapes, detected per record:
   `{"image": {"<image_00>": "a.png", "<image_01>": "b.png"}, ...}`, each name written where its
   image goes.
 
+Videos (Qwen2.5-VL, Qwen3-VL) come as `{"type": "video", "video": "clip.mp4"}` parts, or as
+LLaMA-Factory's `<video>` placeholders with a `"videos": [...]` list; a video is a file path
+(resolved and refused like an image's), read by PyAV: its header's frame count, size and frame
+rate (`VideoRef`), its packets counted against that frame count, its bytes hashed.
+
 Every shape becomes messages whose user content is a list of parts (`{"type": "image"}` /
-`{"type": "text", "text"}`) plus the list of images in the order they appear. An image is a path
+`{"type": "video"}` / `{"type": "text", "text"}`) plus the list of images and videos in the
+order they appear. An image is a path
 (resolved inside the data file's folder or `data.image.root`: `ImageReader`) or embedded bytes (a
 `datasets` Image cell from parquet, Arrow or the hub). Each image is opened, decoded and hashed
 here, so a missing, unreadable or non-image file is a `file:line: field: reason` error (or a
@@ -37,13 +43,20 @@ from typing import Any
 from stages.core import json_text
 from stages.core.chats import CHAT_SHAPES, ChatShape, validate_messages
 from stages.core.errors import SftflowError
-from stages.core.vision import IMAGE_PLACEHOLDER
+from stages.core.vision import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, VideoShape
 
 # MiniCPM-V's conversations: role/content words like the messages format, under "conversations".
 MINICPMV_SHAPE = ChatShape("conversations", "role", "content", CHAT_SHAPES["messages"].roles)
 
 # reason key for the prepare report -> the message text that identifies it (prepare counts skips by these)
-IMAGE_REASONS = {
+IMAGE_REASONS = {  # the video reasons first: their messages also hold some image reasons' words
+    "video_not_found": "video file not found",
+    "unreadable_video": "not a readable video",
+    "video_count_mismatch": f"{VIDEO_PLACEHOLDER} placeholders for",
+    "embedded_video": "embedded video",
+    "video_url": "a video URL",
+    "bad_video_part": "video part",
+    "relative_video_path_without_root": "a relative video path",
     "image_not_found": "image file not found",
     "unreadable_image": "not a readable image",
     "image_count_mismatch": "placeholders for",
@@ -67,6 +80,29 @@ class ImageRef:
     width: int
     height: int
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """What its tokens depend on: (width, height)."""
+        return self.width, self.height
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """One video of a chat: where it is, what it holds (sha256 of the file) and what its header
+    says: frame count, frame size and frame rate (frames per second)."""
+
+    path: str
+    sha256: str
+    frames: int
+    width: int
+    height: int
+    fps: float
+
+    @property
+    def shape(self) -> VideoShape:
+        """What its tokens depend on (stages/core/vision.py `VideoShape`)."""
+        return VideoShape(self.frames, self.width, self.height, self.fps)
+
 
 def is_image_record(obj: Any) -> bool:
     """Whether a record carries images (any of the three shapes).
@@ -78,7 +114,7 @@ def is_image_record(obj: Any) -> bool:
     """
     if not isinstance(obj, dict):
         return False
-    if "images" in obj or ("image" in obj and "conversations" in obj):
+    if "images" in obj or "videos" in obj or ("image" in obj and "conversations" in obj):
         return True
     turns = obj.get("messages")
     return isinstance(turns, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in turns)
@@ -156,7 +192,34 @@ class ImageReader:
             self.seen[path] = _open_image(path)
         return self.seen[path]
 
-    def _resolve(self, ref: str, data_file: Path | str) -> Path | SftflowError:
+    def read_video(self, ref: Any, data_file: Path | str, line: int, field: str) -> VideoRef:
+        """A video file's `VideoRef` (checked and hashed once), or a `file:line: field` error."""
+        found = self._lookup_video(ref, data_file)
+        if isinstance(found, SftflowError):
+            raise SftflowError(found.reason, path=data_file, line=line, field=field)
+        return found
+
+    def _lookup_video(self, ref: Any, data_file: Path | str) -> VideoRef | SftflowError:
+        if isinstance(ref, dict) and ref.get("bytes") is None and "path" in ref:
+            ref = ref["path"]
+        if isinstance(ref, (bytes, bytearray, dict)) or (isinstance(ref, str) and ref.startswith("data:")):
+            return SftflowError("embedded video bytes are not read: give each video's file path")
+        if not isinstance(ref, str) or not ref.strip():
+            return SftflowError('a video part has no path: give the video file\'s path ({"type": "video", "video": path})')
+        if ref.lower().startswith(URL_SCHEMES):
+            return SftflowError(
+                f"a video URL ({ref}): videos are read from local files only (prepare runs offline and a URL's"
+                " content can change under the same name): download the videos and give their paths"
+            )
+        path = self._resolve(ref, data_file, "video")
+        if isinstance(path, SftflowError):
+            return path
+        key = ("video", path)
+        if key not in self.seen:
+            self.seen[key] = _open_video(path)
+        return self.seen[key]
+
+    def _resolve(self, ref: str, data_file: Path | str, what: str = "image") -> Path | SftflowError:
         """`ref` as a path inside its base folder (as given, not resolved: shards keep it so)."""
         given = Path(ref)
         base = self.base_for(data_file)
@@ -166,7 +229,7 @@ class ImageReader:
             path = given
         elif base is None:
             return SftflowError(
-                f"a relative image path ({ref}) in a data set that has no folder (a hub data set):"
+                f"a relative {what} path ({ref}) in a data set that has no folder (a hub data set):"
                 " set data.image.root to the folder the paths are relative to"
             )
         else:
@@ -176,18 +239,18 @@ class ImageReader:
         except (RuntimeError, OSError) as e:  # Python raises either for a symlink loop
             return SftflowError(f"a symlink loop: {path} ({e})")
         except ValueError as e:  # a NUL in the path
-            return SftflowError(f"not a readable image: {ref!r} is no file name ({e})")
+            return SftflowError(f"not a readable {what}: {ref!r} is no file name ({e})")
         if base is None:
             return path
         inside = Path(os.path.normpath(base.absolute()))
         if not Path(os.path.normpath(path.absolute())).is_relative_to(inside):
             return SftflowError(
-                f"image path {ref} is outside the image folder {base} (set data.image.root to a folder"
-                " holding every image)"
+                f"{what} path {ref} is outside the image folder {base} (set data.image.root to a folder"
+                f" holding every {what})"
             )
         if not real.is_relative_to(base.resolve()):
             return SftflowError(
-                f"image path {ref} is a symlink out of the image folder {base} (to {real}): outside the"
+                f"{what} path {ref} is a symlink out of the image folder {base} (to {real}): outside the"
                 " image folder, its changes would not re-run prepare"
             )
         return path
@@ -245,6 +308,38 @@ def _open_image(path: Path) -> ImageRef | SftflowError:
     return ImageRef(str(path), hashlib.sha256(data).hexdigest(), width, height)
 
 
+def _open_video(path: Path) -> VideoRef | SftflowError:
+    """A video file's reference: its bytes hashed, its header read by PyAV (frame count, size,
+    frame rate: what `transformers.video_utils.load_video` reports) and its packets counted
+    against that frame count, without decoding the pixels: a truncated file or a header that
+    promises other frames than the stream holds would change the video's tokens in training."""
+    import av
+
+    try:
+        if not path.is_file():
+            return SftflowError(f"video file not found: {path}")
+        data = path.read_bytes()
+    except OSError as e:
+        return SftflowError(f"not a readable video: {path} ({type(e).__name__}: {e})")
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                return SftflowError(f"not a readable video: {path} holds no video stream")
+            stream = container.streams.video[0]
+            frames, rate, width, height = int(stream.frames), stream.average_rate, stream.width, stream.height
+            packets = sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.FFmpegError, OSError, ValueError, IndexError, UnicodeDecodeError) as e:
+        return SftflowError(f"not a readable video: {path} ({type(e).__name__}: {e})")
+    if not frames or not rate or not width or not height:
+        return SftflowError(
+            f"not a readable video: {path} records no frame count, frame rate or frame size in its header"
+            " (re-mux it to mp4: ffmpeg -i in -c copy out.mp4)"
+        )
+    if packets != frames:
+        return SftflowError(f"not a readable video: {path}'s header says {frames} frames, its stream holds {packets}")
+    return VideoRef(str(path), hashlib.sha256(data).hexdigest(), frames, width, height, float(rate))
+
+
 def decode_json_cells(obj: Any) -> Any:
     """A table row whose turn list or image list is stored as JSON text (a CSV cell holds no
     lists) with those cells decoded; anything else is returned as it is (the validators then
@@ -256,7 +351,7 @@ def decode_json_cells(obj: Any) -> Any:
     if not isinstance(obj, dict):
         return obj
     out = dict(obj)
-    for key in ("messages", "conversations", "images", "image"):
+    for key in ("messages", "conversations", "images", "image", "videos"):
         value = obj.get(key)
         if isinstance(value, str) and value.lstrip()[:1] in ("[", "{") and not (key == "image" and value.lstrip()[:1] == "["):
             try:  # strictly: a duplicated key or a cell nested 3,000 deep stays text, refused as such
@@ -271,7 +366,7 @@ MINICPMV_NAME = re.compile(r"<image_\d+>")  # MiniCPM-V's multi-image placeholde
 
 def parse_image_record(
     obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader, names: dict[str, str] | None = None
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+) -> tuple[list[dict[str, Any]], list[ImageRef | VideoRef]]:
     """(messages with content parts, images in order of appearance) of one image chat; `names`
     maps our field names to the data set's own (`columns`), which errors then name."""
     try:
@@ -296,14 +391,18 @@ def their_field(field: str, names: dict[str, str]) -> str:
 
 def _parse_image_record(
     obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    if "images" in obj:
+) -> tuple[list[dict[str, Any]], list[ImageRef | VideoRef]]:
+    if "images" in obj or "videos" in obj:  # LLaMA-Factory: <image> / <video> placeholders + lists
         shape = CHAT_SHAPES["sharegpt"] if "conversations" in obj else CHAT_SHAPES["messages"]
-        listed = obj["images"] if obj["images"] is not None else []  # a table row without images
+        listed = obj.get("images") if obj.get("images") is not None else []  # a table row without images
         if not isinstance(listed, list):
             raise SftflowError("must be a list of images (paths or embedded)", path=data_file, line=line, field="images")
+        videos = obj.get("videos") if obj.get("videos") is not None else []
+        if not isinstance(videos, list):
+            raise SftflowError("must be a list of video paths", path=data_file, line=line, field="videos")
         fields = [f"images[{k}]" for k in range(len(listed))]
-        return _placeholder_record(obj, shape, listed, fields, "images", data_file, line, reader, prepend=False)
+        return _placeholder_record(obj, shape, listed, fields, "images", data_file, line, reader, prepend=False,
+                                   videos=videos)
     if "image" in obj:
         image = obj["image"]
         if isinstance(image, dict) and "bytes" not in image:  # a table's struct has every row's names: drop nulls
@@ -319,7 +418,7 @@ def _parse_image_record(
 
 def _named_images_record(
     obj: dict[str, Any], named: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+) -> tuple[list[dict[str, Any]], list[ImageRef | VideoRef]]:
     """MiniCPM-V's several images: `{"image": {"<image_00>": path, ...}}`, each name written where
     its image goes (`<image_00>` in a user turn); as MiniCPM-V's loader, an unknown name is an
     error, and so is an image whose name is written nowhere."""
@@ -364,46 +463,63 @@ def _placeholder_record(
     line: int,
     reader: ImageReader,
     prepend: bool,
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    videos: list[Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[ImageRef | VideoRef]]:
     """Text turns with `<image>` placeholders + a list of images (LLaMA-Factory, MiniCPM-V);
-    `fields` names each listed image in errors, `key` the list."""
+    `fields` names each listed image in errors, `key` the list. `videos` (LLaMA-Factory): the
+    `videos` list, whose items `<video>` placeholders stand for; the media come back in text order."""
     messages = validate_messages(obj, data_file, line, shape)
-    counts = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
+    marks = (IMAGE_PLACEHOLDER,) if videos is None else (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+    splitter = re.compile("(" + "|".join(re.escape(m) for m in marks) + ")")
+    counts = [sum(m["content"].count(mark) for mark in marks) for m in messages]
     for i, (m, n) in enumerate(zip(messages, counts)):
         if n and m["role"] != "user":
             raise SftflowError(
-                f"an image in an assistant or system turn: images are input, only user turns may hold {IMAGE_PLACEHOLDER}",
+                f"an image in an assistant or system turn: images are input, only user turns may hold {' or '.join(marks)}",
                 path=data_file, line=line, field=f"{shape.turns}[{i}].{shape.content}",
             )
     if prepend and sum(counts) == 0 and len(listed) == 1:
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first] = {**messages[first], "content": IMAGE_PLACEHOLDER + "\n" + messages[first]["content"]}
         counts[first] = 1
-    if sum(counts) != len(listed):
+    n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if n_images != len(listed):
         raise SftflowError(
-            f"{sum(counts)} {IMAGE_PLACEHOLDER} placeholders for {len(listed)} image(s): each listed image needs"
+            f"{n_images} {IMAGE_PLACEHOLDER} placeholders for {len(listed)} image(s): each listed image needs"
             f" exactly one {IMAGE_PLACEHOLDER} in a user turn, in order",
             path=data_file, line=line, field=key,
         )
-    images = [reader.read(ref, data_file, line, field) for ref, field in zip(listed, fields)]
-    out = []
+    n_videos = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages) if videos is not None else 0
+    if videos is not None and n_videos != len(videos):
+        raise SftflowError(
+            f"{n_videos} {VIDEO_PLACEHOLDER} placeholders for {len(videos)} video(s): each listed video needs"
+            f" exactly one {VIDEO_PLACEHOLDER} in a user turn, in order",
+            path=data_file, line=line, field="videos",
+        )
+    images = iter([reader.read(ref, data_file, line, field) for ref, field in zip(listed, fields)])
+    clips = iter([reader.read_video(ref, data_file, line, f"videos[{k}]") for k, ref in enumerate(videos or [])])
+    out, media = [], []
     for m in messages:
-        if m["role"] != "user" or IMAGE_PLACEHOLDER not in m["content"]:
+        if m["role"] != "user" or not any(mark in m["content"] for mark in marks):
             out.append(m)
             continue
         parts: list[dict[str, Any]] = []
-        for j, text in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
-            if j:
+        for piece in splitter.split(m["content"]):
+            if piece == IMAGE_PLACEHOLDER:
                 parts.append({"type": "image"})
-            if text:
-                parts.append({"type": "text", "text": text})
+                media.append(next(images))
+            elif piece == VIDEO_PLACEHOLDER:
+                parts.append({"type": "video"})
+                media.append(next(clips))
+            elif piece:
+                parts.append({"type": "text", "text": piece})
         out.append({"role": "user", "content": parts})
-    return out, images
+    return out, media
 
 
 def _parts_record(
     obj: dict[str, Any], data_file: Path | str, line: int, reader: ImageReader
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+) -> tuple[list[dict[str, Any]], list[ImageRef | VideoRef]]:
     """HF / Qwen messages whose content may be a list of image and text parts."""
     flat, parts_of, images = [], {}, []
     for i, m in enumerate(obj["messages"]):
@@ -419,6 +535,17 @@ def _parts_record(
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
                 texts.append(part["text"])
+            elif kind == "video":
+                if m.get("role") != "user":
+                    raise SftflowError(
+                        "an image in an assistant or system turn: images and videos are input, only user turns may"
+                        " hold them",
+                        path=data_file, line=line, field=where,
+                    )
+                ref = part["video"] if part.get("video") is not None else part.get("path")
+                images.append(reader.read_video(ref, data_file, line, f"{where}.video"))
+                parts.append({"type": "video"})
+                texts.append(VIDEO_PLACEHOLDER)
             elif kind == "image":
                 if m.get("role") != "user":
                     raise SftflowError(
@@ -431,7 +558,8 @@ def _parts_record(
                 texts.append(IMAGE_PLACEHOLDER)
             else:
                 raise SftflowError(
-                    'an image part must be {"type": "image", "image": path}, a text part {"type": "text", "text": str}',
+                    'an image part must be {"type": "image", "image": path}, a video part {"type": "video", "video": path},'
+                    ' a text part {"type": "text", "text": str}',
                     path=data_file, line=line, field=where,
                 )
         parts_of[i] = parts

@@ -13,13 +13,21 @@ Every family is driven by its own processor (`AutoProcessor` of the model folder
   prepared with;
 - what the processor does not say — module names, packing, per-token type ids — is the family
   table (stages/core/vlm_families.py).
+
+Videos (the families whose table entry names a `video` placeholder and whose processor has a
+video processor: Qwen2.5-VL, Qwen3-VL) go the same way: a video's text depends on its frame
+count, frame size and frame rate (which frames the video processor samples, Qwen3-VL's
+timestamps), never on its pixels, so `ImageTokens` asks the processor once per chat shape with
+blank frames and the same metadata; the collator decodes the frames the video processor would
+sample (PyAV, through `transformers.video_utils.load_video`) and hands them over with that
+metadata.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stages.core.chats import IGNORE_INDEX
 from stages.core.errors import SftflowError
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory / MiniCPM-V text placeholder for "an image here" in records
+VIDEO_PLACEHOLDER = "<video>"  # LLaMA-Factory's for "a video here"
 # what a processor returns from the text; sftflow builds these from the prepared ids instead
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -103,6 +112,9 @@ def prepared_processor(model_dir: Path, manifest: dict[str, Any]) -> Any:
     for key, value in manifest["vision"]["image_processor"].items():
         if hasattr(processor.image_processor, key):
             setattr(processor.image_processor, key, value)
+    for key, value in manifest["vision"].get("video_processor", {}).items():  # where the data holds videos
+        if hasattr(processor.video_processor, key):
+            setattr(processor.video_processor, key, value)
     return processor
 
 
@@ -113,34 +125,125 @@ def image_settings(processor: Any) -> dict[str, Any]:
     return {k: config[k] for k in sorted(config) if not k.startswith("_")}
 
 
-class ImageTokens:
-    """The text each image of a chat becomes for the processor's model, found once per chat
-    shape (the sizes of its images, in order).
+class VideoShape(NamedTuple):
+    """What a video's tokens depend on: its frame count, frame size and frame rate (the frames
+    the video processor samples, and Qwen3-VL's timestamps, follow from these; the pixels do not
+    count)."""
 
-    The processor runs on blank images of those sizes behind the family's placeholders (kept
-    apart by a plain-text separator) and what it wrote is decoded (special tokens kept); the
-    decoded text must tokenize back to the same ids, so putting each image's part in place of
-    its placeholder gives exactly the processor's ids. A whole chat at a time, because an
-    image's tokens may depend on more than its size: MiniCPM-V numbers a chat's images, and
-    LLaVA-OneVision tiles an image only when it is alone in its chat."""
+    frames: int
+    width: int
+    height: int
+    fps: float
+
+
+Media = tuple[int, int] | VideoShape  # an image's (width, height), or a video's shape
+
+
+def video_settings(processor: Any) -> dict[str, Any]:
+    """The video processor's settings (its saved config), as `image_settings` for images: they
+    decide which frames are sampled and how many tokens they become. Empty without one."""
+    video = getattr(processor, "video_processor", None)
+    if video is None:
+        return {}
+    config = video.to_dict()
+    return {k: config[k] for k in sorted(config) if not k.startswith("_")}
+
+
+def sampled_frames(processor: Any, frames: int, fps: float) -> list[int]:
+    """The frame indices the video processor takes from a video of `frames` frames at `fps`:
+    its own `sample_frames` with its own settings where it samples (`do_sample_frames`, as
+    Qwen3-VL), every frame where it does not (Qwen2.5-VL)."""
+    from transformers.video_utils import VideoMetadata
+
+    video = processor.video_processor
+    if not video.do_sample_frames:
+        return list(range(frames))
+    # what the processor's preprocess hands sample_frames: every setting it knows but these
+    own = ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata", "return_tensors")
+    settings = {k: getattr(video, k, None) for k in video.valid_kwargs.__annotations__ if k not in own}
+    meta = VideoMetadata(total_num_frames=frames, fps=fps, duration=frames / fps if fps else 0.0)
+    return [int(i) for i in video.sample_frames(meta, **settings)]
+
+
+def video_metadata(processor: Any, shape: VideoShape, indices: list[int] | None = None) -> Any:
+    """The metadata `load_video(backend="pyav")` gives for a video of this shape, with the
+    frames the video processor samples (`frames_indices`: the frames handed over, already sampled)."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    frames, width, height, fps = shape
+    return VideoMetadata(
+        total_num_frames=frames, fps=float(fps), width=width, height=height,
+        duration=frames / fps if fps else 0.0, video_backend="pyav",
+        frames_indices=np.array(indices if indices is not None else sampled_frames(processor, frames, fps)),
+    )
+
+
+def load_video_frames(path: str, processor: Any) -> tuple[Any, Any]:
+    """(the frames the video processor samples from the video file at `path`, decoded by PyAV
+    as an (n, height, width, 3) array, and their metadata): only those frames are converted, so a
+    long video costs what its samples do."""
+    from transformers.video_utils import load_video
+
+    def pick(metadata: Any, **_: Any) -> list[int]:
+        return sampled_frames(processor, int(metadata.total_num_frames), float(metadata.fps))
+
+    return load_video(path, backend="pyav", sample_indices_fn=pick)
+
+
+class ImageTokens:
+    """The text each image (and video) of a chat becomes for the processor's model, found once
+    per chat shape (its media in text order: each image's (width, height), each video's
+    `VideoShape`).
+
+    The processor runs on blank images / blank frames of those shapes behind the family's
+    placeholders (kept apart by a plain-text separator) and what it wrote is decoded (special
+    tokens kept); the decoded text must tokenize back to the same ids, so putting each part in
+    place of its placeholder gives exactly the processor's ids. A whole chat at a time, because
+    an image's tokens may depend on more than its size: MiniCPM-V numbers a chat's images, and
+    LLaVA-OneVision tiles an image only when it is alone in its chat. A video's blank frames are
+    the ones the video processor samples, handed over with the metadata the real file gives
+    (`video_metadata`), so its frame sampling and timestamps are the real video's."""
 
     SEPARATOR = "\n|sftflow-image-boundary|\n"
 
     def __init__(self, processor: Any, family: Family) -> None:
         self.processor, self.family = processor, family
         self.placeholder: str = getattr(processor, family.placeholder)
+        # the chat template's text for one video, where the family and its processor take videos
+        takes_video = family.video is not None and getattr(processor, "video_processor", None) is not None
+        self.video_placeholder: str | None = getattr(processor, family.video, None) if takes_video else None
         self.tokenizer = processor.tokenizer
-        self._cache: dict[tuple[tuple[int, int], ...], list[str]] = {}
+        self._cache: dict[tuple[Media, ...], list[str]] = {}
 
-    def expansions(self, sizes: list[tuple[int, int]]) -> list[str]:
-        """Each image's text, for a chat whose images have these (width, height) sizes."""
-        key = tuple((int(w), int(h)) for w, h in sizes)
+    def placeholder_of(self, media: Media) -> str:
+        """The placeholder the chat template writes for this image or video."""
+        if not isinstance(media, VideoShape):
+            return self.placeholder
+        if self.video_placeholder is None:
+            raise SftflowError(f"{self.family.name} takes no videos here: give images, or use Qwen2.5-VL or Qwen3-VL",
+                               field="model.name_or_path")
+        return self.video_placeholder
+
+    def expansions(self, sizes: list[Media]) -> list[str]:
+        """Each image's (video's) text, for a chat whose media have these shapes, in text order."""
+        key = tuple(VideoShape(*m) if isinstance(m, VideoShape) else (int(m[0]), int(m[1])) for m in sizes)
         if key and key not in self._cache:
+            import numpy as np
             from PIL import Image
 
-            blanks = [Image.new("RGB", size) for size in key]
-            out = self.processor(text=[self.SEPARATOR.join([self.placeholder] * len(key))], images=[blanks],
-                                 add_special_tokens=False)
+            text = self.SEPARATOR.join(self.placeholder_of(m) for m in key)
+            inputs: dict[str, Any] = {}
+            blanks = [Image.new("RGB", m) for m in key if not isinstance(m, VideoShape)]
+            if blanks:
+                inputs["images"] = [blanks]
+            videos = [m for m in key if isinstance(m, VideoShape)]
+            if videos:
+                metas = [video_metadata(self.processor, v) for v in videos]
+                inputs |= {"videos": [np.zeros((len(m.frames_indices), v.height, v.width, 3), np.uint8)
+                                      for v, m in zip(videos, metas)],
+                           "video_metadata": metas, "do_sample_frames": False}
+            out = self.processor(text=[text], add_special_tokens=False, **inputs)
             ids = list(out["input_ids"][0])
             text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             parts = text.split(self.SEPARATOR)
@@ -153,28 +256,47 @@ class ImageTokens:
             self._cache[key] = parts
         return self._cache.get(key, [])
 
-    def expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
-        """`text` with its i-th placeholder replaced by image i's text, and where each lies in
-        the result ([start, end) characters).
+    def expand(self, text: str, sizes: list[Media]) -> tuple[str, list[tuple[int, int]]]:
+        """`text` with its i-th image or video placeholder (in text order) replaced by that
+        medium's text, and where each lies in the result ([start, end) characters).
 
-        Raises ValueError when the text holds another number of placeholders than images."""
-        return expand_placeholders(text, self.placeholder, self.expansions(sizes))
+        Raises ValueError when the text holds other placeholders than the media, in order."""
+        return expand_placeholders(text, [self.placeholder_of(m) for m in sizes], self.expansions(sizes),
+                                   (self.placeholder, self.video_placeholder))
 
 
-def expand_placeholders(text: str, placeholder: str, replacements: list[str]) -> tuple[str, list[tuple[int, int]]]:
-    """Replace the i-th `placeholder` with replacements[i]; also return each replacement's span.
+def expand_placeholders(
+    text: str, placeholder: str | list[str], replacements: list[str], kinds: tuple[str | None, ...] = ()
+) -> tuple[str, list[tuple[int, int]]]:
+    """Replace the i-th placeholder with replacements[i]; also return each replacement's span.
+    `placeholder` is the one placeholder of every replacement, or each one's own (an image's or
+    a video's), which the text must hold in that order; `kinds`: other placeholders the text
+    must not hold more of.
 
     >>> expand_placeholders("a<p>b<p>c", "<p>", ["XX", "YYY"])
     ('aXXbYYYc', [(1, 3), (4, 7)])
+    >>> expand_placeholders("<v>a<p>", ["<v>", "<p>"], ["V", "P"])
+    ('VaP', [(0, 1), (2, 3)])
     """
-    parts = text.split(placeholder)
-    if len(parts) - 1 != len(replacements):
-        raise ValueError(f"the rendered chat holds {len(parts) - 1} image slot(s) for {len(replacements)} image(s)")
-    out, spans, at = [parts[0]], [], len(parts[0])
-    for rep, rest in zip(replacements, parts[1:]):
+    import re
+
+    wanted = [placeholder] * len(replacements) if isinstance(placeholder, str) else list(placeholder)
+    known = {k for k in (*kinds, *wanted, *([placeholder] if isinstance(placeholder, str) else [])) if k}
+    pattern = "|".join(re.escape(k) for k in sorted(known, key=len, reverse=True))
+    found = list(re.finditer(pattern, text)) if pattern else []
+    if [m.group(0) for m in found] != wanted:
+        if len(known) <= 1:
+            raise ValueError(f"the rendered chat holds {len(found)} image slot(s) for {len(replacements)} image(s)")
+        raise ValueError(f"the rendered chat holds the slots {[m.group(0) for m in found]} for media {wanted}")
+    out, spans, at, last = [], [], 0, 0
+    for m, rep in zip(found, replacements):
+        out.append(text[last : m.start()])
+        at += m.start() - last
         spans.append((at, at + len(rep)))
-        out += [rep, rest]
-        at += len(rep) + len(rest)
+        out.append(rep)
+        at += len(rep)
+        last = m.end()
+    out.append(text[last:])
     return "".join(out), spans
 
 
@@ -190,12 +312,22 @@ def token_type_ids(input_ids: torch.Tensor, family: Family, processor: Any) -> d
     return {family.token_types: types}
 
 
+def _checked_file(p: str) -> None:
+    if not Path(p).is_file():  # shards keep paths as prepare saw them: relative to where it ran
+        raise SftflowError(
+            f"file not found from {Path.cwd()}: run train/merge/eval in the folder prepare ran in"
+            " (the pipeline's folder), or re-run prepare",
+            path=p,
+        )
+
+
 def pixel_inputs(samples: list[dict[str, Any]], processor: Any, family: Family) -> dict[str, torch.Tensor]:
-    """What the processor gives the model for each sample's images (a prepared row: its
-    `input_ids` and `images`, each `{"path", "size", ...}`), in order. Each image must still have
-    its prepared size, and each sample's images must still become as many image tokens as its
-    row holds: a replaced image or changed processor settings would otherwise put a different
-    number of features than tokens."""
+    """What the processor gives the model for each sample's images and videos (a prepared row:
+    its `input_ids`, `images`, each `{"path", "size", ...}`, and `videos`, each `{"path",
+    "frames", "size", "fps", ...}`), in order. Each image must still have its prepared size (a
+    video its frame count, size and rate), and each sample's images (videos) must still become as
+    many image (video) tokens as its row holds: a replaced file or changed processor settings
+    would otherwise put a different number of features than tokens."""
     from PIL import Image
 
     opened: list[list[Any]] = []
@@ -203,12 +335,7 @@ def pixel_inputs(samples: list[dict[str, Any]], processor: Any, family: Family) 
         opened.append([])
         for im in sample.get("images") or []:
             p = im["path"]
-            if not Path(p).is_file():  # shards keep paths as prepare saw them: relative to where it ran
-                raise SftflowError(
-                    f"image not found from {Path.cwd()}: run train/merge/eval in the folder prepare ran in"
-                    " (the pipeline's folder), or re-run prepare",
-                    path=p,
-                )
+            _checked_file(p)
             with Image.open(p) as f:
                 rgb = f.convert("RGB")
             if [rgb.width, rgb.height] != list(im["size"]):
@@ -218,20 +345,57 @@ def pixel_inputs(samples: list[dict[str, Any]], processor: Any, family: Family) 
                     path=p,
                 )
             opened[-1].append(rgb)
+    out: dict[str, Any] = {}
     with_images = [(sample, ims) for sample, ims in zip(samples, opened) if ims]
-    placeholder = getattr(processor, family.placeholder)
-    out = processor(text=[placeholder * len(ims) for _, ims in with_images], images=[ims for _, ims in with_images],
-                    add_special_tokens=False, padding=True, return_tensors="pt")
-    image_token = processor.image_token_id
-    for (sample, _), got in zip(with_images, (out["input_ids"] == image_token).sum(dim=1).tolist()):
-        want = sum(1 for t in sample["input_ids"] if t == image_token)
-        if got != want:
-            raise SftflowError(
-                f"the chat's images become {got} image tokens, its prepared row holds {want}: the images or the"
-                " processor's settings changed; re-run `sftflow prepare`",
-                path=sample["images"][0]["path"],
-            )
+    if with_images:
+        placeholder = getattr(processor, family.placeholder)
+        got = processor(text=[placeholder * len(ims) for _, ims in with_images], images=[ims for _, ims in with_images],
+                        add_special_tokens=False, padding=True, return_tensors="pt")
+        _check_counts([s for s, _ in with_images], got, processor.image_token_id, "images", "image")
+        out |= got
+    with_videos = [sample for sample in samples if sample.get("videos")]
+    if with_videos:
+        out |= _video_inputs(with_videos, processor, family)
     return {k: v for k, v in out.items() if k not in TEXT_KEYS}
+
+
+def _video_inputs(samples: list[dict[str, Any]], processor: Any, family: Family) -> dict[str, Any]:
+    """The processor's video inputs (`pixel_values_videos`, `video_grid_thw`, Qwen2.5-VL's
+    `second_per_grid_ts`) for the samples' videos: the frames the video processor samples,
+    decoded with PyAV, with the metadata prepare counted their tokens with."""
+    if family.video is None or getattr(processor, "video_processor", None) is None:
+        raise SftflowError(f"{family.name} takes no videos here: give images, or use Qwen2.5-VL or Qwen3-VL",
+                           field="model.name_or_path")
+    frames, metas = [], []
+    for sample in samples:
+        for v in sample["videos"]:
+            _checked_file(v["path"])
+            video, meta = load_video_frames(v["path"], processor)
+            found = [int(meta.total_num_frames), int(meta.width), int(meta.height)]
+            if found != [v["frames"], *v["size"]] or abs(float(meta.fps) - v["fps"]) > 1e-6 * max(1.0, v["fps"]):
+                raise SftflowError(
+                    f"the video has {found[0]} frames of {found[1]}x{found[2]} at {meta.fps:g} fps, prepared with"
+                    f" {v['frames']} of {v['size'][0]}x{v['size'][1]} at {v['fps']:g}: re-run `sftflow prepare`",
+                    path=v["path"],
+                )
+            frames.append(video)
+            metas.append(meta)
+    placeholder = getattr(processor, family.video)
+    got = processor(text=[placeholder * len(s["videos"]) for s in samples], videos=frames, video_metadata=metas,
+                    do_sample_frames=False, add_special_tokens=False, padding=True, return_tensors="pt")
+    _check_counts(samples, got, processor.video_token_id, "videos", "video")
+    return dict(got)
+
+
+def _check_counts(samples: list[dict[str, Any]], got: Any, token: int, column: str, what: str) -> None:
+    for sample, n in zip(samples, (got["input_ids"] == token).sum(dim=1).tolist()):
+        want = sum(1 for t in sample["input_ids"] if t == token)
+        if n != want:
+            raise SftflowError(
+                f"the chat's {column} become {n} {what} tokens, its prepared row holds {want}: the {column} or the"
+                " processor's settings changed; re-run `sftflow prepare`",
+                path=sample[column][0]["path"],
+            )
 
 
 def rope_positions(input_ids: list[int], grids: list[tuple[int, int, int]], merge_size: int, image_token: int) -> Any:
@@ -317,8 +481,12 @@ class VisionCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
-        if any(f.get("images") for f in features):
+        if any(f.get("images") or f.get("videos") for f in features):
             batch |= pixel_inputs(features, self.processor, self.family)
+        if self.packing and any(f.get("videos") for f in features):
+            # the run plan pads runs whose data holds videos (stages/train/plan.py): never here
+            raise SftflowError("a packed batch with videos: video rows train in padded batches (train.packing: none)",
+                               field="train.packing")
         if self.packing:
             batch |= self._packed(features, batch.get("image_grid_thw"))
         else:

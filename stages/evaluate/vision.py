@@ -45,14 +45,14 @@ METRICS_FILE = Path(__file__).resolve().parent / "tasks" / "metrics.py"
 
 def shuffled(chats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chats with images rotated: chat i gets the images of the next chat holding as many
-    (a chat alone in its group keeps its own).
+    (of the same kinds in the same order: images, videos; a chat alone in its group keeps its own).
 
     >>> [c["images"] for c in shuffled([{"images": ["a"]}, {"images": ["b"]}, {"images": ["c", "d"]}])]
     [['b'], ['a'], ['c', 'd']]
     """
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(chats):
-        groups.setdefault(len(c["images"]), []).append(i)
+        groups.setdefault(tuple(hasattr(m, "frames") for m in c["images"]), []).append(i)
     out = [dict(c) for c in chats]
     for members in groups.values():
         for j, i in enumerate(members):
@@ -106,15 +106,14 @@ def score_vision_model(
             messages = with_system_prompt(chat["messages"], system_prompt)
             prompt_text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             full_text = tok.apply_chat_template(messages, tokenize=False)
-            images = [{"path": im.path, "size": [im.width, im.height]} for im in chat["images"]]
-            sizes = [(im.width, im.height) for im in chat["images"]]
+            images = media_rows(chat["images"])  # images and videos (Qwen2.5-VL, Qwen3-VL)
+            sizes = [m.shape for m in chat["images"]]
             prompt_ids = tok(image_tokens.expand(prompt_text, sizes)[0], add_special_tokens=False)["input_ids"]
             full_ids = tok(image_tokens.expand(full_text, sizes)[0], add_special_tokens=False)["input_ids"]
             reference = messages[-1]["content"]
             with torch.no_grad():
                 if "sftflow_replies" in params.tasks:
-                    batch = placed(collate([{"input_ids": prompt_ids, "labels": prompt_ids, "images": images}]),
-                                   device, dtype)
+                    batch = placed(collate([{"input_ids": prompt_ids, "labels": prompt_ids, **images}]), device, dtype)
                     out = model.generate(**batch, max_new_tokens=params.max_new_tokens, do_sample=False,
                                          eos_token_id=[stop_id, tok.eos_token_id], pad_token_id=tok.pad_token_id)
                     reply = tok.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=True)
@@ -124,8 +123,7 @@ def score_vision_model(
                     replies.append({"record": record, "prompt": prompt_text, "reference": reference, "reply": reply,
                                     "correct": bool(score["contains"])})
                 if "sftflow_perplexity" in params.tasks and full_ids[: len(prompt_ids)] == prompt_ids:
-                    batch = placed(collate([{"input_ids": full_ids, "labels": full_ids, "images": images}]),
-                                   device, dtype)
+                    batch = placed(collate([{"input_ids": full_ids, "labels": full_ids, **images}]), device, dtype)
                     logits = model(**batch).logits[0, len(prompt_ids) - 1 : -1].float()
                     target = batch["input_ids"][0, len(prompt_ids) :].to(logits.device)  # spread: the last GPU
                     # up to and including the end-of-turn token: what training scores
@@ -171,8 +169,25 @@ def placed(batch: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
     (['input_ids', 'pixel_values'], torch.bfloat16, torch.int64)
     """
     return {
-        k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items() if k != "labels"
+        k: v.to(device, dtype) if k in PIXELS else v.to(device) for k, v in batch.items() if k != "labels"
     }
+
+
+PIXELS = ("pixel_values", "pixel_values_videos")
+
+
+def media_rows(refs: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    """A held-out chat's images (`ImageRef`) and videos (`VideoRef`) as the collator reads a
+    prepared row's `images` and `videos`.
+
+    >>> from stages.core.image_chats import ImageRef, VideoRef
+    >>> media_rows([VideoRef("c.mp4", "", 4, 64, 48, 4.0), ImageRef("a.png", "", 8, 6)])
+    {'images': [{'path': 'a.png', 'size': [8, 6]}], 'videos': [{'path': 'c.mp4', 'frames': 4, 'size': [64, 48], 'fps': 4.0}]}
+    """
+    images = [{"path": m.path, "size": [m.width, m.height]} for m in refs if not hasattr(m, "frames")]
+    videos = [{"path": m.path, "frames": m.frames, "size": [m.width, m.height], "fps": m.fps}
+              for m in refs if hasattr(m, "frames")]
+    return {"images": images, "videos": videos}
 
 
 def image_reader(image: ImageParams) -> ImageReader:

@@ -36,7 +36,8 @@ def vision_check_batches(prepared: Path, n: int, base_dir: Path, tok: Any) -> li
     collate = VisionCollator(processor, model_family(base_dir), tok.pad_token_id, packing=False)
     batches = []
     for r in check_rows(prepared, n):
-        b = collate([{"input_ids": r["input_ids"], "labels": r["labels"], "images": r["images"]}])
+        b = collate([{"input_ids": r["input_ids"], "labels": r["labels"], "images": r["images"],
+                      "videos": r.get("videos") or []}])
         b.pop("labels")
         batches.append((b, len(r["images"] or [])))
     return batches

@@ -124,13 +124,15 @@ def decide(
     machine: Machine,
     *,
     vision: bool | Family = False,
+    videos: bool = False,
     model_type: str | None = None,
     softcap: float | None = None,
     env: Mapping[str, str] | None = None,
     params_file: str = "params.yaml",
 ) -> RunPlan:
     """The plan for `params` on `machine` (`vision`: the base is a vision-language model — its
-    family, where known, decides packing and the tower's attention;
+    family, where known, decides packing and the tower's attention; `videos`: the prepared data
+    holds videos (its manifest lists them), which train in padded batches;
     `model_type`: its config's model_type, which Liger's kernels go by;
     `softcap`: its attention logit softcapping, `attention.logit_softcap`; `env`: the launch
     overrides, os.environ when None).
@@ -173,6 +175,8 @@ def decide(
     packing = params.packing
     if isinstance(vision, Family) and vision.packing == "none" and packing != "none":
         packing, why["packing"] = "none", f"padded batches: in {vision.name} {vision.why_padded}"
+    elif videos and packing != "none":
+        packing, why["packing"] = "none", VIDEO_ROWS_PADDED
     attention, why["attention"] = _attention(packing, device, flash, machine.flash_attn, softcap)
     register_varlen_attention()  # its names valid attn_implementations before any model loads
     vision_attention = None
@@ -228,6 +232,10 @@ def decide(
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# a packed row's 3-D positions are built per chat for still images only (stages/core/vision.py
+# rope_positions); a video's temporal positions follow its timing (Qwen2.5-VL scales them by
+# second_per_grid_ts, Qwen3-VL splits them per frame), which the model computes in a padded batch
+VIDEO_ROWS_PADDED = "padded batches: video rows: positions follow the video's timing, which the model computes per row"
 
 
 def _device(requested: str, hw: Hardware) -> tuple[Literal["cpu", "cuda"], str, str | None]:

@@ -99,7 +99,13 @@ class ModelColumns:
         self.inner = inner
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.inner([{k: f[k] for k in ("input_ids", "labels", "images") if k in f} for f in features])
+        return self.inner([{k: f[k] for k in ("input_ids", "labels", "images", "videos") if k in f} for f in features])
+
+
+def prepared_videos(prepared: Path) -> bool:
+    """Whether the prepared data holds videos (its manifest lists their hashes): the run plan pads them."""
+    path = Path(prepared) / "manifest.json"
+    return path.exists() and bool(read_json(path).get("vision", {}).get("videos_sha256"))
 
 
 def run_fingerprint(params: TrainParams, plan: RunPlan, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +164,7 @@ def train(
     if params.threads > 0:
         torch.set_num_threads(params.threads)
     set_seed(params.seed)
-    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir) and model_family(base_dir), model_type=base_model_type(base_dir), softcap=base_softcap(base_dir))
+    plan = plan or decide(params, probe_machine(), vision=is_vision_model(base_dir) and model_family(base_dir), videos=prepared_videos(prepared), model_type=base_model_type(base_dir), softcap=base_softcap(base_dir))
     for warning in plan.warnings:
         _say(warning)
     tok = load_tokenizer(base_dir)
@@ -272,7 +278,7 @@ def _trainer(
     if head is not None:  # the head is applied inside the loss, in chunks (stages/train/loss.py)
         defer_head_for_kept_logits(model, head)
     vision = "images" in train_set.column_names
-    columns = ["input_ids", "labels", *(["images"] if vision else [])]
+    columns = ["input_ids", "labels", *([c for c in ("images", "videos") if c in train_set.column_names] if vision else [])]
     trainer = MeteredTrainer(
         model=model,
         args=args,
