@@ -32,7 +32,7 @@ from stages.core.errors import SftflowError
 from stages.core.io import atomic_file, write_json
 from stages.core.loading import load_tokenizer
 from stages.core.params import DataParams, SourceParams
-from stages.core.shards import COLUMNS, IMAGES
+from stages.core.shards import COLUMNS, IMAGES, VIDEOS
 from stages.core.vision import is_vision_model
 from stages.prepare.output import manifest, save_split
 from stages.prepare.report import SourceReport, build_report
@@ -133,7 +133,7 @@ def _prepare(
         raise SftflowError("no training samples left after preparation", field="data.sources")
 
     splits = {"train": train, "eval": evals}
-    columns = [*COLUMNS, IMAGES] if vision is not None else list(COLUMNS)
+    columns = [*COLUMNS, IMAGES, VIDEOS] if vision is not None else list(COLUMNS)
     stats, written_splits = {}, {}
     for name, index in splits.items():
         written_splits[name] = everything.select(index).select_columns(columns)

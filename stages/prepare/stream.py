@@ -223,7 +223,7 @@ class RecordMapper:
         p = self.params
         out: dict[str, list[Any]] = {name: [] for name in output_features(images=True)}
         for r in records:
-            row: dict[str, Any] = {"source": self.label, "input_ids": [], "labels": [], "images": [],
+            row: dict[str, Any] = {"source": self.label, "input_ids": [], "labels": [], "images": [], "videos": [],
                                    "truncated": False, "before_image": False, "detail": "", "status": "",
                                    "skipped": False, "kind": "chat", "hash": 0}
             if isinstance(r, SftflowError):
@@ -243,12 +243,13 @@ class RecordMapper:
                     row.update(record=-1, line=r.line, status="image_aspect_ratio", skipped=True, detail=str(e))
                 if got is not None:
                     row.update(record=r.record, line=r.line, input_ids=got["input_ids"], labels=got["labels"],
-                               images=got["images"], truncated=got["truncated"], before_image=got["before_image"],
+                               images=got["images"], videos=got["videos"], truncated=got["truncated"], before_image=got["before_image"],
                                status=got["drop"])
             row["length"] = len(row["input_ids"])
             row["num_trained"] = sum(lab != IGNORE_INDEX for lab in row["labels"])
             if p.dedupe and not row["status"]:
-                row["hash"] = sample_hash(row["input_ids"], row["labels"], [im["sha256"] for im in row["images"]])
+                media = [m["sha256"] for m in row["images"] + row["videos"]]
+                row["hash"] = sample_hash(row["input_ids"], row["labels"], media)
             for name, value in row.items():
                 out[name].append(value)
         return out

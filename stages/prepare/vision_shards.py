@@ -39,9 +39,17 @@ from stages.core.chats import IGNORE_INDEX, with_system_prompt
 from stages.core.errors import SftflowError
 from stages.core.image_chats import ImageReader
 from stages.core.params import DataParams
-from stages.core.shards import IMAGES
+from stages.core.shards import IMAGES, VIDEOS
 from stages.core.turns import special_token_ids
-from stages.core.vision import ImageTokens, expand_placeholders, image_settings, load_processor, model_config
+from stages.core.vision import (
+    ImageTokens,
+    Media,
+    expand_placeholders,
+    image_settings,
+    load_processor,
+    model_config,
+    video_settings,
+)
 from stages.core.vlm_families import family_of
 from stages.prepare.records import RawRecord
 from stages.prepare.render import RenderedChat, TemplateError, label_tokens, render_chat
@@ -65,7 +73,8 @@ class ImageChatTokenizer:
         return self.tok.apply_chat_template(messages, tokenize=False)
 
     def __call__(self, r: RawRecord) -> dict[str, Any]:
-        """{"input_ids", "labels", "images", "drop", "truncated", "before_image"} of one chat."""
+        """{"input_ids", "labels", "images", "videos", "drop", "truncated", "before_image"} of one
+        chat (`before_image`: cut before an image or a video)."""
         p = self.params
         messages = with_system_prompt(r.messages, p.system_prompt)
         try:
@@ -78,13 +87,21 @@ class ImageChatTokenizer:
                     )
         except TemplateError as e:
             raise SftflowError(f"{e} (set model.chat_template)", path=r.source, line=r.line) from e
-        sizes = [(im.width, im.height) for im in r.images]
+        sizes = [m.shape for m in r.images]  # images and videos, in text order
+        if self.images.video_placeholder is None and any(hasattr(m, "frames") for m in r.images):
+            raise SftflowError(
+                f"this chat holds a video, and {self.images.family.name} takes no videos here: give images,"
+                " or use Qwen2.5-VL or Qwen3-VL (model.name_or_path)",
+                path=r.source,
+                line=r.line,
+            )
         try:
             chat, spans = expand_chat(chat, self.images, sizes)
         except ImageSizeError as e:  # e.g. Qwen-VL's resize refuses an aspect ratio over 200:1 (a 1x40000 strip)
             im = r.images[e.index]
             raise SftflowError(
-                f"image {e.index + 1} of the chat ({im.path}, {im.width}x{im.height}) cannot be resized for the model:"
+                f"{'video' if hasattr(im, 'frames') else 'image'} {e.index + 1} of the chat ({im.path},"
+                f" {im.width}x{im.height}) cannot be resized for the model:"
                 f" {e.reason} (aspect ratio)",
                 path=r.source,
                 line=r.line,
@@ -109,12 +126,11 @@ class ImageChatTokenizer:
                 path=r.source,
                 line=r.line,
             )
-        # an image's tokens never carry loss, whatever train_on says (the model cannot predict pixels)
+        # an image's (video's) tokens never carry loss, whatever train_on says (the model cannot predict pixels)
         labels = [tid if keep and not img else IGNORE_INDEX for tid, keep, img in zip(ids, trained, in_image)]
         starts, ends = zip(*outer) if outer else ((), ())
-        images = [{"path": im.path, "sha256": im.sha256, "size": [im.width, im.height], "tokens": b - a}
-                  for im, (a, b) in zip(r.images, inner)]
-        row = {"input_ids": ids, "labels": labels, "images": images, "drop": "", "truncated": False,
+        media = [media_entry(m, b - a) for m, (a, b) in zip(r.images, inner)]
+        row = {"input_ids": ids, "labels": labels, **split_media(media), "drop": "", "truncated": False,
                "before_image": False}
         if len(ids) > p.max_length:
             if p.truncation == "drop":
@@ -122,12 +138,29 @@ class ImageChatTokenizer:
                 return row
             cut, row["before_image"] = truncation_point(p.max_length, starts, ends)
             row["input_ids"], row["labels"], row["truncated"] = ids[:cut], labels[:cut], True
-            row["images"] = [im for im, end in zip(images, ends) if end <= cut]
+            row |= split_media([m for m, end in zip(media, ends) if end <= cut])
             if all(lab == IGNORE_INDEX for lab in row["labels"]):
                 row["drop"] = "no_trained_tokens_after_truncation"
         elif all(lab == IGNORE_INDEX for lab in labels):
             row["drop"] = "no_trained_tokens"
         return row
+
+
+def media_entry(ref: Any, tokens: int) -> dict[str, Any]:
+    """A shard's entry for one image (`ImageRef`) or video (`VideoRef`) that became `tokens` tokens."""
+    if hasattr(ref, "frames"):
+        return {"path": ref.path, "sha256": ref.sha256, "frames": ref.frames, "size": [ref.width, ref.height],
+                "fps": ref.fps, "tokens": tokens}
+    return {"path": ref.path, "sha256": ref.sha256, "size": [ref.width, ref.height], "tokens": tokens}
+
+
+def split_media(media: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A chat's media entries as the shards' `images` and `videos` columns (each in text order).
+
+    >>> split_media([{"path": "a.mp4", "frames": 4}, {"path": "b.png"}])
+    {'images': [{'path': 'b.png'}], 'videos': [{'path': 'a.mp4', 'frames': 4}]}
+    """
+    return {"images": [m for m in media if "frames" not in m], "videos": [m for m in media if "frames" in m]}
 
 
 class ImageSizeError(ValueError):
@@ -139,10 +172,10 @@ class ImageSizeError(ValueError):
 
 
 def expand_chat(
-    chat: RenderedChat, images: ImageTokens, sizes: list[tuple[int, int]]
+    chat: RenderedChat, images: ImageTokens, sizes: list[Media]
 ) -> tuple[RenderedChat, list[tuple[int, int]]]:
-    """The chat with each image placeholder replaced by the processor's text for that image, its
-    trained spans moved with the text, and the images' character spans."""
+    """The chat with each image (video) placeholder replaced by the processor's text for that
+    image (video), its trained spans moved with the text, and the media's character spans."""
     try:
         expansions = images.expansions(sizes)
     except SftflowError:
@@ -154,13 +187,10 @@ def expand_chat(
             except ValueError as one:
                 raise ImageSizeError(k, str(one)) from one
         raise ImageSizeError(0, str(e)) from e
-    text, spans = expand_placeholders(chat.text, images.placeholder, expansions)
-    olds, at = [], 0
-    for _ in expansions:
-        at = chat.text.index(images.placeholder, at)
-        olds.append(at)
-        at += len(images.placeholder)
-    growth = [len(x) - len(images.placeholder) for x in expansions]
+    placeholders = [images.placeholder_of(m) for m in sizes]
+    text, spans = expand_placeholders(chat.text, placeholders, expansions, (images.placeholder, images.video_placeholder))
+    growth = [len(x) - len(ph) for x, ph in zip(expansions, placeholders)]
+    olds = [start - sum(growth[:k]) for k, (start, _) in enumerate(spans)]  # each placeholder's place in chat.text
 
     def moved(offset: int) -> int:  # a trained span never starts or ends inside a placeholder
         return offset + sum(g for s, g in zip(olds, growth) if s < offset)
@@ -219,19 +249,12 @@ class ImageChats:
 
     def finish(self, splits: dict[str, Any], store: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the report's `images` entry, the manifest's `vision` entry) of the written splits
-        (`datasets` with an `images` column, read in Arrow batches), and embedded images in
-        `store` that no kept chat uses (skipped, dropped, sampled out, cut off) removed."""
-        import pyarrow.compute as pc
-
-        used: dict[str, str] = {}
-        counts, tokens = {}, {}
-        for name, data in splits.items():
-            counts[name] = tokens[name] = 0
-            for batch in data.select_columns([IMAGES]).with_format("arrow").iter(batch_size=10_000):
-                flat = pc.list_flatten(batch.column(IMAGES).combine_chunks())
-                counts[name] += len(flat)
-                tokens[name] += int(pc.sum(flat.field("tokens")).as_py() or 0)
-                used.update(zip(flat.field("path").to_pylist(), flat.field("sha256").to_pylist()))
+        (`datasets` with `images` and `videos` columns, read in Arrow batches), and embedded images
+        in `store` that no kept chat uses (skipped, dropped, sampled out, cut off) removed. Where
+        the chats hold videos, the report's entry gains `videos` (the same counts) and the
+        manifest the video processor's settings and the videos' sha256s."""
+        used, counts, tokens = _media_counts(splits, IMAGES)
+        clips, clip_counts, clip_tokens = _media_counts(splits, VIDEOS)
         store_as = self.reader.store_as
         for stored in sorted(store.glob("*")) if store.is_dir() else []:
             if store_as is None or str(store_as / stored.name) not in used:
@@ -243,7 +266,26 @@ class ImageChats:
             "image_processor": image_settings(self.processor),
             "images_sha256": dict(sorted(used.items())),
         }
+        if clips:  # only where there are videos: image-only data keeps its manifest
+            report["videos"] = {"distinct": len(clips), "per_split": clip_counts, "video_tokens": clip_tokens}
+            vision |= {"video_processor": video_settings(self.processor), "videos_sha256": dict(sorted(clips.items()))}
         return report, vision
+
+
+def _media_counts(splits: dict[str, Any], column: str) -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
+    """(path -> sha256 of every image / video used, how many per split, their tokens per split)."""
+    import pyarrow.compute as pc
+
+    used: dict[str, str] = {}
+    counts, tokens = {}, {}
+    for name, data in splits.items():
+        counts[name] = tokens[name] = 0
+        for batch in data.select_columns([column]).with_format("arrow").iter(batch_size=10_000):
+            flat = pc.list_flatten(batch.column(column).combine_chunks())
+            counts[name] += len(flat)
+            tokens[name] += int(pc.sum(flat.field("tokens")).as_py() or 0)
+            used.update(zip(flat.field("path").to_pylist(), flat.field("sha256").to_pylist()))
+    return used, counts, tokens
 
 
 def image_chats(tok: Any, params: DataParams, model_dir: Path, store: Path, store_as: Path) -> ImageChats:
