@@ -120,7 +120,7 @@ def save_processor(folder: Path, out: Path, model_type: str, tok: Any, trust_rem
     wanted = cls.get_attributes()
     if "image_processor" in wanted:
         if (folder / "preprocessor_config.json").is_file():
-            parts["image_processor"] = AutoImageProcessor.from_pretrained(str(folder))
+            parts["image_processor"] = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         else:
             parts["image_processor"] = _default(IMAGE_PROCESSOR_MAPPING_NAMES[model_type])
     if "video_processor" in wanted:
@@ -128,7 +128,7 @@ def save_processor(folder: Path, out: Path, model_type: str, tok: Any, trust_rem
         from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
         if (folder / "video_preprocessor_config.json").is_file():
-            parts["video_processor"] = AutoVideoProcessor.from_pretrained(str(folder))
+            parts["video_processor"] = AutoVideoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         else:
             parts["video_processor"] = _default(VIDEO_PROCESSOR_MAPPING_NAMES[model_type])
     processor = cls(**parts, chat_template=tok.chat_template, **kwargs)

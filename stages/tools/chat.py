@@ -122,7 +122,9 @@ def load_chat_images(folders: list[Path | None], min_pixels: int | None, max_pix
     if saved and dirs[0] != dirs[-1]:  # an adapter's processor (transformers 5 saves processor_config.json)
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(str(dirs[0]))
+        from stages.core.loading import trust_remote_code
+
+        processor = AutoProcessor.from_pretrained(str(dirs[0]), trust_remote_code=trust_remote_code(dirs[-1]))
         if model_family(dirs[-1]).pixel_bounds and (min_pixels or max_pixels):
             processor.image_processor.size = {"shortest_edge": min_pixels or processor.image_processor.size["shortest_edge"],
                                               "longest_edge": max_pixels or processor.image_processor.size["longest_edge"]}
