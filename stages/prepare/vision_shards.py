@@ -5,15 +5,17 @@ image its path, sha256, size and how many tokens it became. Pixels are not store
 collator loads and resizes each batch's images (its token counts are checked against these).
 
 How a chat becomes tokens:
-1. render it with the model's chat template (each image as one `<|image_pad|>` between
-   `<|vision_start|>` / `<|vision_end|>`) and find the trained replies by differential
-   rendering, exactly as for text chats;
-2. tokenize, label, then expand each image's single pad *token* to the number the model will
-   see, from the image's resized size (`data.image.min_pixels` / `max_pixels`): expanding
-   tokens rather than text leaves the character offsets of step 1 valid;
-3. image pads and vision markers never carry loss, whatever `train_on` says (even `all`);
+1. render it with the model's chat template (one placeholder per image, the family's: Qwen's
+   `<|image_pad|>`, Gemma 3's `<start_of_image>`, ...) and find the trained replies by
+   differential rendering, exactly as for text chats;
+2. replace each placeholder by the text the model's processor writes for that image (stages/core
+   /vision.py `ImageTokens`: once per chat shape, from the images' sizes), moving the trained
+   spans with the text, then tokenize and label: the ids are exactly the processor's;
+3. an image's tokens never carry loss, whatever `train_on` says (even `all`): its whole span,
+   with the markers the template writes right around the placeholder (Qwen-VL's
+   `<|vision_start|>` / `<|vision_end|>`, named in its config);
 4. a sample over `max_length` is dropped, or under `truncation: truncate` cut — never inside an
-   image: the cut moves to before that image's `<|vision_start|>` (counted as
+   image: the cut moves to before that image's first token (counted as
    `truncated_before_image`), since half an image's tokens cannot be matched to its features.
 
 Image chats run through text prepare's streaming loop (stages/prepare/shards.py, stream.py):

@@ -7,12 +7,12 @@ template's end-of-turn token and are streamed token by token (`TextIteratorStrea
 `generate` in a worker thread). Generation settings default to the eval section's, so what
 you read here is what eval scored.
 
-A vision-language model (Qwen2-VL / Qwen2.5-VL: base, merged, or base + adapter) loads with its
-image-text-to-text class and its image processor, resizing within `data.image` as in training.
+A vision-language model (any family in stages/core/vlm_families.py: base, merged, or base +
+adapter) loads with its image-text-to-text class and its processor, resizing as in training.
 Images join a turn as content parts before its text — `--image PATH` (repeatable) for the first
 turn, `/image PATH` in the loop for the next one — and stay in the history, so later turns still
 see them: each prompt carries the pixels of every image in the conversation so far, with the
-template's single `<|image_pad|>` per image expanded to that image's token count. Text-only turns
+template's placeholder per image replaced by the processor's text for that image. Text-only turns
 on a VLM need no image.
 """
 
