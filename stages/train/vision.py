@@ -145,15 +145,22 @@ def keep_tower_in_step(model: Any, family: Family, blank: dict[str, Any]) -> Non
             return None
         wanted["on"] = False
         inputs = {k: v.to(embeds.device, dtype=embeds.dtype if v.is_floating_point() else v.dtype) for k, v in blank.items()}
-        out = owner.get_image_features(**inputs)
-        features = getattr(out, "pooler_output", out)
-        if isinstance(features, (list, tuple)):
-            features = features[0]
-        kwargs["inputs_embeds"] = embeds + 0.0 * features.sum().to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds + 0.0 * image_features_sum(owner, inputs).to(embeds.dtype)
         return args, kwargs
 
     owner.register_forward_pre_hook(before_model, with_kwargs=True)
     language_model.register_forward_pre_hook(before_language_model, with_kwargs=True)
+
+
+def image_features_sum(owner: Any, inputs: dict[str, Any]) -> Any:
+    """The sum of what the model's `get_image_features` gives for these pixel inputs (one
+    tensor, or one per image as Qwen-VL splits them): a scalar that depends on every tower and
+    projector weight the images pass through."""
+    out = owner.get_image_features(**inputs)
+    features = getattr(out, "pooler_output", out)
+    if isinstance(features, (list, tuple)):
+        return sum(f.sum() for f in features)
+    return features.sum()
 
 
 def part_of(name: str, llm: str, tower: str, projectors: tuple[str, ...]) -> str:
