@@ -174,7 +174,7 @@ def decide(
     flash = _flash_kernels(device, precision, machine.hardware)
     packing = params.packing
     if isinstance(vision, Family) and vision.packing == "none" and packing != "none":
-        packing, why["packing"] = "none", f"padded batches: in {vision.name} {vision.why_padded}"
+        packing, why["packing"] = "none", f"padded batches ({vision.name}): {vision.why_padded}"
     elif videos and packing != "none":
         packing, why["packing"] = "none", VIDEO_ROWS_PADDED
     attention, why["attention"] = _attention(packing, device, flash, machine.flash_attn, softcap)
