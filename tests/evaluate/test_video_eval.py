@@ -7,10 +7,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from stages.core.params import EvalParams
 from tests.video import MP4, VIDEO_FAMILIES, build, write_mp4
 
 
+@pytest.mark.slow  # ~40 s: a video model trained, merged and scored
 def test_held_out_video_chats_are_scored_with_their_frames(tmp_path: Path) -> None:
     """One family (eval's code is the same for both; Qwen3-VL also writes timestamps)."""
     from stages.evaluate.vision import score_vision_model

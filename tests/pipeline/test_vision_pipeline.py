@@ -66,6 +66,7 @@ OTHER_FAMILIES = ("qwen2_vl", "qwen3_vl", "minicpmv4_6", "smolvlm", "idefics3", 
 
 
 @pytest.mark.slow
+@pytest.mark.families
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_every_family_end_to_end(family: str, tmp_path: Path) -> None:
     """The same pipeline with one param switched to each other family's folder: every stage runs,
