@@ -217,6 +217,39 @@ def test_training_step_and_packed_equals_padded(built: Built) -> None:
     assert packed_loss.item() == pytest.approx(loss.item(), abs=1e-5)
 
 
+def test_packed_rows_through_the_plans_kernel_equal_padded(built: Built) -> None:
+    """What train runs on a CPU: the model as build_vision_model loads it with the plan's packed
+    attention (`sdpa_varlen`, bounds from the restarting positions): the packed row's loss equals
+    the padded batch's through the model's own attention."""
+    import torch
+
+    from stages.core.params import TrainParams
+    from stages.core.vision import VisionCollator, load_vlm
+    from stages.train.plan import Machine, decide
+    from stages.train.vision import build_vision_model
+
+    b = built
+    params = TrainParams(method="full")
+    plan = decide(params, Machine(), vision=b.family, env={})
+    if b.family.packing == "none":
+        assert plan.packing == "none" and b.family.name in plan.why["packing"]
+        return
+    assert plan.attention == "sdpa_varlen"
+    pad = b.processor.tokenizer.pad_token_id
+    rows = [{k: b.rows["assistant"][s][k] for k in ("input_ids", "labels", "images")} for s in ("llamafactory", "hf_parts")]
+    torch.manual_seed(0)
+    ours = build_vision_model(params, plan, b.base, "float32", "params.yaml").eval()
+    reference = load_vlm(b.base, "float32").eval()
+    padded = VisionCollator(b.processor, b.family, pad, packing=False)(rows)
+    padded_labels = padded.pop("labels")
+    packed = VisionCollator(b.processor, b.family, pad, packing=True)(rows)
+    packed_labels = packed.pop("labels")
+    with torch.no_grad():
+        want = _loss(reference(**padded, use_cache=False).logits, padded_labels)
+        got = _loss(ours(**packed).logits, packed_labels)
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
 def test_truncation_never_splits_an_image(built: Built, images: Path) -> None:
     """data.truncation: truncate with a max_length inside the first image: the row ends before
     that image's first token, keeps no image, and the report counts the cut."""
